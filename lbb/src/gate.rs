@@ -1,0 +1,355 @@
+//! The apply gate: the paper's pending list, decided with look-behind buffers.
+
+use std::collections::BTreeMap;
+
+use crate::{LookBehind, RangeSet};
+
+/// Operating errors of the gate (misuse by the caller is a panic instead).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GateError {
+    /// The index is at or below the applied watermark: it was applied already.
+    AlreadyApplied,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Slot {
+    /// Ranges of this index: from the held entry itself, or learned from a successor's
+    /// look-behind buffer while the entry is missing. `None`: unknown, conflicts with all.
+    ranges: Option<RangeSet>,
+    /// The entry itself is held by this replica (not just described by a successor).
+    held: bool,
+    committed: bool,
+    applying: bool,
+    applied: bool,
+}
+
+/// Decides which committed entries a replica may apply now.
+///
+/// Rule: a committed, held entry `i` may start applying when every entry `j` with
+/// `applied_watermark < j < i` is either applied, or has *known* ranges disjoint from the ranges
+/// of `i`. An entry that is applying counts as unapplied. Missing entries whose ranges are
+/// unknown conflict with everything, so out-of-order apply stops at a hole wider than the
+/// look-behind span. Conflicts are transitive: a blocked entry still blocks its own successors
+/// that overlap it, so conflicting entries always apply in index order.
+///
+/// In `strict_order` mode (classic Raft) only the entry right after the watermark may apply.
+///
+/// Invariant: every slot is above `applied_watermark`; the slot at `applied_watermark + 1`, if
+/// any, is not applied (the watermark would have advanced).
+#[derive(Clone, Debug)]
+pub struct ApplyGate {
+    span: usize,
+    strict_order: bool,
+    applied_watermark: u64,
+    slots: BTreeMap<u64, Slot>,
+}
+
+impl ApplyGate {
+    /// A gate whose entries up to and including `applied_watermark` are applied.
+    pub fn new(span: usize, strict_order: bool, applied_watermark: u64) -> ApplyGate {
+        assert!(span >= 1, "look-behind span must be at least 1");
+        ApplyGate {
+            span,
+            strict_order,
+            applied_watermark,
+            slots: BTreeMap::new(),
+        }
+    }
+
+    pub fn span(&self) -> usize {
+        self.span
+    }
+
+    pub fn applied_watermark(&self) -> u64 {
+        self.applied_watermark
+    }
+
+    /// Forgets everything above `applied_watermark` and moves the watermark there. Used when
+    /// the log above the watermark is replaced wholesale (merge sync, snapshot, restart).
+    ///
+    /// # Panics
+    /// If an apply is in flight: the caller must drain applies first.
+    pub fn reset(&mut self, applied_watermark: u64) {
+        assert!(
+            self.slots.values().all(|s| !s.applying),
+            "reset with an apply in flight"
+        );
+        self.applied_watermark = applied_watermark;
+        self.slots.clear();
+    }
+
+    /// Records that the entry at `index` with `ranges` and look-behind `look_behind` is held.
+    /// Its look-behind buffer teaches the ranges of missing predecessors.
+    pub fn insert(
+        &mut self,
+        index: u64,
+        ranges: RangeSet,
+        look_behind: &LookBehind,
+    ) -> Result<(), GateError> {
+        if index <= self.applied_watermark {
+            return Err(GateError::AlreadyApplied);
+        }
+        let slot = self.slots.entry(index).or_default();
+        assert!(
+            !slot.applying && !slot.applied,
+            "insert over an applying/applied entry {index}"
+        );
+        slot.ranges = Some(ranges);
+        slot.held = true;
+        for distance in 1..=look_behind.span() {
+            let Some(prev) = index.checked_sub(distance as u64) else {
+                break;
+            };
+            if prev <= self.applied_watermark {
+                break;
+            }
+            if let Some(r) = look_behind.at_distance(distance) {
+                let s = self.slots.entry(prev).or_default();
+                if !s.held && s.ranges.is_none() {
+                    s.ranges = Some(r.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops a held entry that was never applied (its copy was replaced or truncated).
+    pub fn remove(&mut self, index: u64) {
+        if let Some(slot) = self.slots.get(&index) {
+            assert!(
+                !slot.applying && !slot.applied,
+                "remove of applying/applied entry {index}"
+            );
+            self.slots.remove(&index);
+        }
+    }
+
+    /// Marks `index` committed. Committing an index that is not held is allowed: it becomes
+    /// appliable once the entry arrives.
+    pub fn commit(&mut self, index: u64) {
+        if index <= self.applied_watermark {
+            return;
+        }
+        self.slots.entry(index).or_default().committed = true;
+    }
+
+    pub fn is_committed(&self, index: u64) -> bool {
+        index <= self.applied_watermark || self.slots.get(&index).is_some_and(|s| s.committed)
+    }
+
+    /// Entries that may start applying now, in index order, skipping any whose ranges overlap
+    /// `blocked` (ranges being read right now). A skipped entry still blocks its overlapping
+    /// successors.
+    pub fn ready(&self, blocked: &RangeSet) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut unapplied = RangeSet::new();
+        let mut expected = self.applied_watermark + 1;
+        for (&index, slot) in &self.slots {
+            if index != expected {
+                // A hole no successor's look-behind buffer describes: unknown, conflicts with all.
+                break;
+            }
+            expected += 1;
+            if slot.applied {
+                continue;
+            }
+            let Some(ranges) = slot.ranges.as_ref() else {
+                break;
+            };
+            let appliable = slot.held && slot.committed && !slot.applying;
+            if appliable && !unapplied.overlaps(ranges) && !blocked.overlaps(ranges) {
+                out.push(index);
+            }
+            if self.strict_order {
+                break;
+            }
+            unapplied.union_with(ranges);
+        }
+        out
+    }
+
+    /// Entries above the watermark that are committed but may not apply yet: the pending list.
+    pub fn pending(&self, blocked: &RangeSet) -> Vec<u64> {
+        let ready = self.ready(blocked);
+        self.slots
+            .iter()
+            .filter(|(i, s)| s.committed && !s.applying && !s.applied && !ready.contains(i))
+            .map(|(i, _)| *i)
+            .collect()
+    }
+
+    /// True when a read of `ranges` that must observe every entry up to `upto` has to wait:
+    /// some entry in `(applied_watermark, upto]` is unapplied and overlaps it or is unknown.
+    pub fn read_must_wait(&self, ranges: &RangeSet, upto: u64) -> bool {
+        let mut expected = self.applied_watermark + 1;
+        for (&index, slot) in self.slots.range(..=upto) {
+            if index != expected {
+                return true;
+            }
+            expected += 1;
+            if slot.applied {
+                continue;
+            }
+            match &slot.ranges {
+                None => return true,
+                Some(r) if r.overlaps(ranges) => return true,
+                Some(_) => {}
+            }
+        }
+        expected <= upto
+    }
+
+    /// Marks `index` as being applied. It must have been returned by [`ApplyGate::ready`].
+    pub fn start_apply(&mut self, index: u64) {
+        let slot = self
+            .slots
+            .get_mut(&index)
+            .expect("start_apply of unknown index");
+        assert!(slot.held && slot.committed && !slot.applying && !slot.applied);
+        slot.applying = true;
+    }
+
+    /// Marks `index` applied and advances the watermark over the applied prefix.
+    pub fn finish_apply(&mut self, index: u64) {
+        let slot = self
+            .slots
+            .get_mut(&index)
+            .expect("finish_apply of unknown index");
+        assert!(slot.applying, "finish_apply without start_apply at {index}");
+        slot.applying = false;
+        slot.applied = true;
+        while let Some(slot) = self.slots.get(&(self.applied_watermark + 1)) {
+            if !slot.applied {
+                break;
+            }
+            self.slots.remove(&(self.applied_watermark + 1));
+            self.applied_watermark += 1;
+        }
+    }
+
+    pub fn is_applied(&self, index: u64) -> bool {
+        index <= self.applied_watermark || self.slots.get(&index).is_some_and(|s| s.applied)
+    }
+
+    pub fn applying_count(&self) -> usize {
+        self.slots.values().filter(|s| s.applying).count()
+    }
+
+    pub fn check_invariants(&self) {
+        if let Some((&first, _)) = self.slots.iter().next() {
+            assert!(
+                first > self.applied_watermark,
+                "slot at or below the applied watermark"
+            );
+        }
+        if let Some(slot) = self.slots.get(&(self.applied_watermark + 1)) {
+            assert!(
+                !slot.applied,
+                "applied slot right above the watermark was not folded"
+            );
+        }
+        for (i, s) in &self.slots {
+            assert!(
+                !(s.applying && s.applied),
+                "slot {i} both applying and applied"
+            );
+            assert!(
+                !(s.applying || s.applied) || (s.held && s.committed),
+                "slot {i} applied but not held+committed"
+            );
+            if let Some(r) = &s.ranges {
+                r.check_invariants();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Range;
+
+    fn rs(offset: u64, len: u64) -> RangeSet {
+        RangeSet::single(Range::new(offset, len))
+    }
+
+    #[test]
+    fn non_conflicting_entry_applies_past_a_described_hole() {
+        let mut g = ApplyGate::new(2, false, 0);
+        // Entry 2 is held; entry 1 is missing but described by 2's look-behind buffer.
+        g.insert(
+            2,
+            rs(100, 10),
+            &LookBehind::new(vec![Some(rs(0, 10)), None]),
+        )
+        .unwrap();
+        g.commit(2);
+        assert_eq!(g.ready(&RangeSet::new()), vec![2]);
+        // Entry 3 overlaps the missing entry 1: it must wait.
+        g.insert(
+            3,
+            rs(5, 1),
+            &LookBehind::new(vec![Some(rs(100, 10)), Some(rs(0, 10))]),
+        )
+        .unwrap();
+        g.commit(3);
+        assert_eq!(g.ready(&RangeSet::new()), vec![2]);
+    }
+
+    #[test]
+    fn unknown_hole_blocks_everything_after_it() {
+        let mut g = ApplyGate::new(1, false, 0);
+        g.insert(3, rs(100, 10), &LookBehind::new(vec![Some(rs(0, 1))]))
+            .unwrap();
+        g.commit(3);
+        // Index 1 is unknown (beyond the span of entry 3): nothing above it may apply.
+        assert!(g.ready(&RangeSet::new()).is_empty());
+    }
+
+    #[test]
+    fn conflicts_are_transitive_through_pending_entries() {
+        let mut g = ApplyGate::new(2, false, 0);
+        g.insert(1, rs(0, 10), &LookBehind::unknown(2)).unwrap(); // not committed yet
+        g.insert(2, rs(5, 10), &LookBehind::new(vec![Some(rs(0, 10)), None]))
+            .unwrap();
+        g.insert(
+            3,
+            rs(12, 1),
+            &LookBehind::new(vec![Some(rs(5, 10)), Some(rs(0, 10))]),
+        )
+        .unwrap();
+        g.commit(2);
+        g.commit(3);
+        // 3 does not overlap 1 but overlaps 2, which waits for 1.
+        assert!(g.ready(&RangeSet::new()).is_empty());
+        assert_eq!(g.pending(&RangeSet::new()), vec![2, 3]);
+        g.commit(1);
+        assert_eq!(g.ready(&RangeSet::new()), vec![1]);
+        g.start_apply(1);
+        g.finish_apply(1);
+        assert_eq!(g.ready(&RangeSet::new()), vec![2]);
+        assert_eq!(g.applied_watermark(), 1);
+    }
+
+    #[test]
+    fn strict_order_applies_one_at_a_time() {
+        let mut g = ApplyGate::new(2, true, 0);
+        g.insert(1, rs(0, 1), &LookBehind::unknown(2)).unwrap();
+        g.insert(2, rs(10, 1), &LookBehind::unknown(2)).unwrap();
+        g.commit(1);
+        g.commit(2);
+        assert_eq!(g.ready(&RangeSet::new()), vec![1]);
+    }
+
+    #[test]
+    fn reads_wait_for_overlapping_unapplied_entries() {
+        let mut g = ApplyGate::new(2, false, 0);
+        g.insert(1, rs(0, 10), &LookBehind::unknown(2)).unwrap();
+        g.insert(2, rs(20, 10), &LookBehind::new(vec![Some(rs(0, 10)), None]))
+            .unwrap();
+        assert!(g.read_must_wait(&rs(0, 1), 2));
+        assert!(!g.read_must_wait(&rs(40, 1), 2));
+        assert!(g.read_must_wait(&rs(40, 1), 3), "index 3 unknown");
+        assert!(!g.read_must_wait(&rs(0, 1), 0));
+    }
+}

@@ -113,6 +113,16 @@ impl ApplyGate {
         Ok(())
     }
 
+    /// Forgets every slot above `index` (the log was truncated there). Entries above it must
+    /// not be applying or applied.
+    pub fn forget_above(&mut self, index: u64) {
+        let dropped = self.slots.split_off(&(index + 1));
+        assert!(
+            dropped.values().all(|s| !s.applying && !s.applied),
+            "forget_above drops applied entries"
+        );
+    }
+
     /// Drops a held entry that was never applied (its copy was replaced or truncated).
     pub fn remove(&mut self, index: u64) {
         if let Some(slot) = self.slots.get(&index) {

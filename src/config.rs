@@ -1,0 +1,107 @@
+//! Static configuration of one replica of one group.
+
+use crate::types::ReplicaId;
+
+/// Ack, commit and apply discipline, chosen at runtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Out-of-order acknowledgement, commit and LBB-gated apply.
+    Parallel,
+    /// Classic Raft: followers acknowledge only their contiguous durable prefix, the leader
+    /// commits in order, every replica applies in index order.
+    Raft,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s {
+            "parallel" => Ok(Mode::Parallel),
+            "raft" => Ok(Mode::Raft),
+            other => Err(format!("unknown mode {other:?}: expected parallel or raft")),
+        }
+    }
+}
+
+/// Deliberately broken protocol variants, for tests that prove the checkers can fail.
+/// Never enable outside tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NaiveFlags {
+    /// The paper's merge read literally: entries from every voter whatever their sync term,
+    /// the highest *original term* wins, and holes no quorum member holds are skipped (a
+    /// volatile no-op that is never written), which lets a later merge resurrect a ghost entry.
+    pub paper_merge: bool,
+    /// Raft-style leader-log-wins merge: the candidate keeps only its own log, fills its own
+    /// holes with no-ops and truncates the followers after its last index, dropping entries
+    /// that were committed out of order.
+    pub raft_truncation: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub id: ReplicaId,
+    /// All voters of the group, including `id`.
+    pub voters: Vec<ReplicaId>,
+    pub mode: Mode,
+    /// Look-behind span N: each entry describes the ranges of its N predecessors.
+    pub lbb_span: usize,
+    /// Election timeouts are drawn from `[min, 2 * min)` ticks.
+    pub election_timeout_min_ticks: u32,
+    pub heartbeat_interval_ticks: u32,
+    /// Take a checkpoint (and prune the log) once this many entries are applied past the last.
+    pub checkpoint_interval: u64,
+    /// Entries per Append or Sync message.
+    pub max_batch_entries: usize,
+    /// Proposals queued at the leader while the in-flight window is full; beyond it: `Busy`.
+    pub max_queued_proposals: usize,
+    /// Seed of the replica's election-timeout randomness.
+    pub seed: u64,
+    pub naive: NaiveFlags,
+}
+
+impl Config {
+    pub fn new(id: ReplicaId, voters: Vec<ReplicaId>, mode: Mode, seed: u64) -> Config {
+        Config {
+            id,
+            voters,
+            mode,
+            lbb_span: lbb::DEFAULT_SPAN,
+            election_timeout_min_ticks: 10,
+            heartbeat_interval_ticks: 2,
+            checkpoint_interval: 64,
+            max_batch_entries: 64,
+            max_queued_proposals: 256,
+            seed,
+            naive: NaiveFlags::default(),
+        }
+    }
+
+    pub fn quorum(&self) -> usize {
+        self.voters.len() / 2 + 1
+    }
+
+    /// Leader in-flight window: new entries stay within `committed watermark + window`, so no
+    /// hole above the committed prefix exceeds the look-behind span.
+    pub fn window(&self) -> u64 {
+        self.lbb_span as u64 + 1
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.voters.contains(&self.id) {
+            return Err(format!(
+                "replica {:?} is not among the voters {:?}",
+                self.id, self.voters
+            ));
+        }
+        if self.lbb_span == 0 {
+            return Err("lbb_span must be at least 1".into());
+        }
+        if self.election_timeout_min_ticks <= 2 * self.heartbeat_interval_ticks {
+            return Err("election timeout must exceed two heartbeat intervals".into());
+        }
+        if self.checkpoint_interval == 0 || self.max_batch_entries == 0 {
+            return Err("checkpoint_interval and max_batch_entries must be positive".into());
+        }
+        Ok(())
+    }
+}

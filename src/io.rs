@@ -1,0 +1,145 @@
+//! The sans-IO boundary: events the driver feeds in, commands the core emits.
+
+use bytes::Bytes;
+
+use crate::entry::{Entry, Op};
+use crate::message::Message;
+use crate::table::ClientTable;
+use crate::types::{Index, ReplicaId, RequestId, Term};
+
+/// Durable election state. The driver must make a `PersistHardState` durable before it
+/// executes any later command (in particular before sending any later message): a vote or
+/// term counts only once it is on disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HardState {
+    pub term: Term,
+    pub voted_for: Option<ReplicaId>,
+    /// The term whose merged log this replica durably adopted (CE's `sync`). Voters grant only
+    /// candidates whose sync term is at least theirs.
+    pub sync: Term,
+}
+
+/// Durable checkpoint: every entry up to `index` is applied to durable blocks; `table` is the
+/// client table at `index`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointState {
+    pub index: Index,
+    pub table: ClientTable,
+}
+
+/// A client write-like request, proposed at the leader.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientRequest {
+    pub id: RequestId,
+    /// The client's lowest unacknowledged sequence number.
+    pub floor: u64,
+    pub op: Op,
+}
+
+/// Why the group did not execute a request. All are retryable by the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientError {
+    /// Not the serving leader (maybe a hint of who is).
+    NotLeader { hint: Option<ReplicaId> },
+    /// The leader's proposal queue is full.
+    Busy,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// One unit of logical time passed.
+    Tick,
+    Receive {
+        from: ReplicaId,
+        message: Message,
+    },
+    Propose(ClientRequest),
+    Read {
+        id: RequestId,
+        offset: u64,
+        len_bytes: u64,
+    },
+    /// The disk write or truncation issued with `token` is durable.
+    Persisted {
+        token: u64,
+    },
+    /// The `Apply` of `index` reached the block store.
+    Applied {
+        index: Index,
+    },
+    ReadDone {
+        id: RequestId,
+    },
+    /// The `Checkpoint` at `index` is durable.
+    CheckpointDone {
+        index: Index,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Synchronous: durable before the next command runs.
+    PersistHardState(HardState),
+    /// Asynchronous; completion is `Event::Persisted { token }`. Recovery replays surviving
+    /// writes and truncations in the order they were issued; a later copy of an index replaces
+    /// an earlier one.
+    PersistEntries {
+        token: u64,
+        entries: Vec<Entry>,
+    },
+    /// Asynchronous, ordered with `PersistEntries`: drop every entry above `after`.
+    TruncateLog {
+        token: u64,
+        after: Index,
+    },
+    /// Entries up to `through` are covered by a durable checkpoint and may be discarded.
+    PruneLog {
+        through: Index,
+    },
+    Send {
+        to: ReplicaId,
+        message: Message,
+    },
+    /// Write the entry's operation to the block store; completion is `Event::Applied`.
+    Apply {
+        entry: Entry,
+    },
+    /// Read the range from the block store and answer the client; completion `Event::ReadDone`.
+    Read {
+        id: RequestId,
+        offset: u64,
+        len_bytes: u64,
+    },
+    Reply {
+        id: RequestId,
+        result: Result<(), ClientError>,
+    },
+    /// Make every block write so far durable, then durably record `CheckpointState`;
+    /// completion is `Event::CheckpointDone`.
+    Checkpoint {
+        index: Index,
+        table: ClientTable,
+    },
+    /// Ship the block image as of now plus `Message::Snapshot { term, checkpoint, table }`.
+    SendSnapshot {
+        to: ReplicaId,
+        term: Term,
+        checkpoint: Index,
+        table: ClientTable,
+    },
+    /// Synchronous: install the block image that came with the `Snapshot` from `from` being
+    /// processed, make it durable, and durably record `CheckpointState { checkpoint, table }`.
+    InstallSnapshot {
+        from: ReplicaId,
+        checkpoint: Index,
+        table: ClientTable,
+    },
+}
+
+/// Payload helper for drivers: the bytes a `Write` carries.
+pub fn write_data(op: &Op) -> Option<&Bytes> {
+    match op {
+        Op::Write { data, .. } => Some(data),
+        _ => None,
+    }
+}

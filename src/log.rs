@@ -1,0 +1,134 @@
+//! The replica's log above its checkpoint: entries may have holes.
+
+use std::collections::BTreeMap;
+
+use crate::entry::Entry;
+use crate::types::{Index, Term};
+
+#[derive(Clone, Debug)]
+pub struct LogSlot {
+    pub entry: Entry,
+    /// This copy is on disk.
+    pub durable: bool,
+}
+
+/// Entries above `checkpoint`, possibly with holes.
+///
+/// Invariant: every key is above `checkpoint`, and `slots[i].entry.index == i`.
+#[derive(Clone, Debug, Default)]
+pub struct Log {
+    checkpoint: Index,
+    slots: BTreeMap<Index, LogSlot>,
+}
+
+impl Log {
+    pub fn new(checkpoint: Index) -> Log {
+        Log {
+            checkpoint,
+            slots: BTreeMap::new(),
+        }
+    }
+
+    pub fn checkpoint(&self) -> Index {
+        self.checkpoint
+    }
+
+    pub fn get(&self, index: Index) -> Option<&LogSlot> {
+        self.slots.get(&index)
+    }
+
+    pub fn entry(&self, index: Index) -> Option<&Entry> {
+        self.slots.get(&index).map(|s| &s.entry)
+    }
+
+    pub fn contains(&self, index: Index) -> bool {
+        self.slots.contains_key(&index)
+    }
+
+    /// Highest held index, or the checkpoint when the log is empty.
+    pub fn last_index(&self) -> Index {
+        self.slots
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(self.checkpoint)
+    }
+
+    /// Stores `entry`, replacing any copy at its index.
+    pub fn put(&mut self, entry: Entry, durable: bool) {
+        assert!(
+            entry.index > self.checkpoint,
+            "put at or below the checkpoint"
+        );
+        self.slots.insert(entry.index, LogSlot { entry, durable });
+    }
+
+    /// Marks the copy at `index` durable if it is still the copy with `ballot` and `term`.
+    pub fn mark_durable(&mut self, index: Index, ballot: Term, term: Term) -> bool {
+        match self.slots.get_mut(&index) {
+            Some(slot)
+                if slot.entry.ballot == ballot && slot.entry.term == term && !slot.durable =>
+            {
+                slot.durable = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drops every entry above `after`; returns the dropped indices.
+    pub fn truncate_after(&mut self, after: Index) -> Vec<Index> {
+        let dropped = self.slots.split_off(&after.next());
+        dropped.into_keys().collect()
+    }
+
+    /// Forgets entries up to `through` (covered by a checkpoint).
+    pub fn prune_through(&mut self, through: Index) {
+        if through <= self.checkpoint {
+            return;
+        }
+        self.slots = self.slots.split_off(&through.next());
+        self.checkpoint = through;
+    }
+
+    /// Highest `d` such that every index in `(checkpoint, d]` is held and durable.
+    pub fn durable_prefix(&self) -> Index {
+        let mut d = self.checkpoint;
+        for (i, slot) in &self.slots {
+            if *i != d.next() || !slot.durable {
+                break;
+            }
+            d = *i;
+        }
+        d
+    }
+
+    pub fn iter_from(&self, after: Index) -> impl Iterator<Item = &LogSlot> {
+        self.slots.range(after.next()..).map(|(_, s)| s)
+    }
+
+    pub fn indices(&self) -> impl Iterator<Item = Index> + '_ {
+        self.slots.keys().copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    pub fn check_invariants(&self) {
+        if let Some((first, _)) = self.slots.iter().next() {
+            assert!(*first > self.checkpoint, "log slot at or below checkpoint");
+        }
+        for (i, slot) in &self.slots {
+            assert_eq!(*i, slot.entry.index, "log slot keyed at the wrong index");
+            assert!(
+                slot.entry.ballot >= slot.entry.term,
+                "entry ballot below its term"
+            );
+        }
+    }
+}

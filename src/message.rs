@@ -1,0 +1,99 @@
+//! Messages between replicas of one group.
+
+use crate::entry::Entry;
+use crate::table::ClientTable;
+use crate::types::{Index, Term};
+
+/// What the leader tells followers is committed: everything up to `watermark`, plus the
+/// indices in `above` (committed out of order; bounded by the in-flight window).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommitNotice {
+    pub watermark: Index,
+    pub above: Vec<Index>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Would you vote for me in `term`? Changes no state at the receiver.
+    PreVote {
+        term: Term,
+        sync: Term,
+        committed: Index,
+    },
+    PreVoteResponse {
+        term: Term,
+        granted: bool,
+    },
+    /// Phase 1 of the merge: a vote request. `committed` is the candidate's contiguous committed
+    /// watermark; voters send their entries above it.
+    Vote {
+        term: Term,
+        sync: Term,
+        committed: Index,
+    },
+    VoteResponse {
+        term: Term,
+        granted: bool,
+        sync: Term,
+        committed: Index,
+        checkpoint: Index,
+        /// The voter's entries above the candidate's watermark, sent only when the voter's
+        /// sync term equals the candidate's.
+        entries: Vec<Entry>,
+    },
+    /// Phase 2 of the merge: the decided log `(base, end]` at ballot `term`. The receiver
+    /// replaces its entries in that span, truncates after `end`, and adopts `term` as its sync
+    /// term once durable.
+    Sync {
+        term: Term,
+        base: Index,
+        end: Index,
+        entries: Vec<Entry>,
+    },
+    Append {
+        term: Term,
+        entries: Vec<Entry>,
+        commit: CommitNotice,
+    },
+    Heartbeat {
+        term: Term,
+        commit: CommitNotice,
+        read_seq: u64,
+    },
+    /// Every follower answer to a leader: acknowledgements, progress and read-index echo.
+    Ack {
+        term: Term,
+        /// Entries of this term newly durable here (out-of-order acknowledgement).
+        acked: Vec<Index>,
+        /// Every entry up to here is durable here.
+        durable: Index,
+        /// Contiguous committed watermark here.
+        committed: Index,
+        /// The follower's sync term equals `term`: it accepts appends.
+        synced: bool,
+        read_seq: u64,
+    },
+    /// Streaming catch-up: the sender's block image (carried beside the message by the
+    /// driver) as of at least `checkpoint`, with the client table at `checkpoint`.
+    Snapshot {
+        term: Term,
+        checkpoint: Index,
+        table: ClientTable,
+    },
+}
+
+impl Message {
+    pub fn term(&self) -> Term {
+        match self {
+            Message::PreVote { term, .. }
+            | Message::PreVoteResponse { term, .. }
+            | Message::Vote { term, .. }
+            | Message::VoteResponse { term, .. }
+            | Message::Sync { term, .. }
+            | Message::Append { term, .. }
+            | Message::Heartbeat { term, .. }
+            | Message::Ack { term, .. }
+            | Message::Snapshot { term, .. } => *term,
+        }
+    }
+}

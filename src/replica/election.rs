@@ -1,0 +1,294 @@
+//! Pre-vote, vote (merge phase 1), stepping down, and the leader's tick.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use super::{LeaderState, Progress, Replica, Role, VoteInfo};
+use crate::io::ClientError;
+use crate::message::Message;
+use crate::types::{Index, ReplicaId, Term};
+
+impl Replica {
+    /// Would this replica vote for a candidate with `sync` and `committed`?
+    ///
+    /// The candidate must have adopted a merged log at least as new as ours (its sync term),
+    /// and must not need entries we already pruned into a checkpoint.
+    fn log_allows_vote(&self, sync: Term, committed: Index) -> bool {
+        let sync_ok = self.cfg.naive.paper_merge || sync >= self.hard.sync;
+        sync_ok && committed >= self.log.checkpoint()
+    }
+
+    pub(super) fn start_pre_vote(&mut self) {
+        self.reset_election_deadline();
+        let term = self.hard.term.next();
+        let mut grants = BTreeSet::new();
+        grants.insert(self.cfg.id);
+        self.role = Role::PreCandidate { term, grants };
+        if self.cfg.voters.len() == 1 {
+            self.start_election();
+            return;
+        }
+        for peer in self.peers() {
+            self.send(
+                peer,
+                Message::PreVote {
+                    term,
+                    sync: self.hard.sync,
+                    committed: self.committed,
+                },
+            );
+        }
+    }
+
+    pub(super) fn on_pre_vote(
+        &mut self,
+        from: ReplicaId,
+        term: Term,
+        sync: Term,
+        committed: Index,
+    ) {
+        // A replica that hears from a live leader does not help anyone depose it.
+        let leader_alive = matches!(self.role, Role::Leader(_)) || self.leader_recently_heard();
+        let granted =
+            term > self.hard.term && !leader_alive && self.log_allows_vote(sync, committed);
+        self.send(from, Message::PreVoteResponse { term, granted });
+    }
+
+    pub(super) fn on_pre_vote_response(&mut self, from: ReplicaId, term: Term, granted: bool) {
+        let quorum = self.cfg.quorum();
+        let Role::PreCandidate {
+            term: my_term,
+            grants,
+        } = &mut self.role
+        else {
+            return;
+        };
+        if term != *my_term || !granted {
+            return;
+        }
+        grants.insert(from);
+        if grants.len() >= quorum {
+            self.start_election();
+        }
+    }
+
+    fn start_election(&mut self) {
+        self.hard.term = self.hard.term.next();
+        self.hard.voted_for = Some(self.cfg.id);
+        // The vote for ourselves counts only once durable: persist before any Vote is sent.
+        self.persist_hard_state();
+        self.leader_hint = None;
+        self.reset_election_deadline();
+        let mut votes = BTreeMap::new();
+        votes.insert(
+            self.cfg.id,
+            VoteInfo {
+                sync: self.hard.sync,
+                committed: self.committed,
+                entries: Vec::new(),
+            },
+        );
+        self.role = Role::Candidate { votes };
+        for peer in self.peers() {
+            self.send(
+                peer,
+                Message::Vote {
+                    term: self.hard.term,
+                    sync: self.hard.sync,
+                    committed: self.committed,
+                },
+            );
+        }
+        self.maybe_win();
+    }
+
+    pub(super) fn on_vote(&mut self, from: ReplicaId, term: Term, sync: Term, committed: Index) {
+        if term > self.hard.term {
+            if !matches!(self.role, Role::Leader(_)) && self.leader_recently_heard() {
+                return; // Sticky leader: ignore disruptive candidates (they pre-voted wrongly).
+            }
+            self.become_follower(term, None);
+        }
+        let granted = term == self.hard.term
+            && self.hard.voted_for.is_none_or(|v| v == from)
+            && !matches!(self.role, Role::Leader(_))
+            && self.log_allows_vote(sync, committed);
+        let mut entries = Vec::new();
+        if granted {
+            if self.hard.voted_for.is_none() {
+                self.hard.voted_for = Some(from);
+                self.persist_hard_state();
+            }
+            self.reset_election_deadline();
+            // Merge phase 1: report what we hold above the candidate's committed watermark, but
+            // only copies of the candidate's own sync epoch (older epochs are superseded).
+            if self.cfg.naive.paper_merge || self.hard.sync == sync {
+                let from_index = committed.max(self.log.checkpoint());
+                entries = self
+                    .log
+                    .iter_from(from_index)
+                    .filter(|s| {
+                        !(self.cfg.naive.paper_merge
+                            && matches!(s.entry.op, crate::entry::Op::Noop))
+                    })
+                    .map(|s| s.entry.clone())
+                    .collect();
+            }
+        }
+        let message = Message::VoteResponse {
+            term: self.hard.term,
+            granted,
+            sync: self.hard.sync,
+            committed: self.committed,
+            checkpoint: self.log.checkpoint(),
+            entries,
+        };
+        self.send(from, message);
+    }
+
+    pub(super) fn on_vote_response(
+        &mut self,
+        from: ReplicaId,
+        term: Term,
+        granted: bool,
+        info: VoteInfo,
+    ) {
+        if term > self.hard.term {
+            self.become_follower(term, None);
+            return;
+        }
+        if term != self.hard.term || !granted {
+            return;
+        }
+        let Role::Candidate { votes } = &mut self.role else {
+            return;
+        };
+        votes.insert(from, info);
+        self.maybe_win();
+    }
+
+    fn maybe_win(&mut self) {
+        let Role::Candidate { votes } = &self.role else {
+            return;
+        };
+        if votes.len() >= self.cfg.quorum() {
+            let Role::Candidate { votes } = std::mem::replace(&mut self.role, Role::Follower)
+            else {
+                unreachable!()
+            };
+            self.begin_merge(votes);
+        }
+    }
+
+    /// Installs an (unserving) leader state after the merge decided `merge_end`.
+    pub(super) fn install_leader(
+        &mut self,
+        merge_end: Index,
+        voter_committed: BTreeMap<ReplicaId, Index>,
+    ) {
+        let mut progress = BTreeMap::new();
+        for peer in self.peers() {
+            let p = Progress {
+                committed: voter_committed.get(&peer).copied(),
+                ..Progress::default()
+            };
+            progress.insert(peer, p);
+        }
+        self.role = Role::Leader(Box::new(LeaderState {
+            merge_end,
+            serving: false,
+            progress,
+            waiters: BTreeMap::new(),
+            in_log: HashMap::new(),
+            floors: HashMap::new(),
+            queue: VecDeque::new(),
+            reads: Vec::new(),
+            read_seq: 0,
+            unsent: Vec::new(),
+            elected_tick: self.ticks,
+        }));
+        self.leader_hint = Some(self.cfg.id);
+    }
+
+    /// Steps down to follower of `term` (persisting a newer term), failing every client request
+    /// still waiting on us as leader: the client retries elsewhere, and the at-most-once table
+    /// makes the retry safe.
+    pub(super) fn become_follower(&mut self, term: Term, leader: Option<ReplicaId>) {
+        assert!(term >= self.hard.term);
+        if term > self.hard.term {
+            self.hard.term = term;
+            self.hard.voted_for = None;
+            self.persist_hard_state();
+        }
+        let old = std::mem::replace(&mut self.role, Role::Follower);
+        if let Role::Leader(leader_state) = old {
+            let hint = leader;
+            for (_, ids) in leader_state.waiters {
+                for id in ids {
+                    self.reply(id, Err(ClientError::NotLeader { hint }));
+                }
+            }
+            for request in leader_state.queue {
+                self.reply(request.id, Err(ClientError::NotLeader { hint }));
+            }
+            for read in leader_state.reads {
+                self.reply(read.id, Err(ClientError::NotLeader { hint }));
+            }
+        }
+        self.leader_hint = leader;
+        self.reset_election_deadline();
+    }
+
+    /// Called for every message from a leader of `term`: returns false when the message is
+    /// stale and must be ignored (after telling the sender our term).
+    pub(super) fn accept_leader(&mut self, from: ReplicaId, term: Term) -> bool {
+        if term < self.hard.term {
+            let message = Message::Ack {
+                term: self.hard.term,
+                acked: Vec::new(),
+                durable: Index(0),
+                committed: self.committed,
+                synced: false,
+                read_seq: 0,
+            };
+            self.send(from, message);
+            return false;
+        }
+        if term > self.hard.term
+            || !matches!(self.role, Role::Follower)
+            || self.leader_hint != Some(from)
+        {
+            assert!(
+                !(term == self.hard.term && matches!(self.role, Role::Leader(_))),
+                "two leaders in term {term:?}: {:?} and {from:?}",
+                self.cfg.id
+            );
+            self.become_follower(term, Some(from));
+        }
+        self.last_leader_contact = Some(self.ticks);
+        self.reset_election_deadline();
+        true
+    }
+
+    pub(super) fn leader_tick(&mut self) {
+        let hb = self.cfg.heartbeat_interval_ticks as u64;
+        let timeout = self.cfg.election_timeout_min_ticks as u64;
+        let Role::Leader(l) = &self.role else { return };
+        let elected = l.elected_tick;
+        // Check quorum: a leader that cannot hear a quorum steps down, so clients move on.
+        if self.ticks > elected + timeout && self.ticks.is_multiple_of(timeout) {
+            let heard = l
+                .progress
+                .values()
+                .filter(|p| p.last_heard_tick.is_some_and(|t| self.ticks - t <= timeout))
+                .count();
+            if heard + 1 < self.cfg.quorum() {
+                let term = self.hard.term;
+                self.become_follower(term, None);
+                return;
+            }
+        }
+        if self.ticks.is_multiple_of(hb) {
+            self.broadcast_heartbeat(false);
+        }
+    }
+}

@@ -1,0 +1,545 @@
+//! One replica of one ParallelRaft group: a pure state machine.
+//!
+//! The driver calls [`Replica::step`] with an [`Event`] and then drains [`Replica::take_commands`],
+//! executing the commands in order. Nothing here performs IO, reads a clock or spawns threads;
+//! randomness comes from the seed in [`Config`].
+//!
+//! Roles: follower → pre-candidate (pre-vote, no state change) → candidate (vote = merge phase 1)
+//! → leader, which first merges and syncs the decided log to a quorum (merge phase 2) and only
+//! then serves.
+
+mod apply;
+mod election;
+mod merge;
+mod replicate;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use lbb::{ApplyGate, LookBehind, RangeSet};
+
+use crate::config::{Config, Mode};
+use crate::entry::Entry;
+use crate::io::{CheckpointState, ClientError, ClientRequest, Command, Event, HardState};
+use crate::log::Log;
+use crate::message::Message;
+use crate::rng::Rng;
+use crate::table::ClientTable;
+use crate::types::{ClientId, Index, ReplicaId, RequestId, Term};
+
+/// What a candidate learned from one voter (phase 1 of the merge).
+#[derive(Clone, Debug)]
+struct VoteInfo {
+    sync: Term,
+    committed: Index,
+    entries: Vec<Entry>,
+}
+
+/// The leader's view of one follower.
+#[derive(Clone, Debug, Default)]
+struct Progress {
+    /// The follower adopted this leader's merged log (its sync term equals our term).
+    synced: bool,
+    /// Every entry up to here is durable at the follower.
+    durable: Index,
+    /// Entries above `durable` the follower acknowledged individually.
+    acked: BTreeSet<Index>,
+    /// The follower's committed watermark, once known.
+    committed: Option<Index>,
+    read_seq: u64,
+    last_heard_tick: Option<u64>,
+    last_snapshot_tick: Option<u64>,
+    last_sync_tick: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+struct PendingRead {
+    id: RequestId,
+    offset: u64,
+    len_bytes: u64,
+    ranges: RangeSet,
+    /// The last log index when the read arrived: the read observes every entry up to it.
+    fence: Index,
+    /// Read-index round: confirmed once a quorum echoes a sequence at least this one.
+    seq: u64,
+}
+
+#[derive(Debug)]
+struct LeaderState {
+    /// End of the merged log: everything up to it is decided at our ballot.
+    merge_end: Index,
+    serving: bool,
+    progress: BTreeMap<ReplicaId, Progress>,
+    waiters: BTreeMap<Index, Vec<RequestId>>,
+    /// Requests held in the log above the applied watermark.
+    in_log: HashMap<RequestId, Index>,
+    /// Highest floor per client among log entries above the applied watermark.
+    floors: HashMap<ClientId, u64>,
+    queue: VecDeque<ClientRequest>,
+    reads: Vec<PendingRead>,
+    read_seq: u64,
+    /// Entries appended during the current step, broadcast once at its end.
+    unsent: Vec<Entry>,
+    elected_tick: u64,
+}
+
+#[derive(Debug)]
+enum Role {
+    Follower,
+    PreCandidate {
+        term: Term,
+        grants: BTreeSet<ReplicaId>,
+    },
+    Candidate {
+        votes: BTreeMap<ReplicaId, VoteInfo>,
+    },
+    Leader(Box<LeaderState>),
+}
+
+/// A merge or sync whose writes are on their way to disk; the sync term is adopted when the
+/// last of `tokens` completes.
+#[derive(Clone, Debug)]
+struct SyncPending {
+    term: Term,
+    tokens: BTreeSet<u64>,
+}
+
+/// Role name for observers (the simulator, metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoleKind {
+    Follower,
+    PreCandidate,
+    Candidate,
+    /// Elected, merging: not serving yet.
+    LeaderMerging,
+    Leader,
+}
+
+pub struct Replica {
+    cfg: Config,
+    rng: Rng,
+    hard: HardState,
+    log: Log,
+    /// Contiguous committed watermark W: every index up to it is committed.
+    committed: Index,
+    /// Indices above W known committed (out-of-order commit).
+    committed_above: BTreeSet<Index>,
+    gate: ApplyGate,
+    /// Client table folded over entries up to `folded` (== the applied watermark).
+    table: ClientTable,
+    folded: Index,
+    role: Role,
+    leader_hint: Option<ReplicaId>,
+    ticks: u64,
+    last_leader_contact: Option<u64>,
+    election_deadline: u64,
+    next_token: u64,
+    /// Disk writes in flight: token → copies (index, ballot, term) it makes durable.
+    writes_in_flight: BTreeMap<u64, Vec<(Index, Term, Term)>>,
+    sync_pending: Option<SyncPending>,
+    applying: BTreeMap<Index, RangeSet>,
+    executing_reads: BTreeMap<RequestId, RangeSet>,
+    checkpoint_in_progress: Option<Index>,
+    out: Vec<Command>,
+}
+
+impl Replica {
+    /// A brand-new replica with an empty log.
+    pub fn new(cfg: Config) -> Replica {
+        Replica::recover(
+            cfg,
+            HardState::default(),
+            CheckpointState::default(),
+            Vec::new(),
+        )
+    }
+
+    /// A replica restarted from what survived on disk: hard state, checkpoint and the log
+    /// entries recovered from the write-ahead log (any order; a later copy of an index must
+    /// already have replaced an earlier one).
+    pub fn recover(
+        cfg: Config,
+        hard: HardState,
+        checkpoint: CheckpointState,
+        entries: Vec<Entry>,
+    ) -> Replica {
+        cfg.validate().expect("invalid replica config");
+        let strict = cfg.mode == Mode::Raft;
+        let mut replica = Replica {
+            rng: Rng::new(cfg.seed),
+            gate: ApplyGate::new(cfg.lbb_span, strict, checkpoint.index.0),
+            log: Log::new(checkpoint.index),
+            committed: checkpoint.index,
+            committed_above: BTreeSet::new(),
+            table: checkpoint.table,
+            folded: checkpoint.index,
+            role: Role::Follower,
+            leader_hint: None,
+            ticks: 0,
+            last_leader_contact: None,
+            election_deadline: 0,
+            next_token: 1,
+            writes_in_flight: BTreeMap::new(),
+            sync_pending: None,
+            applying: BTreeMap::new(),
+            executing_reads: BTreeMap::new(),
+            checkpoint_in_progress: None,
+            out: Vec::new(),
+            hard,
+            cfg,
+        };
+        for entry in entries {
+            if entry.index > checkpoint.index {
+                replica.gate_insert(&entry);
+                replica.log.put(entry, true);
+            }
+        }
+        replica.reset_election_deadline();
+        replica
+    }
+
+    pub fn id(&self) -> ReplicaId {
+        self.cfg.id
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard
+    }
+
+    pub fn term(&self) -> Term {
+        self.hard.term
+    }
+
+    pub fn committed_watermark(&self) -> Index {
+        self.committed
+    }
+
+    pub fn applied_watermark(&self) -> Index {
+        Index(self.gate.applied_watermark())
+    }
+
+    pub fn last_index(&self) -> Index {
+        self.log.last_index()
+    }
+
+    pub fn checkpoint_index(&self) -> Index {
+        self.log.checkpoint()
+    }
+
+    pub fn is_committed(&self, index: Index) -> bool {
+        index <= self.committed || self.committed_above.contains(&index)
+    }
+
+    pub fn entry(&self, index: Index) -> Option<&Entry> {
+        self.log.entry(index)
+    }
+
+    pub fn pending_list_len(&self) -> usize {
+        self.gate.pending(&RangeSet::new()).len()
+    }
+
+    pub fn role(&self) -> RoleKind {
+        match &self.role {
+            Role::Follower => RoleKind::Follower,
+            Role::PreCandidate { .. } => RoleKind::PreCandidate,
+            Role::Candidate { .. } => RoleKind::Candidate,
+            Role::Leader(l) if l.serving => RoleKind::Leader,
+            Role::Leader(_) => RoleKind::LeaderMerging,
+        }
+    }
+
+    pub fn leader_hint(&self) -> Option<ReplicaId> {
+        match self.role {
+            Role::Leader(_) => Some(self.cfg.id),
+            _ => self.leader_hint,
+        }
+    }
+
+    /// Drains the commands produced so far; execute them in order.
+    pub fn take_commands(&mut self) -> Vec<Command> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Feeds one event into the state machine.
+    pub fn step(&mut self, event: Event) {
+        match event {
+            Event::Tick => self.on_tick(),
+            Event::Receive { from, message } => self.on_message(from, message),
+            Event::Propose(request) => self.on_propose(request),
+            Event::Read {
+                id,
+                offset,
+                len_bytes,
+            } => self.on_read(id, offset, len_bytes),
+            Event::Persisted { token } => self.on_persisted(token),
+            Event::Applied { index } => self.on_applied(index),
+            Event::ReadDone { id } => self.on_read_done(id),
+            Event::CheckpointDone { index } => self.on_checkpoint_done(index),
+        }
+        self.flush_appends();
+    }
+
+    fn on_tick(&mut self) {
+        self.ticks += 1;
+        if matches!(self.role, Role::Leader(_)) {
+            self.leader_tick();
+        } else if self.ticks >= self.election_deadline {
+            self.start_pre_vote();
+        }
+    }
+
+    fn on_message(&mut self, from: ReplicaId, message: Message) {
+        if !self.cfg.voters.contains(&from) || from == self.cfg.id {
+            return; // Not a member of this group: ignore, never let it disrupt us.
+        }
+        match message {
+            Message::PreVote {
+                term,
+                sync,
+                committed,
+            } => self.on_pre_vote(from, term, sync, committed),
+            Message::PreVoteResponse { term, granted } => {
+                self.on_pre_vote_response(from, term, granted)
+            }
+            Message::Vote {
+                term,
+                sync,
+                committed,
+            } => self.on_vote(from, term, sync, committed),
+            Message::VoteResponse {
+                term,
+                granted,
+                sync,
+                committed,
+                checkpoint: _,
+                entries,
+            } => self.on_vote_response(
+                from,
+                term,
+                granted,
+                VoteInfo {
+                    sync,
+                    committed,
+                    entries,
+                },
+            ),
+            Message::Sync {
+                term,
+                base,
+                end,
+                entries,
+            } => self.on_sync(from, term, base, end, entries),
+            Message::Append {
+                term,
+                entries,
+                commit,
+            } => self.on_append(from, term, entries, commit),
+            Message::Heartbeat {
+                term,
+                commit,
+                read_seq,
+            } => self.on_heartbeat(from, term, commit, read_seq),
+            Message::Ack {
+                term,
+                acked,
+                durable,
+                committed,
+                synced,
+                read_seq,
+            } => self.on_ack(from, term, acked, durable, committed, synced, read_seq),
+            Message::Snapshot {
+                term,
+                checkpoint,
+                table,
+            } => self.on_snapshot(from, term, checkpoint, table),
+        }
+    }
+
+    // ---- helpers shared by the role modules ----
+
+    fn send(&mut self, to: ReplicaId, message: Message) {
+        debug_assert_ne!(to, self.cfg.id);
+        self.out.push(Command::Send { to, message });
+    }
+
+    fn reply(&mut self, id: RequestId, result: Result<(), ClientError>) {
+        self.out.push(Command::Reply { id, result });
+    }
+
+    fn persist_hard_state(&mut self) {
+        self.out.push(Command::PersistHardState(self.hard.clone()));
+    }
+
+    fn peers(&self) -> Vec<ReplicaId> {
+        self.cfg
+            .voters
+            .iter()
+            .copied()
+            .filter(|p| *p != self.cfg.id)
+            .collect()
+    }
+
+    fn reset_election_deadline(&mut self) {
+        let min = self.cfg.election_timeout_min_ticks as u64;
+        self.election_deadline = self.ticks + self.rng.range(min, 2 * min);
+    }
+
+    fn leader_recently_heard(&self) -> bool {
+        self.last_leader_contact.is_some_and(|t| {
+            self.ticks.saturating_sub(t) < self.cfg.election_timeout_min_ticks as u64
+        })
+    }
+
+    /// Issues a durable write of `entries`; marks them durable on completion.
+    fn persist_entries(&mut self, entries: Vec<Entry>) -> Option<u64> {
+        let entries: Vec<Entry> = if self.cfg.naive.paper_merge {
+            // The naive variant's skipped holes are never written.
+            entries
+                .into_iter()
+                .filter(|e| !matches!(e.op, crate::entry::Op::Noop))
+                .collect()
+        } else {
+            entries
+        };
+        if entries.is_empty() {
+            return None;
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        self.writes_in_flight.insert(
+            token,
+            entries
+                .iter()
+                .map(|e| (e.index, e.ballot, e.term))
+                .collect(),
+        );
+        self.out.push(Command::PersistEntries { token, entries });
+        Some(token)
+    }
+
+    fn truncate_log(&mut self, after: Index) -> u64 {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.writes_in_flight.insert(token, Vec::new());
+        self.out.push(Command::TruncateLog { token, after });
+        token
+    }
+
+    /// The look-behind buffer for a new entry at `index`, computed from this replica's log.
+    fn look_behind_for(&self, index: Index, decided: &BTreeMap<Index, Entry>) -> LookBehind {
+        let span = self.cfg.lbb_span as u64;
+        LookBehind::new(
+            (1..=span)
+                .map(|d| {
+                    let prev = Index(index.0.checked_sub(d)?);
+                    if prev.0 == 0 {
+                        return Some(RangeSet::new()); // before the first entry: nothing
+                    }
+                    decided
+                        .get(&prev)
+                        .or_else(|| self.log.entry(prev))
+                        .map(|e| e.ranges())
+                })
+                .collect(),
+        )
+    }
+
+    fn gate_insert(&mut self, entry: &Entry) {
+        if entry.index.0 > self.gate.applied_watermark() && !self.gate.is_applied(entry.index.0) {
+            self.gate
+                .insert(entry.index.0, entry.ranges(), &entry.look_behind)
+                .expect("gate insert above watermark");
+        }
+    }
+
+    /// Marks `index` committed and advances the contiguous watermark.
+    fn mark_committed(&mut self, index: Index) {
+        if self.is_committed(index) {
+            return;
+        }
+        assert!(
+            self.log.contains(index),
+            "commit of an index not held at {:?}",
+            self.cfg.id
+        );
+        self.committed_above.insert(index);
+        self.gate.commit(index.0);
+        while self.committed_above.remove(&self.committed.next()) {
+            self.committed = self.committed.next();
+        }
+    }
+
+    /// Checks every structural invariant; panics with a description on violation.
+    pub fn check_invariants(&self) {
+        self.log.check_invariants();
+        self.gate.check_invariants();
+        self.table.check_invariants();
+        assert!(
+            self.hard.sync <= self.hard.term,
+            "sync term above current term"
+        );
+        assert!(
+            self.log.checkpoint() <= self.applied_watermark(),
+            "checkpoint above applied watermark"
+        );
+        assert!(
+            self.applied_watermark() <= self.committed,
+            "applied beyond committed watermark"
+        );
+        assert_eq!(
+            self.folded,
+            self.applied_watermark(),
+            "client table not folded to the applied watermark"
+        );
+        assert!(
+            self.committed_above
+                .iter()
+                .all(|i| *i > self.committed.next()),
+            "committed set not above W+1"
+        );
+        for i in self
+            .committed_above
+            .iter()
+            .chain(std::iter::once(&self.committed))
+        {
+            assert!(
+                *i <= self.log.checkpoint() || self.log.contains(*i),
+                "committed index {i:?} not held"
+            );
+        }
+        for i in self.applying.keys() {
+            assert!(self.is_committed(*i), "applying an uncommitted entry");
+        }
+        if let Role::Leader(l) = &self.role {
+            assert_eq!(
+                self.hard.voted_for,
+                Some(self.cfg.id),
+                "leader did not vote for itself"
+            );
+            if l.serving {
+                assert!(
+                    self.committed >= l.merge_end,
+                    "serving leader has not committed its merge"
+                );
+                assert_eq!(
+                    self.hard.sync, self.hard.term,
+                    "serving leader not synced to its term"
+                );
+                assert!(
+                    self.log.last_index().0 <= self.committed.0 + self.cfg.window(),
+                    "leader in-flight window exceeded"
+                );
+                // A serving leader holds every entry of its log: no holes.
+                let held = self.log.len() as u64;
+                assert_eq!(
+                    held,
+                    self.log.last_index().0 - self.log.checkpoint().0,
+                    "serving leader log has holes"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! Normal operation: proposals, out-of-order acknowledgement and commit, retransmission.
+
+use std::collections::BTreeMap;
+
+use super::{Replica, Role};
+use crate::config::Mode;
+use crate::entry::Entry;
+use crate::io::{ClientError, ClientRequest};
+use crate::message::{CommitNotice, Message};
+use crate::types::{Index, ReplicaId, Term};
+
+impl Replica {
+    pub(super) fn on_propose(&mut self, request: ClientRequest) {
+        let hint = self.leader_hint;
+        let Role::Leader(l) = &mut self.role else {
+            self.reply(request.id, Err(ClientError::NotLeader { hint }));
+            return;
+        };
+        if !l.serving {
+            self.reply(request.id, Err(ClientError::Busy));
+            return;
+        }
+        let id = request.id;
+        // At-most-once: a request already applied, or below its client's floor (acknowledged
+        // long ago: this is a stale retry), is answered without a new entry.
+        let floor = l.floors.get(&id.client).copied().unwrap_or(0);
+        if self.table.covers(id) || id.seq < floor {
+            self.reply(id, Ok(()));
+            return;
+        }
+        if let Some(&index) = l.in_log.get(&id) {
+            if self.gate.is_applied(index.0) {
+                self.reply(id, Ok(()));
+            } else {
+                l.waiters.entry(index).or_default().push(id);
+            }
+            return;
+        }
+        if l.queue.iter().any(|r| r.id == id) {
+            return; // The queued copy will be answered.
+        }
+        if self.log.last_index().0 >= self.committed.0 + self.cfg.window() || !l.queue.is_empty() {
+            if l.queue.len() >= self.cfg.max_queued_proposals {
+                self.reply(id, Err(ClientError::Busy));
+            } else {
+                l.queue.push_back(request);
+            }
+            return;
+        }
+        self.append(request);
+    }
+
+    /// Appends proposals from the queue while the in-flight window has room.
+    pub(super) fn drain_queue(&mut self) {
+        loop {
+            if self.log.last_index().0 >= self.committed.0 + self.cfg.window() {
+                return;
+            }
+            let Role::Leader(l) = &mut self.role else {
+                return;
+            };
+            if !l.serving {
+                return;
+            }
+            let Some(request) = l.queue.pop_front() else {
+                return;
+            };
+            self.append(request);
+        }
+    }
+
+    fn append(&mut self, request: ClientRequest) {
+        let index = self.log.last_index().next();
+        let term = self.hard.term;
+        let look_behind = self.look_behind_for(index, &BTreeMap::new());
+        let entry = Entry {
+            index,
+            term,
+            ballot: term,
+            op: request.op,
+            request: Some(request.id),
+            floor: request.floor,
+            look_behind,
+        };
+        self.log.put(entry.clone(), false);
+        self.gate_insert(&entry);
+        self.persist_entries(vec![entry.clone()]);
+        let Role::Leader(l) = &mut self.role else {
+            unreachable!()
+        };
+        l.in_log.insert(request.id, index);
+        let f = l.floors.entry(request.id.client).or_default();
+        *f = (*f).max(request.floor);
+        l.waiters.entry(index).or_default().push(request.id);
+        l.unsent.push(entry);
+    }
+
+    /// Sends the entries appended during this step to every synced follower, in one message.
+    pub(super) fn flush_appends(&mut self) {
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
+        if l.unsent.is_empty() {
+            return;
+        }
+        let entries = std::mem::take(&mut l.unsent);
+        let targets: Vec<ReplicaId> = l
+            .progress
+            .iter()
+            .filter(|(_, p)| p.synced)
+            .map(|(id, _)| *id)
+            .collect();
+        let commit = self.commit_notice();
+        for peer in targets {
+            let message = Message::Append {
+                term: self.hard.term,
+                entries: entries.clone(),
+                commit: commit.clone(),
+            };
+            self.send(peer, message);
+        }
+    }
+
+    pub(super) fn commit_notice(&self) -> CommitNotice {
+        CommitNotice {
+            watermark: self.committed,
+            above: self.committed_above.iter().copied().collect(),
+        }
+    }
+
+    /// Heartbeat round: retransmits unacknowledged entries, (re)sends syncs and snapshots,
+    /// carries the commit notice and, with `read_round`, a new read-index sequence.
+    pub(super) fn broadcast_heartbeat(&mut self, read_round: bool) {
+        let term = self.hard.term;
+        let checkpoint = self.log.checkpoint();
+        let last = self.log.last_index();
+        let batch = self.cfg.max_batch_entries;
+        let commit = self.commit_notice();
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
+        if read_round {
+            l.read_seq += 1;
+        }
+        let read_seq = l.read_seq;
+        let serving = l.serving;
+        let mut plan = Vec::new();
+        for (peer, p) in &l.progress {
+            if !p.synced {
+                plan.push((*peer, None));
+                continue;
+            }
+            let from = p.durable.max(checkpoint);
+            if p.committed.is_some_and(|c| c < checkpoint) && p.durable < checkpoint {
+                plan.push((*peer, Some(Vec::new()))); // needs pruned entries: snapshot
+                continue;
+            }
+            let missing: Vec<Index> = (from.0 + 1..=last.0)
+                .map(Index)
+                .filter(|i| !p.acked.contains(i))
+                .take(batch)
+                .collect();
+            plan.push((*peer, Some(missing)));
+        }
+        for (peer, missing) in plan {
+            match missing {
+                None => {
+                    // Not synced yet: resend the decided log (or ask for its watermark).
+                    self.send_sync(peer);
+                }
+                Some(missing) => {
+                    let needs_snapshot = {
+                        let Role::Leader(l) = &self.role else {
+                            unreachable!()
+                        };
+                        let p = &l.progress[&peer];
+                        p.committed.is_some_and(|c| c < checkpoint) && p.durable < checkpoint
+                    };
+                    if needs_snapshot {
+                        self.maybe_send_snapshot(peer);
+                        continue;
+                    }
+                    if serving && !missing.is_empty() {
+                        let entries: Vec<Entry> = missing
+                            .iter()
+                            .filter_map(|i| self.log.entry(*i).cloned())
+                            .collect();
+                        self.send(
+                            peer,
+                            Message::Append {
+                                term,
+                                entries,
+                                commit: commit.clone(),
+                            },
+                        );
+                    }
+                    self.send(
+                        peer,
+                        Message::Heartbeat {
+                            term,
+                            commit: commit.clone(),
+                            read_seq,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_append(
+        &mut self,
+        from: ReplicaId,
+        term: Term,
+        entries: Vec<Entry>,
+        commit: CommitNotice,
+    ) {
+        if !self.accept_leader(from, term) {
+            return;
+        }
+        if self.hard.sync != term || self.sync_pending.is_some() {
+            self.send_ack(from, Vec::new(), 0); // not synced: the leader will sync us
+            return;
+        }
+        let mut acked = Vec::new();
+        let mut to_persist = Vec::new();
+        for e in entries {
+            debug_assert_eq!(e.ballot, term);
+            if e.index <= self.log.checkpoint() || self.is_committed(e.index) {
+                acked.push(e.index);
+                continue;
+            }
+            match self.log.get(e.index) {
+                Some(slot) if slot.entry.ballot == e.ballot => {
+                    if slot.durable {
+                        acked.push(e.index);
+                    }
+                }
+                _ => {
+                    self.gate.remove(e.index.0);
+                    self.gate_insert(&e);
+                    self.log.put(e.clone(), false);
+                    to_persist.push(e);
+                }
+            }
+        }
+        self.persist_entries(to_persist);
+        self.apply_commit_notice(&commit);
+        if self.cfg.mode == Mode::Raft {
+            acked.clear(); // classic Raft acknowledges only the contiguous durable prefix
+        }
+        self.send_ack(from, acked, 0);
+    }
+
+    pub(super) fn on_heartbeat(
+        &mut self,
+        from: ReplicaId,
+        term: Term,
+        commit: CommitNotice,
+        read_seq: u64,
+    ) {
+        if !self.accept_leader(from, term) {
+            return;
+        }
+        if self.hard.sync == term && self.sync_pending.is_none() {
+            self.apply_commit_notice(&commit);
+        }
+        self.send_ack(from, Vec::new(), read_seq);
+    }
+
+    fn apply_commit_notice(&mut self, commit: &CommitNotice) {
+        let held: Vec<Index> = self
+            .log
+            .indices()
+            .filter(|i| *i <= commit.watermark || commit.above.contains(i))
+            .filter(|i| !self.is_committed(*i))
+            .collect();
+        for i in held {
+            self.mark_committed(i);
+        }
+        self.try_apply();
+    }
+
+    pub(super) fn send_ack(&mut self, to: ReplicaId, acked: Vec<Index>, read_seq: u64) {
+        let synced = self.hard.sync == self.hard.term && self.sync_pending.is_none();
+        let message = Message::Ack {
+            term: self.hard.term,
+            acked,
+            durable: self.log.durable_prefix(),
+            committed: self.committed,
+            synced,
+            read_seq,
+        };
+        self.send(to, message);
+    }
+
+    pub(super) fn on_persisted(&mut self, token: u64) {
+        let Some(copies) = self.writes_in_flight.remove(&token) else {
+            return;
+        };
+        let mut newly_durable = Vec::new();
+        for (index, ballot, term) in copies {
+            if self.log.mark_durable(index, ballot, term) && ballot == self.hard.term {
+                newly_durable.push(index);
+            }
+        }
+        if let Some(pending) = &mut self.sync_pending {
+            if pending.tokens.remove(&token) {
+                self.check_sync_done();
+            }
+        }
+        match &self.role {
+            Role::Leader(_) => self.try_commit(),
+            Role::Follower => {
+                let synced = self.hard.sync == self.hard.term && self.sync_pending.is_none();
+                if let (true, Some(leader)) = (synced, self.leader_hint) {
+                    if self.cfg.mode == Mode::Raft {
+                        newly_durable.clear();
+                    }
+                    self.send_ack(leader, newly_durable, 0);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn on_ack(
+        &mut self,
+        from: ReplicaId,
+        term: Term,
+        acked: Vec<Index>,
+        durable: Index,
+        committed: Index,
+        synced: bool,
+        read_seq: u64,
+    ) {
+        if term > self.hard.term {
+            self.become_follower(term, None);
+            return;
+        }
+        let ticks = self.ticks;
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
+        if term < self.hard.term {
+            return;
+        }
+        let p = l.progress.get_mut(&from).expect("ack from a voter");
+        let was_synced = p.synced;
+        p.last_heard_tick = Some(ticks);
+        p.committed = Some(committed);
+        p.synced = synced;
+        p.read_seq = p.read_seq.max(read_seq);
+        if synced {
+            p.durable = p.durable.max(durable);
+            p.acked.extend(acked);
+            let floor = p.durable;
+            p.acked = p.acked.split_off(&floor.next());
+        } else {
+            p.durable = Index(0);
+            p.acked.clear();
+        }
+        if !synced {
+            // Sync (or snapshot) it now rather than waiting for the next heartbeat, but at
+            // most once per tick.
+            if p.last_sync_tick != Some(ticks) {
+                self.send_sync(from);
+            }
+            return;
+        }
+        if !was_synced {
+            self.maybe_start_serving();
+        }
+        self.try_commit();
+        self.try_reads();
+    }
+
+    /// Commits every index durable on a quorum. Parallel mode: each index on its own;
+    /// Raft mode: only in order.
+    pub(super) fn try_commit(&mut self) {
+        let quorum = self.cfg.quorum();
+        let Role::Leader(l) = &self.role else { return };
+        if !l.serving {
+            return;
+        }
+        let mut newly = Vec::new();
+        for slot in self.log.iter_from(self.committed) {
+            let i = slot.entry.index;
+            if self.committed_above.contains(&i) {
+                continue;
+            }
+            let mut count = usize::from(slot.durable);
+            count += l
+                .progress
+                .values()
+                .filter(|p| p.synced && (p.durable >= i || p.acked.contains(&i)))
+                .count();
+            if count >= quorum {
+                newly.push(i);
+            } else if self.cfg.mode == Mode::Raft {
+                break;
+            }
+        }
+        if newly.is_empty() {
+            return;
+        }
+        for i in newly {
+            self.mark_committed(i);
+        }
+        self.try_apply();
+        self.drain_queue();
+    }
+}

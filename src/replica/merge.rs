@@ -254,7 +254,7 @@ impl Replica {
             .filter(|e| e.index > keep_from)
             .collect();
         assert!(
-            entries.iter().all(|e| e.ballot == term && e.index <= end),
+            entries.iter().all(|e| e.ballot <= term && e.index <= end),
             "malformed sync"
         );
         let tokens = self.replace_log(entries, end);

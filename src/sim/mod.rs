@@ -1,1 +1,790 @@
+//! Deterministic simulation of one ParallelRaft group and its clients.
+//!
+//! One seed drives everything: message loss, duplication, reordering and delay; symmetric and
+//! asymmetric partitions (including an isolated leader); crashes that lose unsynced writes and
+//! tear in-flight WAL records; disk latency; and simulated time. After a fault phase every fault
+//! heals and the run must make progress: every client operation completes and all replicas
+//! converge to identical blocks.
+//!
+//! Checkers: one leader per term; every replica applies the same entry at each index; no
+//! request applied twice; each 4 KiB block is a linearizable register over the client history
+//! (which also catches lost acknowledged writes, judged against the converged final state);
+//! liveness and convergence. Replica invariants are checked after every step.
 
+mod checker;
+mod client;
+mod disk;
+
+pub use checker::check_linearizable;
+pub use client::{payload, HistoryOp, OpKind};
+pub use disk::{Block, BLOCK_SIZE};
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::config::{Config, Mode, NaiveFlags};
+use crate::entry::{Entry, Op};
+use crate::io::{CheckpointState, ClientError, ClientRequest, Command, Event};
+use crate::message::Message;
+use crate::replica::{Replica, RoleKind};
+use crate::rng::Rng;
+use crate::types::{ClientId, Index, ReplicaId, RequestId, Term};
+use client::{Client, Outstanding};
+use disk::Disk;
+
+/// Simulated time units per replica tick.
+const TICK: u64 = 10;
+/// A client resends an unanswered request after this long.
+const CLIENT_RETRY: u64 = 150;
+
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub replicas: usize,
+    pub mode: Mode,
+    pub naive: NaiveFlags,
+    pub lbb_span: usize,
+    pub checkpoint_interval: u64,
+    pub clients: usize,
+    pub ops_per_client: u64,
+    pub volume_blocks: u64,
+    /// Faults are injected during `[0, fault_time)`; then everything heals.
+    pub fault_time: u64,
+    /// After the fault phase, operations must complete and replicas converge within this.
+    pub liveness_time: u64,
+    /// Turn off every fault (a baseline that must always pass).
+    pub faults: bool,
+}
+
+impl SimConfig {
+    pub fn new(seed: u64, replicas: usize, mode: Mode) -> SimConfig {
+        SimConfig {
+            seed,
+            replicas,
+            mode,
+            naive: NaiveFlags::default(),
+            lbb_span: lbb::DEFAULT_SPAN,
+            checkpoint_interval: 24,
+            clients: 3,
+            ops_per_client: 40,
+            volume_blocks: 12,
+            fault_time: 4_000,
+            liveness_time: 30_000,
+            faults: true,
+        }
+    }
+
+    /// Long runs for soak testing off CI.
+    pub fn soak(mut self) -> SimConfig {
+        self.ops_per_client = 400;
+        self.fault_time = 40_000;
+        self.liveness_time = 60_000;
+        self
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SimStats {
+    pub steps: u64,
+    pub messages: u64,
+    pub crashes: u64,
+    pub partitions: u64,
+    pub max_term: u64,
+    pub ops_completed: u64,
+    pub snapshots_installed: u64,
+    pub torn_records: u64,
+    pub out_of_order_applies: u64,
+    pub end_time: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct SimReport {
+    pub seed: u64,
+    pub violations: Vec<String>,
+    pub stats: SimStats,
+}
+
+impl SimReport {
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Node {
+    Replica(usize),
+    Client(usize),
+}
+
+type Image = Arc<BTreeMap<u64, Block>>;
+
+#[derive(Clone, Debug)]
+enum Net {
+    Peer(Message, Option<Image>),
+    Request(ClientRequest),
+    ReadRequest { id: RequestId, offset: u64, len_bytes: u64 },
+    Reply { id: RequestId, result: Result<(), ClientError> },
+    ReadReply { id: RequestId, blocks: Vec<(Option<RequestId>, Bytes)> },
+}
+
+#[derive(Clone, Debug)]
+enum Ev {
+    Tick(usize),
+    Deliver { to: Node, from: Node, net: Net },
+    DiskDone { r: usize, incarnation: u64, token: u64 },
+    ApplyDone { r: usize, incarnation: u64, entry: Entry },
+    ReadDone { r: usize, incarnation: u64, id: RequestId, offset: u64, len_bytes: u64 },
+    CheckpointDone { r: usize, incarnation: u64, state: CheckpointState },
+    ClientWake(usize),
+    Fault,
+    Restart(usize),
+    Heal,
+}
+
+struct SimReplica {
+    replica: Option<Replica>,
+    disk: Disk,
+    incarnation: u64,
+}
+
+struct Sim {
+    cfg: SimConfig,
+    rng: Rng,
+    now: u64,
+    seq: u64,
+    /// Global logical clock for the history: strictly increasing per recorded event.
+    clock: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    events: HashMap<usize, Ev>,
+    next_event_id: usize,
+    replicas: Vec<SimReplica>,
+    clients: Vec<Client>,
+    history: Vec<HistoryOp>,
+    history_index: HashMap<RequestId, usize>,
+    blocked: BTreeSet<(usize, usize)>,
+    loss: f64,
+    duplicate: f64,
+    max_delay: u64,
+    healed: bool,
+    leaders: BTreeMap<Term, ReplicaId>,
+    applied_at: BTreeMap<Index, (Term, Option<RequestId>, u32)>,
+    request_index: HashMap<RequestId, Index>,
+    violations: Vec<String>,
+    stats: SimStats,
+    /// Snapshot image riding with the message being processed.
+    incoming_image: Option<Image>,
+}
+
+/// Runs one seed to completion and reports every violation found.
+pub fn run(cfg: &SimConfig) -> SimReport {
+    let mut sim = Sim::new(cfg.clone());
+    sim.run();
+    SimReport { seed: cfg.seed, violations: sim.violations, stats: sim.stats }
+}
+
+impl Sim {
+    fn new(cfg: SimConfig) -> Sim {
+        let mut rng = Rng::new(cfg.seed);
+        let replicas = (0..cfg.replicas).map(|_| SimReplica { replica: None, disk: Disk::default(), incarnation: 0 }).collect();
+        let clients = (0..cfg.clients)
+            .map(|c| Client {
+                id: ClientId(c as u64 + 1),
+                next_seq: 0,
+                remaining: cfg.ops_per_client,
+                iodepth: rng.range(1, 5) as usize,
+                leader_guess: ReplicaId(rng.range(0, cfg.replicas as u64) as u32),
+                outstanding: BTreeMap::new(),
+                rng: Rng::new(rng.next_u64()),
+                next_wake: None,
+            })
+            .collect();
+        let (loss, duplicate, max_delay) = if cfg.faults {
+            (rng.range(0, 10) as f64 / 100.0, rng.range(0, 6) as f64 / 100.0, rng.range(5, 60))
+        } else {
+            (0.0, 0.0, 10)
+        };
+        Sim {
+            rng,
+            now: 0,
+            seq: 0,
+            clock: 0,
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            next_event_id: 0,
+            replicas,
+            clients,
+            history: Vec::new(),
+            history_index: HashMap::new(),
+            blocked: BTreeSet::new(),
+            loss,
+            duplicate,
+            max_delay,
+            healed: !cfg.faults,
+            leaders: BTreeMap::new(),
+            applied_at: BTreeMap::new(),
+            request_index: HashMap::new(),
+            violations: Vec::new(),
+            stats: SimStats::default(),
+            incoming_image: None,
+            cfg,
+        }
+    }
+
+    fn schedule(&mut self, delay: u64, ev: Ev) {
+        self.seq += 1;
+        let id = self.next_event_id;
+        self.next_event_id += 1;
+        self.events.insert(id, ev);
+        self.queue.push(Reverse((self.now + delay, self.seq, id)));
+    }
+
+    fn tick_clock(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    fn replica_config(&self, r: usize) -> Config {
+        let voters = (0..self.cfg.replicas).map(|i| ReplicaId(i as u32)).collect();
+        let seed = self.cfg.seed.wrapping_mul(31).wrapping_add(r as u64 * 7919 + self.replicas[r].incarnation * 104_729);
+        let mut c = Config::new(ReplicaId(r as u32), voters, self.cfg.mode, seed);
+        c.lbb_span = self.cfg.lbb_span;
+        c.checkpoint_interval = self.cfg.checkpoint_interval;
+        c.naive = self.cfg.naive;
+        c.max_batch_entries = 16;
+        c
+    }
+
+    fn start_replica(&mut self, r: usize) {
+        self.replicas[r].incarnation += 1;
+        let recovered = self.replicas[r].disk.recover();
+        self.stats.torn_records += recovered.torn_records as u64;
+        let cfg = self.replica_config(r);
+        self.replicas[r].replica = Some(Replica::recover(cfg, recovered.hard, recovered.checkpoint, recovered.entries));
+        let first_tick = self.rng.range(1, TICK + 1);
+        self.schedule(first_tick, Ev::Tick(r));
+    }
+
+    fn run(&mut self) {
+        for r in 0..self.cfg.replicas {
+            self.start_replica(r);
+        }
+        for c in 0..self.cfg.clients {
+            self.schedule_wake(c, 1 + c as u64);
+        }
+        if self.cfg.faults {
+            let first = self.rng.range(100, 600);
+            self.schedule(first, Ev::Fault);
+            self.schedule(self.cfg.fault_time, Ev::Heal);
+        }
+        let deadline = self.cfg.fault_time + self.cfg.liveness_time;
+        let mut converged = false;
+        while let Some(Reverse((time, _, id))) = self.queue.pop() {
+            if !self.violations.is_empty() {
+                break;
+            }
+            self.now = time;
+            if self.now > deadline {
+                break;
+            }
+            let ev = self.events.remove(&id).expect("event");
+            self.handle(ev);
+            self.stats.steps += 1;
+            if self.healed && self.clients_done() && self.now.is_multiple_of(TICK) && self.converged() {
+                converged = true;
+                break;
+            }
+        }
+        self.stats.end_time = self.now;
+        self.stats.max_term = self.leaders.keys().next_back().map_or(0, |t| t.0);
+        if !self.violations.is_empty() {
+            return;
+        }
+        if !converged {
+            let pending: u64 = self.clients.iter().map(|c| c.remaining + c.outstanding.len() as u64).sum();
+            let states: Vec<String> = self
+                .replicas
+                .iter()
+                .map(|s| match &s.replica {
+                    Some(r) => format!(
+                        "{:?} {:?} t{} w{} aw{} last{} ckpt{}",
+                        r.id(),
+                        r.role(),
+                        r.term().0,
+                        r.committed_watermark().0,
+                        r.applied_watermark().0,
+                        r.last_index().0,
+                        r.checkpoint_index().0
+                    ),
+                    None => "down".into(),
+                })
+                .collect();
+            self.violations.push(format!(
+                "liveness: no convergence by time {deadline} ({pending} client ops unfinished; replicas: {})",
+                states.join("; ")
+            ));
+            return;
+        }
+        self.final_checks();
+    }
+
+    fn clients_done(&self) -> bool {
+        self.clients.iter().all(|c| c.remaining == 0 && c.outstanding.is_empty())
+    }
+
+    /// A serving leader whose log is fully committed, and every replica applied all of it.
+    fn converged(&self) -> bool {
+        let Some(leader) = self
+            .replicas
+            .iter()
+            .filter_map(|s| s.replica.as_ref())
+            .find(|r| r.role() == RoleKind::Leader)
+        else {
+            return false;
+        };
+        let last = leader.last_index();
+        if leader.committed_watermark() != last {
+            return false;
+        }
+        self.replicas.iter().all(|s| {
+            s.replica.as_ref().is_some_and(|r| r.applied_watermark() == last && r.term() == leader.term())
+        })
+    }
+
+    fn final_checks(&mut self) {
+        let images: Vec<BTreeMap<u64, Block>> = self.replicas.iter().map(|s| s.disk.all_blocks()).collect();
+        let normalize = |img: &BTreeMap<u64, Block>| -> BTreeMap<u64, (Option<RequestId>, Bytes)> {
+            img.iter().filter(|(_, b)| b.tag.is_some()).map(|(k, b)| (*k, (b.tag, b.data.clone()))).collect()
+        };
+        let first = normalize(&images[0]);
+        for (r, img) in images.iter().enumerate().skip(1) {
+            if normalize(img) != first {
+                let differing: Vec<u64> = (0..self.cfg.volume_blocks)
+                    .filter(|b| img.get(b).map(|x| x.tag) != images[0].get(b).map(|x| x.tag))
+                    .collect();
+                self.violations.push(format!("convergence: replica {r} blocks differ from replica 0 at {differing:?}"));
+            }
+        }
+        let final_state: BTreeMap<u64, Option<RequestId>> =
+            (0..self.cfg.volume_blocks).map(|b| (b, images[0].get(&b).and_then(|x| x.tag))).collect();
+        for (b, blk) in &images[0] {
+            self.verify_block(*b, blk.tag, &blk.data, "final state");
+        }
+        let end = self.tick_clock() + 1;
+        let found = check_linearizable(&self.history, &final_state, end);
+        self.violations.extend(found.into_iter().map(|v| format!("linearizability: {v}")));
+    }
+
+    fn verify_block(&mut self, block: u64, tag: Option<RequestId>, data: &Bytes, what: &str) {
+        let expected = match tag.and_then(|t| self.history_index.get(&t).map(|i| (t, self.history[*i].kind.clone()))) {
+            Some((t, OpKind::Write)) => payload(t, block),
+            Some(_) | None => Bytes::from_static(&[0u8; BLOCK_SIZE as usize]),
+        };
+        if *data != expected {
+            self.violations.push(format!("data: block {block} ({what}) holds bytes that do not match its tag {tag:?}"));
+        }
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Tick(r) => {
+                if self.replicas[r].replica.is_some() {
+                    self.step(r, Event::Tick);
+                    self.schedule(TICK, Ev::Tick(r));
+                }
+            }
+            Ev::Deliver { to, from, net } => self.deliver(to, from, net),
+            Ev::DiskDone { r, incarnation, token } => {
+                if self.live(r, incarnation) {
+                    self.replicas[r].disk.complete(token);
+                    self.step(r, Event::Persisted { token });
+                }
+            }
+            Ev::ApplyDone { r, incarnation, entry } => {
+                if self.live(r, incarnation) {
+                    self.check_apply(&entry);
+                    self.replicas[r].disk.apply(&entry);
+                    self.step(r, Event::Applied { index: entry.index });
+                }
+            }
+            Ev::ReadDone { r, incarnation, id, offset, len_bytes } => {
+                if self.live(r, incarnation) {
+                    let first = offset / BLOCK_SIZE;
+                    let blocks = (first..first + len_bytes / BLOCK_SIZE)
+                        .map(|b| match self.replicas[r].disk.read_block(b) {
+                            Some(blk) => (blk.tag, blk.data.clone()),
+                            None => (None, Bytes::from_static(&[0u8; BLOCK_SIZE as usize])),
+                        })
+                        .collect();
+                    self.net_send(Node::Replica(r), Node::Client(id.client.0 as usize - 1), Net::ReadReply { id, blocks });
+                    self.step(r, Event::ReadDone { id });
+                }
+            }
+            Ev::CheckpointDone { r, incarnation, state } => {
+                if self.live(r, incarnation) {
+                    let index = state.index;
+                    self.replicas[r].disk.checkpoint(state);
+                    self.step(r, Event::CheckpointDone { index });
+                }
+            }
+            Ev::ClientWake(c) => {
+                if self.clients[c].next_wake == Some(self.now) {
+                    self.clients[c].next_wake = None;
+                    self.client_wake(c);
+                }
+            }
+            Ev::Fault => self.inject_fault(),
+            Ev::Restart(r) => {
+                if self.replicas[r].replica.is_none() {
+                    self.start_replica(r);
+                }
+            }
+            Ev::Heal => {
+                self.healed = true;
+                self.blocked.clear();
+                self.loss = 0.0;
+                self.duplicate = 0.0;
+                self.max_delay = self.max_delay.min(20);
+                for r in 0..self.cfg.replicas {
+                    if self.replicas[r].replica.is_none() {
+                        self.start_replica(r);
+                    }
+                }
+            }
+        }
+    }
+
+    fn live(&self, r: usize, incarnation: u64) -> bool {
+        self.replicas[r].replica.is_some() && self.replicas[r].incarnation == incarnation
+    }
+
+    fn inject_fault(&mut self) {
+        if self.healed {
+            return;
+        }
+        let n = self.cfg.replicas;
+        let roll = self.rng.range(0, 100);
+        if roll < 35 {
+            let r = self.rng.range(0, n as u64) as usize;
+            if self.replicas[r].replica.is_some() {
+                self.crash(r);
+                let downtime = self.rng.range(50, 800);
+                self.schedule(downtime, Ev::Restart(r));
+            }
+        } else if roll < 65 {
+            // Symmetric partition isolating one replica, often the leader.
+            let leader = self.current_leader();
+            let r = match leader {
+                Some(l) if self.rng.chance(0.6) => l,
+                _ => self.rng.range(0, n as u64) as usize,
+            };
+            self.blocked.clear();
+            for o in 0..n {
+                if o != r {
+                    self.blocked.insert((r, o));
+                    self.blocked.insert((o, r));
+                }
+            }
+            self.stats.partitions += 1;
+        } else if roll < 85 {
+            // Asymmetric: random one-way links fail.
+            self.blocked.clear();
+            for a in 0..n {
+                for b in 0..n {
+                    if a != b && self.rng.chance(0.25) {
+                        self.blocked.insert((a, b));
+                    }
+                }
+            }
+            self.stats.partitions += 1;
+        } else {
+            self.blocked.clear();
+        }
+        let next = self.rng.range(100, 700);
+        self.schedule(next, Ev::Fault);
+    }
+
+    fn current_leader(&self) -> Option<usize> {
+        self.replicas
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.replica.as_ref().map(|r| (i, r)))
+            .filter(|(_, r)| matches!(r.role(), RoleKind::Leader | RoleKind::LeaderMerging))
+            .max_by_key(|(_, r)| r.term())
+            .map(|(i, _)| i)
+    }
+
+    fn crash(&mut self, r: usize) {
+        self.stats.crashes += 1;
+        self.replicas[r].replica = None;
+        let torn = 0.3;
+        let mut rng = Rng::new(self.rng.next_u64());
+        self.replicas[r].disk.crash(&mut rng, torn);
+    }
+
+    fn net_send(&mut self, from: Node, to: Node, net: Net) {
+        self.stats.messages += 1;
+        if let (Node::Replica(a), Node::Replica(b)) = (from, to) {
+            if self.blocked.contains(&(a, b)) {
+                return;
+            }
+        }
+        if self.rng.chance(self.loss) {
+            return;
+        }
+        let copies = if self.rng.chance(self.duplicate) { 2 } else { 1 };
+        for _ in 0..copies {
+            let delay = if self.rng.chance(0.05) { self.rng.range(1, self.max_delay * 4) } else { self.rng.range(1, self.max_delay + 1) };
+            self.schedule(delay, Ev::Deliver { to, from, net: net.clone() });
+        }
+    }
+
+    fn deliver(&mut self, to: Node, from: Node, net: Net) {
+        match (to, net) {
+            (Node::Replica(r), Net::Peer(message, image)) => {
+                let Node::Replica(f) = from else { return };
+                if self.replicas[r].replica.is_none() {
+                    return;
+                }
+                self.incoming_image = image;
+                self.step(r, Event::Receive { from: ReplicaId(f as u32), message });
+                self.incoming_image = None;
+            }
+            (Node::Replica(r), Net::Request(request)) => {
+                if self.replicas[r].replica.is_some() {
+                    self.step(r, Event::Propose(request));
+                }
+            }
+            (Node::Replica(r), Net::ReadRequest { id, offset, len_bytes }) => {
+                if self.replicas[r].replica.is_some() {
+                    self.step(r, Event::Read { id, offset, len_bytes });
+                }
+            }
+            (Node::Client(c), Net::Reply { id, result }) => self.client_reply(c, from, id, result, None),
+            (Node::Client(c), Net::ReadReply { id, blocks }) => self.client_reply(c, from, id, Ok(()), Some(blocks)),
+            _ => unreachable!("misrouted message"),
+        }
+    }
+
+    /// Steps replica `r` and executes the commands it produced.
+    fn step(&mut self, r: usize, event: Event) {
+        let sim_replica = &mut self.replicas[r];
+        let replica = sim_replica.replica.as_mut().expect("step of a down replica");
+        replica.step(event);
+        replica.check_invariants();
+        let commands = replica.take_commands();
+        let (role, term, id) = (replica.role(), replica.term(), replica.id());
+        if matches!(role, RoleKind::Leader | RoleKind::LeaderMerging) {
+            let prev = *self.leaders.entry(term).or_insert(id);
+            if prev != id {
+                self.violations.push(format!("election safety: term {} has leaders {:?} and {:?}", term.0, prev, id));
+            }
+        }
+        let incarnation = self.replicas[r].incarnation;
+        for command in commands {
+            self.execute(r, incarnation, command);
+        }
+    }
+
+    fn disk_delay(&mut self) -> u64 {
+        self.rng.range(1, 16)
+    }
+
+    fn execute(&mut self, r: usize, incarnation: u64, command: Command) {
+        match command {
+            Command::PersistHardState(hard) => self.replicas[r].disk.persist_hard_state(hard),
+            Command::PersistEntries { token, entries } => {
+                self.replicas[r].disk.issue_entries(token, entries);
+                let d = self.disk_delay();
+                self.schedule(d, Ev::DiskDone { r, incarnation, token });
+            }
+            Command::TruncateLog { token, after } => {
+                self.replicas[r].disk.issue_truncate(token, after);
+                let d = self.disk_delay();
+                self.schedule(d, Ev::DiskDone { r, incarnation, token });
+            }
+            Command::PruneLog { through } => self.replicas[r].disk.prune(through),
+            Command::Send { to, message } => {
+                self.net_send(Node::Replica(r), Node::Replica(to.0 as usize), Net::Peer(message, None));
+            }
+            Command::Apply { entry } => {
+                let d = self.rng.range(1, 8);
+                self.schedule(d, Ev::ApplyDone { r, incarnation, entry });
+            }
+            Command::Read { id, offset, len_bytes } => {
+                let d = self.rng.range(1, 8);
+                self.schedule(d, Ev::ReadDone { r, incarnation, id, offset, len_bytes });
+            }
+            Command::Reply { id, result } => {
+                self.net_send(Node::Replica(r), Node::Client(id.client.0 as usize - 1), Net::Reply { id, result });
+            }
+            Command::Checkpoint { index, table } => {
+                let d = self.disk_delay();
+                self.schedule(d, Ev::CheckpointDone { r, incarnation, state: CheckpointState { index, table } });
+            }
+            Command::SendSnapshot { to, term, checkpoint, table } => {
+                let image = Arc::new(self.replicas[r].disk.image());
+                let message = Message::Snapshot { term, checkpoint, table };
+                self.net_send(Node::Replica(r), Node::Replica(to.0 as usize), Net::Peer(message, Some(image)));
+            }
+            Command::InstallSnapshot { from: _, checkpoint, table } => {
+                let image = self.incoming_image.clone().expect("InstallSnapshot without an image");
+                self.replicas[r].disk.install((*image).clone(), CheckpointState { index: checkpoint, table });
+                self.stats.snapshots_installed += 1;
+            }
+        }
+    }
+
+    /// Every replica must apply the same entry at each index, and no request at two indices.
+    fn check_apply(&mut self, entry: &Entry) {
+        let digest = {
+            let mut e = entry.clone();
+            e.ballot = e.term;
+            e.look_behind = lbb::LookBehind::default();
+            e.checksum()
+        };
+        let key = (entry.term, entry.request, digest);
+        match self.applied_at.get(&entry.index) {
+            Some(prev) if *prev != key => self.violations.push(format!(
+                "apply agreement: index {} applied as {:?} and as {:?}",
+                entry.index.0, prev, key
+            )),
+            Some(_) => {}
+            None => {
+                self.applied_at.insert(entry.index, key);
+            }
+        }
+        if let Some(id) = entry.request {
+            let prev = *self.request_index.entry(id).or_insert(entry.index);
+            if prev != entry.index {
+                self.violations.push(format!("at-most-once: request {id:?} applied at {} and {}", prev.0, entry.index.0));
+            }
+        }
+        if entry.index.0 > self.applied_at.range(..entry.index).next_back().map_or(0, |(i, _)| i.0) + 1 {
+            self.stats.out_of_order_applies += 1;
+        }
+    }
+
+    fn client_wake(&mut self, c: usize) {
+        let now = self.now;
+        // Retries of unanswered requests.
+        let due: Vec<u64> = self.clients[c].outstanding.iter().filter(|(_, o)| o.retry_at <= now).map(|(s, _)| *s).collect();
+        for seq in due {
+            let n = self.cfg.replicas as u32;
+            let client = &mut self.clients[c];
+            let o = client.outstanding.get_mut(&seq).unwrap();
+            if o.retry_is_timeout {
+                // No answer at all: try the next replica.
+                o.target = ReplicaId((o.target.0 + 1) % n);
+            }
+            o.retry_at = now + CLIENT_RETRY;
+            o.retry_is_timeout = true;
+            let target = o.target;
+            self.send_request(c, seq, target);
+        }
+        // New operations up to the client's depth.
+        while self.clients[c].remaining > 0 && self.clients[c].outstanding.len() < self.clients[c].iodepth {
+            let volume = self.cfg.volume_blocks;
+            let client = &mut self.clients[c];
+            client.remaining -= 1;
+            let (id, op, kind, first, blocks) = client.next_op(volume);
+            let target = client.leader_guess;
+            client.outstanding.insert(
+                id.seq,
+                Outstanding { op, first_block: first, blocks, target, retry_at: now + CLIENT_RETRY, retry_is_timeout: true },
+            );
+            let invoked = self.tick_clock();
+            self.history_index.insert(id, self.history.len());
+            self.history.push(HistoryOp { id, kind, first_block: first, blocks, invoked, responded: None, observed: Vec::new() });
+            self.send_request(c, id.seq, target);
+        }
+        if !(self.clients[c].remaining == 0 && self.clients[c].outstanding.is_empty()) {
+            let next = self.clients[c].outstanding.values().map(|o| o.retry_at).min().unwrap_or(now + 1);
+            self.schedule_wake(c, next.max(now + 1) - now);
+        }
+    }
+
+    fn send_request(&mut self, c: usize, seq: u64, target: ReplicaId) {
+        let client = &self.clients[c];
+        let id = RequestId { client: client.id, seq };
+        let floor = client.floor();
+        let o = &client.outstanding[&seq];
+        let net = match &o.op {
+            Some(op) => Net::Request(ClientRequest { id, floor, op: op.clone() }),
+            None => Net::ReadRequest { id, offset: o.first_block * BLOCK_SIZE, len_bytes: o.blocks * BLOCK_SIZE },
+        };
+        self.net_send(Node::Client(c), Node::Replica(target.0 as usize), net);
+    }
+
+    fn client_reply(
+        &mut self,
+        c: usize,
+        from: Node,
+        id: RequestId,
+        result: Result<(), ClientError>,
+        blocks: Option<Vec<(Option<RequestId>, Bytes)>>,
+    ) {
+        let Node::Replica(from) = from else { return };
+        let now = self.now;
+        let n = self.cfg.replicas as u32;
+        let client = &mut self.clients[c];
+        let Some(o) = client.outstanding.get_mut(&id.seq) else { return }; // late duplicate
+        match result {
+            Ok(()) => {
+                client.leader_guess = ReplicaId(from as u32);
+                let o = client.outstanding.remove(&id.seq).unwrap();
+                let responded = self.tick_clock();
+                let h = self.history_index[&id];
+                if let Some(blocks) = blocks {
+                    for (k, (tag, data)) in blocks.iter().enumerate() {
+                        self.verify_block(o.first_block + k as u64, *tag, data, "read");
+                    }
+                    self.history[h].observed = blocks.iter().map(|(t, _)| *t).collect();
+                }
+                self.history[h].responded = Some(responded);
+                self.stats.ops_completed += 1;
+                self.client_wake_soon(c);
+            }
+            Err(ClientError::NotLeader { hint }) => {
+                let next = hint.filter(|h| h.0 != from as u32).unwrap_or(ReplicaId((from as u32 + 1) % n));
+                client.leader_guess = next;
+                o.target = next;
+                o.retry_at = now + 5;
+                o.retry_is_timeout = false;
+                self.schedule_wake(c, 5);
+            }
+            Err(ClientError::Busy) => {
+                o.retry_at = now + 30;
+                o.retry_is_timeout = false;
+                self.schedule_wake(c, 30);
+            }
+        }
+    }
+
+    fn client_wake_soon(&mut self, c: usize) {
+        self.schedule_wake(c, 1);
+    }
+
+    /// Keeps at most one useful wake-up per client: the earliest one.
+    fn schedule_wake(&mut self, c: usize, delay: u64) {
+        let at = self.now + delay;
+        match self.clients[c].next_wake {
+            Some(t) if t > self.now && t <= at => {}
+            _ => {
+                self.clients[c].next_wake = Some(at);
+                self.schedule(delay, Ev::ClientWake(c));
+            }
+        }
+    }
+}
+
+/// Blocks of payload of a write (whole blocks), for tests.
+pub fn write_op(id: RequestId, first_block: u64, blocks: u64) -> Op {
+    let mut data = Vec::new();
+    for b in first_block..first_block + blocks {
+        data.extend_from_slice(&payload(id, b));
+    }
+    Op::Write { offset: first_block * BLOCK_SIZE, data: Bytes::from(data) }
+}

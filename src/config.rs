@@ -88,10 +88,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), String> {
         if !self.voters.contains(&self.id) {
-            return Err(format!(
-                "replica {:?} is not among the voters {:?}",
-                self.id, self.voters
-            ));
+            return Err(format!("replica {:?} is not among the voters {:?}", self.id, self.voters));
         }
         if self.lbb_span == 0 {
             return Err("lbb_span must be at least 1".into());

@@ -60,15 +60,7 @@ pub struct Entry {
 
 impl Entry {
     pub fn noop(index: Index, term: Term, look_behind: LookBehind) -> Entry {
-        Entry {
-            index,
-            term,
-            ballot: term,
-            op: Op::Noop,
-            request: None,
-            floor: 0,
-            look_behind,
-        }
+        Entry { index, term, ballot: term, op: Op::Noop, request: None, floor: 0, look_behind }
     }
 
     pub fn ranges(&self) -> RangeSet {

@@ -17,6 +17,9 @@ pub struct HardState {
     /// The term whose merged log this replica durably adopted (CE's `sync`). Voters grant only
     /// candidates whose sync term is at least theirs.
     pub sync: Term,
+    /// End of the merged log of term `sync`: this replica holds every entry up to it (or has
+    /// it applied under its checkpoint).
+    pub sync_end: Index,
 }
 
 /// Durable checkpoint: every entry up to `index` is applied to durable blocks; `table` is the
@@ -120,12 +123,10 @@ pub enum Command {
         index: Index,
         table: ClientTable,
     },
-    /// Ship the block image as of now plus `Message::Snapshot { term, checkpoint, table }`.
+    /// Send `message` (a `Message::Snapshot`) together with the block image as of now.
     SendSnapshot {
         to: ReplicaId,
-        term: Term,
-        checkpoint: Index,
-        table: ClientTable,
+        message: Message,
     },
     /// Synchronous: install the block image that came with the `Snapshot` from `from` being
     /// processed, make it durable, and durably record `CheckpointState { checkpoint, table }`.

@@ -23,10 +23,7 @@ pub struct Log {
 
 impl Log {
     pub fn new(checkpoint: Index) -> Log {
-        Log {
-            checkpoint,
-            slots: BTreeMap::new(),
-        }
+        Log { checkpoint, slots: BTreeMap::new() }
     }
 
     pub fn checkpoint(&self) -> Index {
@@ -47,28 +44,19 @@ impl Log {
 
     /// Highest held index, or the checkpoint when the log is empty.
     pub fn last_index(&self) -> Index {
-        self.slots
-            .keys()
-            .next_back()
-            .copied()
-            .unwrap_or(self.checkpoint)
+        self.slots.keys().next_back().copied().unwrap_or(self.checkpoint)
     }
 
     /// Stores `entry`, replacing any copy at its index.
     pub fn put(&mut self, entry: Entry, durable: bool) {
-        assert!(
-            entry.index > self.checkpoint,
-            "put at or below the checkpoint"
-        );
+        assert!(entry.index > self.checkpoint, "put at or below the checkpoint");
         self.slots.insert(entry.index, LogSlot { entry, durable });
     }
 
     /// Marks the copy at `index` durable if it is still the copy with `ballot` and `term`.
     pub fn mark_durable(&mut self, index: Index, ballot: Term, term: Term) -> bool {
         match self.slots.get_mut(&index) {
-            Some(slot)
-                if slot.entry.ballot == ballot && slot.entry.term == term && !slot.durable =>
-            {
+            Some(slot) if slot.entry.ballot == ballot && slot.entry.term == term && !slot.durable => {
                 slot.durable = true;
                 true
             }
@@ -125,10 +113,7 @@ impl Log {
         }
         for (i, slot) in &self.slots {
             assert_eq!(*i, slot.entry.index, "log slot keyed at the wrong index");
-            assert!(
-                slot.entry.ballot >= slot.entry.term,
-                "entry ballot below its term"
-            );
+            assert!(slot.entry.ballot >= slot.entry.term, "entry ballot below its term");
         }
     }
 }

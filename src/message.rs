@@ -18,6 +18,7 @@ pub enum Message {
     PreVote {
         term: Term,
         sync: Term,
+        sync_end: Index,
         committed: Index,
     },
     PreVoteResponse {
@@ -29,6 +30,7 @@ pub enum Message {
     Vote {
         term: Term,
         sync: Term,
+        sync_end: Index,
         committed: Index,
     },
     VoteResponse {
@@ -75,10 +77,14 @@ pub enum Message {
     },
     /// Streaming catch-up: the sender's block image (carried beside the message by the
     /// driver) as of at least `checkpoint`, with the client table at `checkpoint`.
+    /// A receiver not yet synced to `term` also adopts the decided log `(checkpoint, end]` in
+    /// `entries`, exactly as from a `Sync` based at the checkpoint.
     Snapshot {
         term: Term,
         checkpoint: Index,
         table: ClientTable,
+        end: Index,
+        entries: Vec<Entry>,
     },
 }
 

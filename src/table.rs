@@ -39,9 +39,7 @@ impl ClientTable {
 
     /// True when `id` was applied, or is below its client's floor (acknowledged long ago).
     pub fn covers(&self, id: RequestId) -> bool {
-        self.clients
-            .get(&id.client)
-            .is_some_and(|r| id.seq < r.floor || r.applied.contains(&id.seq))
+        self.clients.get(&id.client).is_some_and(|r| id.seq < r.floor || r.applied.contains(&id.seq))
     }
 
     pub fn floor(&self, client: ClientId) -> u64 {
@@ -58,10 +56,7 @@ impl ClientTable {
 
     pub fn check_invariants(&self) {
         for record in self.clients.values() {
-            assert!(
-                record.applied.iter().all(|s| *s >= record.floor),
-                "client table holds seq below floor"
-            );
+            assert!(record.applied.iter().all(|s| *s >= record.floor), "client table holds seq below floor");
         }
     }
 }

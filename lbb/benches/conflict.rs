@@ -12,11 +12,7 @@ fn gate_with(depth: u64, span: usize) -> ApplyGate {
         RangeSet::single(Range::new(block * 4096, 4096))
     };
     for i in 1..=depth {
-        let lbb = LookBehind::new(
-            (1..=span as u64)
-                .map(|d| (d < i).then(|| ranges(i - d)))
-                .collect(),
-        );
+        let lbb = LookBehind::new((1..=span as u64).map(|d| (d < i).then(|| ranges(i - d))).collect());
         g.insert(i, ranges(i), &lbb).unwrap();
         if i != 1 {
             g.commit(i); // entry 1 stays uncommitted: a hole everything must be checked against
@@ -40,9 +36,7 @@ fn bench_ready(c: &mut Criterion) {
 fn bench_overlap(c: &mut Criterion) {
     let set: RangeSet = (0..64).map(|i| Range::new(i * 8192, 4096)).collect();
     let probe = RangeSet::single(Range::new(300 * 4096, 4096));
-    c.bench_function("range_set_overlaps_64", |b| {
-        b.iter(|| black_box(set.overlaps(black_box(&probe))))
-    });
+    c.bench_function("range_set_overlaps_64", |b| b.iter(|| black_box(set.overlaps(black_box(&probe)))));
 }
 
 criterion_group!(benches, bench_ready, bench_overlap);

@@ -48,12 +48,7 @@ impl ApplyGate {
     /// A gate whose entries up to and including `applied_watermark` are applied.
     pub fn new(span: usize, strict_order: bool, applied_watermark: u64) -> ApplyGate {
         assert!(span >= 1, "look-behind span must be at least 1");
-        ApplyGate {
-            span,
-            strict_order,
-            applied_watermark,
-            slots: BTreeMap::new(),
-        }
+        ApplyGate { span, strict_order, applied_watermark, slots: BTreeMap::new() }
     }
 
     pub fn span(&self) -> usize {
@@ -70,30 +65,19 @@ impl ApplyGate {
     /// # Panics
     /// If an apply is in flight: the caller must drain applies first.
     pub fn reset(&mut self, applied_watermark: u64) {
-        assert!(
-            self.slots.values().all(|s| !s.applying),
-            "reset with an apply in flight"
-        );
+        assert!(self.slots.values().all(|s| !s.applying), "reset with an apply in flight");
         self.applied_watermark = applied_watermark;
         self.slots.clear();
     }
 
     /// Records that the entry at `index` with `ranges` and look-behind `look_behind` is held.
     /// Its look-behind buffer teaches the ranges of missing predecessors.
-    pub fn insert(
-        &mut self,
-        index: u64,
-        ranges: RangeSet,
-        look_behind: &LookBehind,
-    ) -> Result<(), GateError> {
+    pub fn insert(&mut self, index: u64, ranges: RangeSet, look_behind: &LookBehind) -> Result<(), GateError> {
         if index <= self.applied_watermark {
             return Err(GateError::AlreadyApplied);
         }
         let slot = self.slots.entry(index).or_default();
-        assert!(
-            !slot.applying && !slot.applied,
-            "insert over an applying/applied entry {index}"
-        );
+        assert!(!slot.applying && !slot.applied, "insert over an applying/applied entry {index}");
         slot.ranges = Some(ranges);
         slot.held = true;
         for distance in 1..=look_behind.span() {
@@ -117,19 +101,13 @@ impl ApplyGate {
     /// not be applying or applied.
     pub fn forget_above(&mut self, index: u64) {
         let dropped = self.slots.split_off(&(index + 1));
-        assert!(
-            dropped.values().all(|s| !s.applying && !s.applied),
-            "forget_above drops applied entries"
-        );
+        assert!(dropped.values().all(|s| !s.applying && !s.applied), "forget_above drops applied entries");
     }
 
     /// Drops a held entry that was never applied (its copy was replaced or truncated).
     pub fn remove(&mut self, index: u64) {
         if let Some(slot) = self.slots.get(&index) {
-            assert!(
-                !slot.applying && !slot.applied,
-                "remove of applying/applied entry {index}"
-            );
+            assert!(!slot.applying && !slot.applied, "remove of applying/applied entry {index}");
             self.slots.remove(&index);
         }
     }
@@ -211,20 +189,14 @@ impl ApplyGate {
 
     /// Marks `index` as being applied. It must have been returned by [`ApplyGate::ready`].
     pub fn start_apply(&mut self, index: u64) {
-        let slot = self
-            .slots
-            .get_mut(&index)
-            .expect("start_apply of unknown index");
+        let slot = self.slots.get_mut(&index).expect("start_apply of unknown index");
         assert!(slot.held && slot.committed && !slot.applying && !slot.applied);
         slot.applying = true;
     }
 
     /// Marks `index` applied and advances the watermark over the applied prefix.
     pub fn finish_apply(&mut self, index: u64) {
-        let slot = self
-            .slots
-            .get_mut(&index)
-            .expect("finish_apply of unknown index");
+        let slot = self.slots.get_mut(&index).expect("finish_apply of unknown index");
         assert!(slot.applying, "finish_apply without start_apply at {index}");
         slot.applying = false;
         slot.applied = true;
@@ -247,26 +219,14 @@ impl ApplyGate {
 
     pub fn check_invariants(&self) {
         if let Some((&first, _)) = self.slots.iter().next() {
-            assert!(
-                first > self.applied_watermark,
-                "slot at or below the applied watermark"
-            );
+            assert!(first > self.applied_watermark, "slot at or below the applied watermark");
         }
         if let Some(slot) = self.slots.get(&(self.applied_watermark + 1)) {
-            assert!(
-                !slot.applied,
-                "applied slot right above the watermark was not folded"
-            );
+            assert!(!slot.applied, "applied slot right above the watermark was not folded");
         }
         for (i, s) in &self.slots {
-            assert!(
-                !(s.applying && s.applied),
-                "slot {i} both applying and applied"
-            );
-            assert!(
-                !(s.applying || s.applied) || (s.held && s.committed),
-                "slot {i} applied but not held+committed"
-            );
+            assert!(!(s.applying && s.applied), "slot {i} both applying and applied");
+            assert!(!(s.applying || s.applied) || (s.held && s.committed), "slot {i} applied but not held+committed");
             if let Some(r) = &s.ranges {
                 r.check_invariants();
             }
@@ -287,21 +247,11 @@ mod tests {
     fn non_conflicting_entry_applies_past_a_described_hole() {
         let mut g = ApplyGate::new(2, false, 0);
         // Entry 2 is held; entry 1 is missing but described by 2's look-behind buffer.
-        g.insert(
-            2,
-            rs(100, 10),
-            &LookBehind::new(vec![Some(rs(0, 10)), None]),
-        )
-        .unwrap();
+        g.insert(2, rs(100, 10), &LookBehind::new(vec![Some(rs(0, 10)), None])).unwrap();
         g.commit(2);
         assert_eq!(g.ready(&RangeSet::new()), vec![2]);
         // Entry 3 overlaps the missing entry 1: it must wait.
-        g.insert(
-            3,
-            rs(5, 1),
-            &LookBehind::new(vec![Some(rs(100, 10)), Some(rs(0, 10))]),
-        )
-        .unwrap();
+        g.insert(3, rs(5, 1), &LookBehind::new(vec![Some(rs(100, 10)), Some(rs(0, 10))])).unwrap();
         g.commit(3);
         assert_eq!(g.ready(&RangeSet::new()), vec![2]);
     }
@@ -309,8 +259,7 @@ mod tests {
     #[test]
     fn unknown_hole_blocks_everything_after_it() {
         let mut g = ApplyGate::new(1, false, 0);
-        g.insert(3, rs(100, 10), &LookBehind::new(vec![Some(rs(0, 1))]))
-            .unwrap();
+        g.insert(3, rs(100, 10), &LookBehind::new(vec![Some(rs(0, 1))])).unwrap();
         g.commit(3);
         // Index 1 is unknown (beyond the span of entry 3): nothing above it may apply.
         assert!(g.ready(&RangeSet::new()).is_empty());
@@ -320,14 +269,8 @@ mod tests {
     fn conflicts_are_transitive_through_pending_entries() {
         let mut g = ApplyGate::new(2, false, 0);
         g.insert(1, rs(0, 10), &LookBehind::unknown(2)).unwrap(); // not committed yet
-        g.insert(2, rs(5, 10), &LookBehind::new(vec![Some(rs(0, 10)), None]))
-            .unwrap();
-        g.insert(
-            3,
-            rs(12, 1),
-            &LookBehind::new(vec![Some(rs(5, 10)), Some(rs(0, 10))]),
-        )
-        .unwrap();
+        g.insert(2, rs(5, 10), &LookBehind::new(vec![Some(rs(0, 10)), None])).unwrap();
+        g.insert(3, rs(12, 1), &LookBehind::new(vec![Some(rs(5, 10)), Some(rs(0, 10))])).unwrap();
         g.commit(2);
         g.commit(3);
         // 3 does not overlap 1 but overlaps 2, which waits for 1.
@@ -355,8 +298,7 @@ mod tests {
     fn reads_wait_for_overlapping_unapplied_entries() {
         let mut g = ApplyGate::new(2, false, 0);
         g.insert(1, rs(0, 10), &LookBehind::unknown(2)).unwrap();
-        g.insert(2, rs(20, 10), &LookBehind::new(vec![Some(rs(0, 10)), None]))
-            .unwrap();
+        g.insert(2, rs(20, 10), &LookBehind::new(vec![Some(rs(0, 10)), None])).unwrap();
         assert!(g.read_must_wait(&rs(0, 1), 2));
         assert!(!g.read_must_wait(&rs(40, 1), 2));
         assert!(g.read_must_wait(&rs(40, 1), 3), "index 3 unknown");

@@ -20,9 +20,7 @@ impl LookBehind {
 
     /// A buffer that knows nothing about its `span` predecessors.
     pub fn unknown(span: usize) -> LookBehind {
-        LookBehind {
-            previous: vec![None; span],
-        }
+        LookBehind { previous: vec![None; span] }
     }
 
     pub fn span(&self) -> usize {

@@ -14,10 +14,7 @@ impl Range {
     /// # Panics
     /// If `offset + len_bytes` overflows `u64`: callers validate requests at the boundary.
     pub fn new(offset: u64, len_bytes: u64) -> Range {
-        assert!(
-            offset.checked_add(len_bytes).is_some(),
-            "range overflows u64"
-        );
+        assert!(offset.checked_add(len_bytes).is_some(), "range overflows u64");
         Range { offset, len_bytes }
     }
 
@@ -30,10 +27,7 @@ impl Range {
     }
 
     pub fn overlaps(&self, other: &Range) -> bool {
-        !self.is_empty()
-            && !other.is_empty()
-            && self.offset < other.end()
-            && other.offset < self.end()
+        !self.is_empty() && !other.is_empty() && self.offset < other.end() && other.offset < self.end()
     }
 }
 
@@ -90,8 +84,7 @@ impl RangeSet {
             end = end.max(self.ranges[last].end());
             last += 1;
         }
-        self.ranges
-            .splice(first..last, [Range::new(start, end - start)]);
+        self.ranges.splice(first..last, [Range::new(start, end - start)]);
     }
 
     pub fn union_with(&mut self, other: &RangeSet) {
@@ -111,11 +104,7 @@ impl RangeSet {
 
     /// True when some byte is in both sets.
     pub fn overlaps(&self, other: &RangeSet) -> bool {
-        let (small, large) = if self.ranges.len() <= other.ranges.len() {
-            (self, other)
-        } else {
-            (other, self)
-        };
+        let (small, large) = if self.ranges.len() <= other.ranges.len() { (self, other) } else { (other, self) };
         small.ranges.iter().any(|r| large.overlaps_range(r))
     }
 
@@ -124,11 +113,7 @@ impl RangeSet {
             assert!(!r.is_empty(), "empty range stored in RangeSet");
         }
         for pair in self.ranges.windows(2) {
-            assert!(
-                pair[0].end() < pair[1].offset,
-                "RangeSet not sorted and merged: {:?}",
-                self
-            );
+            assert!(pair[0].end() < pair[1].offset, "RangeSet not sorted and merged: {:?}", self);
         }
     }
 }

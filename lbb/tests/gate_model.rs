@@ -77,13 +77,7 @@ fn look_behind(log: &[ModelEntry], span: usize, i: usize) -> LookBehind {
     let e = &log[i - 1];
     LookBehind::new(
         (1..=span)
-            .map(|d| {
-                if d < i && e.known_mask[d - 1] {
-                    Some(log[i - 1 - d].ranges.clone())
-                } else {
-                    None
-                }
-            })
+            .map(|d| if d < i && e.known_mask[d - 1] { Some(log[i - 1 - d].ranges.clone()) } else { None })
             .collect(),
     )
 }

@@ -3,8 +3,9 @@
 use lbb::{Range, RangeSet};
 
 use super::{PendingRead, Replica, Role};
-use crate::entry::Op;
+use crate::entry::{Entry, Op};
 use crate::io::{ClientError, Command};
+use crate::message::Message;
 use crate::table::ClientTable;
 use crate::types::{Index, ReplicaId, RequestId, Term};
 
@@ -87,14 +88,7 @@ impl Replica {
         }
         let ranges = RangeSet::single(Range::new(offset, len_bytes));
         let seq = l.read_seq + 1;
-        l.reads.push(PendingRead {
-            id,
-            offset,
-            len_bytes,
-            ranges,
-            fence,
-            seq,
-        });
+        l.reads.push(PendingRead { id, offset, len_bytes, ranges, fence, seq });
         if quorum == 1 {
             l.read_seq = seq;
             self.try_reads();
@@ -130,11 +124,7 @@ impl Replica {
         });
         for r in run {
             self.executing_reads.insert(r.id, r.ranges.clone());
-            self.out.push(Command::Read {
-                id: r.id,
-                offset: r.offset,
-                len_bytes: r.len_bytes,
-            });
+            self.out.push(Command::Read { id: r.id, offset: r.offset, len_bytes: r.len_bytes });
         }
     }
 
@@ -147,16 +137,11 @@ impl Replica {
     /// Takes a checkpoint when enough entries were applied since the last one.
     pub(super) fn maybe_checkpoint(&mut self) {
         let aw = self.applied_watermark();
-        if self.checkpoint_in_progress.is_some()
-            || aw.0 < self.log.checkpoint().0 + self.cfg.checkpoint_interval
-        {
+        if self.checkpoint_in_progress.is_some() || aw.0 < self.log.checkpoint().0 + self.cfg.checkpoint_interval {
             return;
         }
         self.checkpoint_in_progress = Some(aw);
-        self.out.push(Command::Checkpoint {
-            index: aw,
-            table: self.table.clone(),
-        });
+        self.out.push(Command::Checkpoint { index: aw, table: self.table.clone() });
     }
 
     pub(super) fn on_checkpoint_done(&mut self, index: Index) {
@@ -187,15 +172,15 @@ impl Replica {
         // Ship the state at our applied watermark: the client table folded exactly there, and
         // blocks at least that new (fuzzy: later applies may be in the image too, which replay
         // of the log tail above the watermark makes good, since replay is ordered per range).
+        // A follower not yet synced also gets our decided merge log above that point.
+        let end = l.merge_end;
         let _ = checkpoint;
         let checkpoint = self.applied_watermark();
         let table = self.table.clone();
-        self.out.push(Command::SendSnapshot {
-            to: peer,
-            term,
-            checkpoint,
-            table,
-        });
+        let entries =
+            self.log.iter_from(checkpoint).take_while(|s| s.entry.index <= end).map(|s| s.entry.clone()).collect();
+        let message = Message::Snapshot { term, checkpoint, table, end, entries };
+        self.out.push(Command::SendSnapshot { to: peer, message });
     }
 
     pub(super) fn on_snapshot(
@@ -204,6 +189,8 @@ impl Replica {
         term: Term,
         checkpoint: Index,
         table: ClientTable,
+        end: Index,
+        entries: Vec<Entry>,
     ) {
         if !self.accept_leader(from, term) {
             return;
@@ -216,11 +203,7 @@ impl Replica {
             self.send_ack(from, Vec::new(), 0);
             return;
         }
-        self.out.push(Command::InstallSnapshot {
-            from,
-            checkpoint,
-            table: table.clone(),
-        });
+        self.out.push(Command::InstallSnapshot { from, checkpoint, table: table.clone() });
         self.log.prune_through(checkpoint);
         self.committed = checkpoint;
         self.committed_above.retain(|i| *i > checkpoint);
@@ -228,11 +211,7 @@ impl Replica {
             self.committed = self.committed.next();
         }
         self.gate.reset(checkpoint.0);
-        let held: Vec<_> = self
-            .log
-            .iter_from(checkpoint)
-            .map(|s| s.entry.clone())
-            .collect();
+        let held: Vec<_> = self.log.iter_from(checkpoint).map(|s| s.entry.clone()).collect();
         for e in &held {
             self.gate_insert(e);
             if self.is_committed(e.index) {
@@ -241,7 +220,16 @@ impl Replica {
         }
         self.table = table;
         self.folded = checkpoint;
-        self.send_ack(from, Vec::new(), 0);
+        if self.hard.sync != term {
+            // Adopt the leader's merged log with the image, so a high committed watermark
+            // never comes with a stale sync term (the vote rule relies on it).
+            let entries: Vec<Entry> = entries.into_iter().filter(|e| e.index > checkpoint).collect();
+            let sync_end = end.max(checkpoint);
+            let tokens = self.replace_log(entries, sync_end);
+            self.start_sync_wait(term, sync_end, tokens);
+        } else {
+            self.send_ack(from, Vec::new(), 0);
+        }
         self.try_apply();
     }
 }

@@ -12,9 +12,13 @@ impl Replica {
     ///
     /// The candidate must have adopted a merged log at least as new as ours (its sync term),
     /// and must not need entries we already pruned into a checkpoint.
-    fn log_allows_vote(&self, sync: Term, committed: Index) -> bool {
+    ///
+    /// Our pruned entries (up to our checkpoint) were committed in epochs no newer than our
+    /// sync term, so a candidate with a newer-or-equal sync term holds them if they lie within
+    /// its committed watermark or its own merged log (`sync_end`).
+    fn log_allows_vote(&self, sync: Term, sync_end: Index, committed: Index) -> bool {
         let sync_ok = self.cfg.naive.paper_merge || sync >= self.hard.sync;
-        sync_ok && committed >= self.log.checkpoint()
+        sync_ok && committed.max(sync_end) >= self.log.checkpoint()
     }
 
     pub(super) fn start_pre_vote(&mut self) {
@@ -33,33 +37,23 @@ impl Replica {
                 Message::PreVote {
                     term,
                     sync: self.hard.sync,
+                    sync_end: self.hard.sync_end,
                     committed: self.committed,
                 },
             );
         }
     }
 
-    pub(super) fn on_pre_vote(
-        &mut self,
-        from: ReplicaId,
-        term: Term,
-        sync: Term,
-        committed: Index,
-    ) {
+    pub(super) fn on_pre_vote(&mut self, from: ReplicaId, term: Term, sync: Term, sync_end: Index, committed: Index) {
         // A replica that hears from a live leader does not help anyone depose it.
         let leader_alive = matches!(self.role, Role::Leader(_)) || self.leader_recently_heard();
-        let granted =
-            term > self.hard.term && !leader_alive && self.log_allows_vote(sync, committed);
+        let granted = term > self.hard.term && !leader_alive && self.log_allows_vote(sync, sync_end, committed);
         self.send(from, Message::PreVoteResponse { term, granted });
     }
 
     pub(super) fn on_pre_vote_response(&mut self, from: ReplicaId, term: Term, granted: bool) {
         let quorum = self.cfg.quorum();
-        let Role::PreCandidate {
-            term: my_term,
-            grants,
-        } = &mut self.role
-        else {
+        let Role::PreCandidate { term: my_term, grants } = &mut self.role else {
             return;
         };
         if term != *my_term || !granted {
@@ -79,14 +73,7 @@ impl Replica {
         self.leader_hint = None;
         self.reset_election_deadline();
         let mut votes = BTreeMap::new();
-        votes.insert(
-            self.cfg.id,
-            VoteInfo {
-                sync: self.hard.sync,
-                committed: self.committed,
-                entries: Vec::new(),
-            },
-        );
+        votes.insert(self.cfg.id, VoteInfo { sync: self.hard.sync, committed: self.committed, entries: Vec::new() });
         self.role = Role::Candidate { votes };
         for peer in self.peers() {
             self.send(
@@ -94,6 +81,7 @@ impl Replica {
                 Message::Vote {
                     term: self.hard.term,
                     sync: self.hard.sync,
+                    sync_end: self.hard.sync_end,
                     committed: self.committed,
                 },
             );
@@ -101,7 +89,7 @@ impl Replica {
         self.maybe_win();
     }
 
-    pub(super) fn on_vote(&mut self, from: ReplicaId, term: Term, sync: Term, committed: Index) {
+    pub(super) fn on_vote(&mut self, from: ReplicaId, term: Term, sync: Term, sync_end: Index, committed: Index) {
         if term > self.hard.term {
             if !matches!(self.role, Role::Leader(_)) && self.leader_recently_heard() {
                 return; // Sticky leader: ignore disruptive candidates (they pre-voted wrongly).
@@ -111,7 +99,7 @@ impl Replica {
         let granted = term == self.hard.term
             && self.hard.voted_for.is_none_or(|v| v == from)
             && !matches!(self.role, Role::Leader(_))
-            && self.log_allows_vote(sync, committed);
+            && self.log_allows_vote(sync, sync_end, committed);
         let mut entries = Vec::new();
         if granted {
             if self.hard.voted_for.is_none() {
@@ -126,10 +114,7 @@ impl Replica {
                 entries = self
                     .log
                     .iter_from(from_index)
-                    .filter(|s| {
-                        !(self.cfg.naive.paper_merge
-                            && matches!(s.entry.op, crate::entry::Op::Noop))
-                    })
+                    .filter(|s| !(self.cfg.naive.paper_merge && matches!(s.entry.op, crate::entry::Op::Noop)))
                     .map(|s| s.entry.clone())
                     .collect();
             }
@@ -145,13 +130,7 @@ impl Replica {
         self.send(from, message);
     }
 
-    pub(super) fn on_vote_response(
-        &mut self,
-        from: ReplicaId,
-        term: Term,
-        granted: bool,
-        info: VoteInfo,
-    ) {
+    pub(super) fn on_vote_response(&mut self, from: ReplicaId, term: Term, granted: bool, info: VoteInfo) {
         if term > self.hard.term {
             self.become_follower(term, None);
             return;
@@ -171,26 +150,16 @@ impl Replica {
             return;
         };
         if votes.len() >= self.cfg.quorum() {
-            let Role::Candidate { votes } = std::mem::replace(&mut self.role, Role::Follower)
-            else {
-                unreachable!()
-            };
+            let Role::Candidate { votes } = std::mem::replace(&mut self.role, Role::Follower) else { unreachable!() };
             self.begin_merge(votes);
         }
     }
 
     /// Installs an (unserving) leader state after the merge decided `merge_end`.
-    pub(super) fn install_leader(
-        &mut self,
-        merge_end: Index,
-        voter_committed: BTreeMap<ReplicaId, Index>,
-    ) {
+    pub(super) fn install_leader(&mut self, merge_end: Index, voter_committed: BTreeMap<ReplicaId, Index>) {
         let mut progress = BTreeMap::new();
         for peer in self.peers() {
-            let p = Progress {
-                committed: voter_committed.get(&peer).copied(),
-                ..Progress::default()
-            };
+            let p = Progress { committed: voter_committed.get(&peer).copied(), ..Progress::default() };
             progress.insert(peer, p);
         }
         self.role = Role::Leader(Box::new(LeaderState {
@@ -253,10 +222,7 @@ impl Replica {
             self.send(from, message);
             return false;
         }
-        if term > self.hard.term
-            || !matches!(self.role, Role::Follower)
-            || self.leader_hint != Some(from)
-        {
+        if term > self.hard.term || !matches!(self.role, Role::Follower) || self.leader_hint != Some(from) {
             assert!(
                 !(term == self.hard.term && matches!(self.role, Role::Leader(_))),
                 "two leaders in term {term:?}: {:?} and {from:?}",
@@ -276,11 +242,8 @@ impl Replica {
         let elected = l.elected_tick;
         // Check quorum: a leader that cannot hear a quorum steps down, so clients move on.
         if self.ticks > elected + timeout && self.ticks.is_multiple_of(timeout) {
-            let heard = l
-                .progress
-                .values()
-                .filter(|p| p.last_heard_tick.is_some_and(|t| self.ticks - t <= timeout))
-                .count();
+            let heard =
+                l.progress.values().filter(|p| p.last_heard_tick.is_some_and(|t| self.ticks - t <= timeout)).count();
             if heard + 1 < self.cfg.quorum() {
                 let term = self.hard.term;
                 self.become_follower(term, None);

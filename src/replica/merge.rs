@@ -15,11 +15,8 @@ impl Replica {
         let base = self.committed;
         let naive = self.cfg.naive;
         // Every index above our committed watermark: own copies first.
-        let mut chosen: BTreeMap<Index, Entry> = self
-            .log
-            .iter_from(base.max(self.log.checkpoint()))
-            .map(|s| (s.entry.index, s.entry.clone()))
-            .collect();
+        let mut chosen: BTreeMap<Index, Entry> =
+            self.log.iter_from(base.max(self.log.checkpoint())).map(|s| (s.entry.index, s.entry.clone())).collect();
         if !naive.raft_truncation {
             for (voter, info) in &votes {
                 if *voter == self.cfg.id || (!naive.paper_merge && info.sync != self.hard.sync) {
@@ -62,7 +59,7 @@ impl Replica {
         let voter_committed = votes.iter().map(|(id, v)| (*id, v.committed)).collect();
         let tokens = self.replace_log(decided.into_values().collect(), end);
         self.install_leader(end, voter_committed);
-        self.start_sync_wait(term, tokens);
+        self.start_sync_wait(term, end, tokens);
         // Send the decided log to the voters right away; others get it when they answer.
         for peer in self.peers() {
             self.send_sync(peer);
@@ -74,14 +71,10 @@ impl Replica {
     ///
     /// Committed entries are never dropped: a committed index's decided copy must carry the
     /// same operation (asserted), so only its ballot changes.
-    fn replace_log(&mut self, entries: Vec<Entry>, end: Index) -> BTreeSet<u64> {
+    pub(super) fn replace_log(&mut self, entries: Vec<Entry>, end: Index) -> BTreeSet<u64> {
         let mut tokens = BTreeSet::new();
         for dropped in self.log.truncate_after(end) {
-            assert!(
-                !self.is_committed(dropped),
-                "truncating committed entry {dropped:?} at {:?}",
-                self.cfg.id
-            );
+            assert!(!self.is_committed(dropped), "truncating committed entry {dropped:?} at {:?}", self.cfg.id);
             self.gate.remove(dropped.0);
         }
         self.gate.forget_above(end.0);
@@ -90,16 +83,8 @@ impl Replica {
             let committed = self.is_committed(e.index);
             if committed {
                 let old = self.log.entry(e.index).expect("committed entry not held");
-                assert_eq!(
-                    old.op, e.op,
-                    "merge changed committed entry {:?} at {:?}",
-                    e.index, self.cfg.id
-                );
-                assert_eq!(
-                    old.request, e.request,
-                    "merge changed committed entry {:?}",
-                    e.index
-                );
+                assert_eq!(old.op, e.op, "merge changed committed entry {:?} at {:?}", e.index, self.cfg.id);
+                assert_eq!(old.request, e.request, "merge changed committed entry {:?}", e.index);
             } else {
                 self.gate.remove(e.index.0);
             }
@@ -116,8 +101,8 @@ impl Replica {
         tokens
     }
 
-    fn start_sync_wait(&mut self, term: Term, tokens: BTreeSet<u64>) {
-        self.sync_pending = Some(SyncPending { term, tokens });
+    pub(super) fn start_sync_wait(&mut self, term: Term, end: Index, tokens: BTreeSet<u64>) {
+        self.sync_pending = Some(SyncPending { term, end, tokens });
         self.check_sync_done();
     }
 
@@ -129,12 +114,13 @@ impl Replica {
         if !pending.tokens.is_empty() {
             return;
         }
-        let term = pending.term;
+        let (term, end) = (pending.term, pending.end);
         self.sync_pending = None;
         if term != self.hard.term {
             return; // Superseded by a newer term before it completed.
         }
         self.hard.sync = term;
+        self.hard.sync_end = end;
         self.persist_hard_state();
         if matches!(self.role, Role::Leader(_)) {
             self.maybe_start_serving();
@@ -162,9 +148,7 @@ impl Replica {
         }
         let aw = self.applied_watermark();
         let entries: Vec<_> = self.log.iter_from(aw).map(|s| s.entry.clone()).collect();
-        let Role::Leader(l) = &mut self.role else {
-            unreachable!()
-        };
+        let Role::Leader(l) = &mut self.role else { unreachable!() };
         l.serving = true;
         for e in entries {
             if let Some(id) = e.request {
@@ -191,14 +175,7 @@ impl Replica {
         let Some(peer_committed) = p.committed else {
             // We do not know its watermark yet: a heartbeat makes it answer with it.
             let commit = crate::message::CommitNotice::default();
-            self.send(
-                peer,
-                Message::Heartbeat {
-                    term,
-                    commit,
-                    read_seq: 0,
-                },
-            );
+            self.send(peer, Message::Heartbeat { term, commit, read_seq: 0 });
             return;
         };
         if peer_committed < checkpoint {
@@ -206,32 +183,13 @@ impl Replica {
             return;
         }
         p.last_sync_tick = Some(ticks);
-        let entries: Vec<Entry> = self
-            .log
-            .iter_from(peer_committed)
-            .take_while(|s| s.entry.index <= end)
-            .map(|s| s.entry.clone())
-            .collect();
-        self.send(
-            peer,
-            Message::Sync {
-                term,
-                base: peer_committed,
-                end,
-                entries,
-            },
-        );
+        let entries: Vec<Entry> =
+            self.log.iter_from(peer_committed).take_while(|s| s.entry.index <= end).map(|s| s.entry.clone()).collect();
+        self.send(peer, Message::Sync { term, base: peer_committed, end, entries });
     }
 
     /// Follower side of merge phase 2.
-    pub(super) fn on_sync(
-        &mut self,
-        from: ReplicaId,
-        term: Term,
-        base: Index,
-        end: Index,
-        entries: Vec<Entry>,
-    ) {
+    pub(super) fn on_sync(&mut self, from: ReplicaId, term: Term, base: Index, end: Index, entries: Vec<Entry>) {
         if !self.accept_leader(from, term) {
             return;
         }
@@ -240,24 +198,15 @@ impl Replica {
             self.send_ack(from, Vec::new(), 0);
             return;
         }
-        if base > self.committed
-            || !self.applying.is_empty()
-            || self.checkpoint_in_progress.is_some()
-        {
+        if base > self.committed || !self.applying.is_empty() || self.checkpoint_in_progress.is_some() {
             // We lack committed entries at or below `base` (or are mid-apply): ask again.
             self.send_ack(from, Vec::new(), 0);
             return;
         }
         let keep_from = self.committed.max(self.log.checkpoint());
-        let entries: Vec<Entry> = entries
-            .into_iter()
-            .filter(|e| e.index > keep_from)
-            .collect();
-        assert!(
-            entries.iter().all(|e| e.ballot <= term && e.index <= end),
-            "malformed sync"
-        );
+        let entries: Vec<Entry> = entries.into_iter().filter(|e| e.index > keep_from).collect();
+        assert!(entries.iter().all(|e| e.ballot <= term && e.index <= end), "malformed sync");
         let tokens = self.replace_log(entries, end);
-        self.start_sync_wait(term, tokens);
+        self.start_sync_wait(term, end, tokens);
     }
 }

@@ -85,13 +85,8 @@ struct LeaderState {
 #[derive(Debug)]
 enum Role {
     Follower,
-    PreCandidate {
-        term: Term,
-        grants: BTreeSet<ReplicaId>,
-    },
-    Candidate {
-        votes: BTreeMap<ReplicaId, VoteInfo>,
-    },
+    PreCandidate { term: Term, grants: BTreeSet<ReplicaId> },
+    Candidate { votes: BTreeMap<ReplicaId, VoteInfo> },
     Leader(Box<LeaderState>),
 }
 
@@ -100,6 +95,7 @@ enum Role {
 #[derive(Clone, Debug)]
 struct SyncPending {
     term: Term,
+    end: Index,
     tokens: BTreeSet<u64>,
 }
 
@@ -145,23 +141,13 @@ pub struct Replica {
 impl Replica {
     /// A brand-new replica with an empty log.
     pub fn new(cfg: Config) -> Replica {
-        Replica::recover(
-            cfg,
-            HardState::default(),
-            CheckpointState::default(),
-            Vec::new(),
-        )
+        Replica::recover(cfg, HardState::default(), CheckpointState::default(), Vec::new())
     }
 
     /// A replica restarted from what survived on disk: hard state, checkpoint and the log
     /// entries recovered from the write-ahead log (any order; a later copy of an index must
     /// already have replaced an earlier one).
-    pub fn recover(
-        cfg: Config,
-        hard: HardState,
-        checkpoint: CheckpointState,
-        entries: Vec<Entry>,
-    ) -> Replica {
+    pub fn recover(cfg: Config, hard: HardState, checkpoint: CheckpointState, entries: Vec<Entry>) -> Replica {
         cfg.validate().expect("invalid replica config");
         let strict = cfg.mode == Mode::Raft;
         let mut replica = Replica {
@@ -269,11 +255,7 @@ impl Replica {
             Event::Tick => self.on_tick(),
             Event::Receive { from, message } => self.on_message(from, message),
             Event::Propose(request) => self.on_propose(request),
-            Event::Read {
-                id,
-                offset,
-                len_bytes,
-            } => self.on_read(id, offset, len_bytes),
+            Event::Read { id, offset, len_bytes } => self.on_read(id, offset, len_bytes),
             Event::Persisted { token } => self.on_persisted(token),
             Event::Applied { index } => self.on_applied(index),
             Event::ReadDone { id } => self.on_read_done(id),
@@ -296,65 +278,23 @@ impl Replica {
             return; // Not a member of this group: ignore, never let it disrupt us.
         }
         match message {
-            Message::PreVote {
-                term,
-                sync,
-                committed,
-            } => self.on_pre_vote(from, term, sync, committed),
-            Message::PreVoteResponse { term, granted } => {
-                self.on_pre_vote_response(from, term, granted)
+            Message::PreVote { term, sync, sync_end, committed } => {
+                self.on_pre_vote(from, term, sync, sync_end, committed)
             }
-            Message::Vote {
-                term,
-                sync,
-                committed,
-            } => self.on_vote(from, term, sync, committed),
-            Message::VoteResponse {
-                term,
-                granted,
-                sync,
-                committed,
-                checkpoint: _,
-                entries,
-            } => self.on_vote_response(
-                from,
-                term,
-                granted,
-                VoteInfo {
-                    sync,
-                    committed,
-                    entries,
-                },
-            ),
-            Message::Sync {
-                term,
-                base,
-                end,
-                entries,
-            } => self.on_sync(from, term, base, end, entries),
-            Message::Append {
-                term,
-                entries,
-                commit,
-            } => self.on_append(from, term, entries, commit),
-            Message::Heartbeat {
-                term,
-                commit,
-                read_seq,
-            } => self.on_heartbeat(from, term, commit, read_seq),
-            Message::Ack {
-                term,
-                acked,
-                durable,
-                committed,
-                synced,
-                read_seq,
-            } => self.on_ack(from, term, acked, durable, committed, synced, read_seq),
-            Message::Snapshot {
-                term,
-                checkpoint,
-                table,
-            } => self.on_snapshot(from, term, checkpoint, table),
+            Message::PreVoteResponse { term, granted } => self.on_pre_vote_response(from, term, granted),
+            Message::Vote { term, sync, sync_end, committed } => self.on_vote(from, term, sync, sync_end, committed),
+            Message::VoteResponse { term, granted, sync, committed, checkpoint: _, entries } => {
+                self.on_vote_response(from, term, granted, VoteInfo { sync, committed, entries })
+            }
+            Message::Sync { term, base, end, entries } => self.on_sync(from, term, base, end, entries),
+            Message::Append { term, entries, commit } => self.on_append(from, term, entries, commit),
+            Message::Heartbeat { term, commit, read_seq } => self.on_heartbeat(from, term, commit, read_seq),
+            Message::Ack { term, acked, durable, committed, synced, read_seq } => {
+                self.on_ack(from, term, acked, durable, committed, synced, read_seq)
+            }
+            Message::Snapshot { term, checkpoint, table, end, entries } => {
+                self.on_snapshot(from, term, checkpoint, table, end, entries)
+            }
         }
     }
 
@@ -374,12 +314,7 @@ impl Replica {
     }
 
     fn peers(&self) -> Vec<ReplicaId> {
-        self.cfg
-            .voters
-            .iter()
-            .copied()
-            .filter(|p| *p != self.cfg.id)
-            .collect()
+        self.cfg.voters.iter().copied().filter(|p| *p != self.cfg.id).collect()
     }
 
     fn reset_election_deadline(&mut self) {
@@ -388,19 +323,15 @@ impl Replica {
     }
 
     fn leader_recently_heard(&self) -> bool {
-        self.last_leader_contact.is_some_and(|t| {
-            self.ticks.saturating_sub(t) < self.cfg.election_timeout_min_ticks as u64
-        })
+        self.last_leader_contact
+            .is_some_and(|t| self.ticks.saturating_sub(t) < self.cfg.election_timeout_min_ticks as u64)
     }
 
     /// Issues a durable write of `entries`; marks them durable on completion.
     fn persist_entries(&mut self, entries: Vec<Entry>) -> Option<u64> {
         let entries: Vec<Entry> = if self.cfg.naive.paper_merge {
             // The naive variant's skipped holes are never written.
-            entries
-                .into_iter()
-                .filter(|e| !matches!(e.op, crate::entry::Op::Noop))
-                .collect()
+            entries.into_iter().filter(|e| !matches!(e.op, crate::entry::Op::Noop)).collect()
         } else {
             entries
         };
@@ -409,13 +340,7 @@ impl Replica {
         }
         let token = self.next_token;
         self.next_token += 1;
-        self.writes_in_flight.insert(
-            token,
-            entries
-                .iter()
-                .map(|e| (e.index, e.ballot, e.term))
-                .collect(),
-        );
+        self.writes_in_flight.insert(token, entries.iter().map(|e| (e.index, e.ballot, e.term)).collect());
         self.out.push(Command::PersistEntries { token, entries });
         Some(token)
     }
@@ -438,10 +363,7 @@ impl Replica {
                     if prev.0 == 0 {
                         return Some(RangeSet::new()); // before the first entry: nothing
                     }
-                    decided
-                        .get(&prev)
-                        .or_else(|| self.log.entry(prev))
-                        .map(|e| e.ranges())
+                    decided.get(&prev).or_else(|| self.log.entry(prev)).map(|e| e.ranges())
                 })
                 .collect(),
         )
@@ -449,9 +371,7 @@ impl Replica {
 
     fn gate_insert(&mut self, entry: &Entry) {
         if entry.index.0 > self.gate.applied_watermark() && !self.gate.is_applied(entry.index.0) {
-            self.gate
-                .insert(entry.index.0, entry.ranges(), &entry.look_behind)
-                .expect("gate insert above watermark");
+            self.gate.insert(entry.index.0, entry.ranges(), &entry.look_behind).expect("gate insert above watermark");
         }
     }
 
@@ -460,11 +380,7 @@ impl Replica {
         if self.is_committed(index) {
             return;
         }
-        assert!(
-            self.log.contains(index),
-            "commit of an index not held at {:?}",
-            self.cfg.id
-        );
+        assert!(self.log.contains(index), "commit of an index not held at {:?}", self.cfg.id);
         self.committed_above.insert(index);
         self.gate.commit(index.0);
         while self.committed_above.remove(&self.committed.next()) {
@@ -477,68 +393,29 @@ impl Replica {
         self.log.check_invariants();
         self.gate.check_invariants();
         self.table.check_invariants();
-        assert!(
-            self.hard.sync <= self.hard.term,
-            "sync term above current term"
-        );
-        assert!(
-            self.log.checkpoint() <= self.applied_watermark(),
-            "checkpoint above applied watermark"
-        );
-        assert!(
-            self.applied_watermark() <= self.committed,
-            "applied beyond committed watermark"
-        );
-        assert_eq!(
-            self.folded,
-            self.applied_watermark(),
-            "client table not folded to the applied watermark"
-        );
-        assert!(
-            self.committed_above
-                .iter()
-                .all(|i| *i > self.committed.next()),
-            "committed set not above W+1"
-        );
-        for i in self
-            .committed_above
-            .iter()
-            .chain(std::iter::once(&self.committed))
-        {
-            assert!(
-                *i <= self.log.checkpoint() || self.log.contains(*i),
-                "committed index {i:?} not held"
-            );
+        assert!(self.hard.sync <= self.hard.term, "sync term above current term");
+        assert!(self.log.checkpoint() <= self.applied_watermark(), "checkpoint above applied watermark");
+        assert!(self.applied_watermark() <= self.committed, "applied beyond committed watermark");
+        assert_eq!(self.folded, self.applied_watermark(), "client table not folded to the applied watermark");
+        assert!(self.committed_above.iter().all(|i| *i > self.committed.next()), "committed set not above W+1");
+        for i in self.committed_above.iter().chain(std::iter::once(&self.committed)) {
+            assert!(*i <= self.log.checkpoint() || self.log.contains(*i), "committed index {i:?} not held");
         }
         for i in self.applying.keys() {
             assert!(self.is_committed(*i), "applying an uncommitted entry");
         }
         if let Role::Leader(l) = &self.role {
-            assert_eq!(
-                self.hard.voted_for,
-                Some(self.cfg.id),
-                "leader did not vote for itself"
-            );
+            assert_eq!(self.hard.voted_for, Some(self.cfg.id), "leader did not vote for itself");
             if l.serving {
-                assert!(
-                    self.committed >= l.merge_end,
-                    "serving leader has not committed its merge"
-                );
-                assert_eq!(
-                    self.hard.sync, self.hard.term,
-                    "serving leader not synced to its term"
-                );
+                assert!(self.committed >= l.merge_end, "serving leader has not committed its merge");
+                assert_eq!(self.hard.sync, self.hard.term, "serving leader not synced to its term");
                 assert!(
                     self.log.last_index().0 <= self.committed.0 + self.cfg.window(),
                     "leader in-flight window exceeded"
                 );
                 // A serving leader holds every entry of its log: no holes.
                 let held = self.log.len() as u64;
-                assert_eq!(
-                    held,
-                    self.log.last_index().0 - self.log.checkpoint().0,
-                    "serving leader log has holes"
-                );
+                assert_eq!(held, self.log.last_index().0 - self.log.checkpoint().0, "serving leader log has holes");
             }
         }
     }

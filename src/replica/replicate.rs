@@ -85,9 +85,7 @@ impl Replica {
         self.log.put(entry.clone(), false);
         self.gate_insert(&entry);
         self.persist_entries(vec![entry.clone()]);
-        let Role::Leader(l) = &mut self.role else {
-            unreachable!()
-        };
+        let Role::Leader(l) = &mut self.role else { unreachable!() };
         l.in_log.insert(request.id, index);
         let f = l.floors.entry(request.id.client).or_default();
         *f = (*f).max(request.floor);
@@ -104,28 +102,16 @@ impl Replica {
             return;
         }
         let entries = std::mem::take(&mut l.unsent);
-        let targets: Vec<ReplicaId> = l
-            .progress
-            .iter()
-            .filter(|(_, p)| p.synced)
-            .map(|(id, _)| *id)
-            .collect();
+        let targets: Vec<ReplicaId> = l.progress.iter().filter(|(_, p)| p.synced).map(|(id, _)| *id).collect();
         let commit = self.commit_notice();
         for peer in targets {
-            let message = Message::Append {
-                term: self.hard.term,
-                entries: entries.clone(),
-                commit: commit.clone(),
-            };
+            let message = Message::Append { term: self.hard.term, entries: entries.clone(), commit: commit.clone() };
             self.send(peer, message);
         }
     }
 
     pub(super) fn commit_notice(&self) -> CommitNotice {
-        CommitNotice {
-            watermark: self.committed,
-            above: self.committed_above.iter().copied().collect(),
-        }
+        CommitNotice { watermark: self.committed, above: self.committed_above.iter().copied().collect() }
     }
 
     /// Heartbeat round: retransmits unacknowledged entries, (re)sends syncs and snapshots,
@@ -155,11 +141,8 @@ impl Replica {
                 plan.push((*peer, Some(Vec::new()))); // needs pruned entries: snapshot
                 continue;
             }
-            let missing: Vec<Index> = (from.0 + 1..=last.0)
-                .map(Index)
-                .filter(|i| !p.acked.contains(i))
-                .take(batch)
-                .collect();
+            let missing: Vec<Index> =
+                (from.0 + 1..=last.0).map(Index).filter(|i| !p.acked.contains(i)).take(batch).collect();
             plan.push((*peer, Some(missing)));
         }
         for (peer, missing) in plan {
@@ -170,9 +153,7 @@ impl Replica {
                 }
                 Some(missing) => {
                     let needs_snapshot = {
-                        let Role::Leader(l) = &self.role else {
-                            unreachable!()
-                        };
+                        let Role::Leader(l) = &self.role else { unreachable!() };
                         let p = &l.progress[&peer];
                         p.committed.is_some_and(|c| c < checkpoint) && p.durable < checkpoint
                     };
@@ -181,39 +162,16 @@ impl Replica {
                         continue;
                     }
                     if serving && !missing.is_empty() {
-                        let entries: Vec<Entry> = missing
-                            .iter()
-                            .filter_map(|i| self.log.entry(*i).cloned())
-                            .collect();
-                        self.send(
-                            peer,
-                            Message::Append {
-                                term,
-                                entries,
-                                commit: commit.clone(),
-                            },
-                        );
+                        let entries: Vec<Entry> = missing.iter().filter_map(|i| self.log.entry(*i).cloned()).collect();
+                        self.send(peer, Message::Append { term, entries, commit: commit.clone() });
                     }
-                    self.send(
-                        peer,
-                        Message::Heartbeat {
-                            term,
-                            commit: commit.clone(),
-                            read_seq,
-                        },
-                    );
+                    self.send(peer, Message::Heartbeat { term, commit: commit.clone(), read_seq });
                 }
             }
         }
     }
 
-    pub(super) fn on_append(
-        &mut self,
-        from: ReplicaId,
-        term: Term,
-        entries: Vec<Entry>,
-        commit: CommitNotice,
-    ) {
+    pub(super) fn on_append(&mut self, from: ReplicaId, term: Term, entries: Vec<Entry>, commit: CommitNotice) {
         if !self.accept_leader(from, term) {
             return;
         }
@@ -251,13 +209,7 @@ impl Replica {
         self.send_ack(from, acked, 0);
     }
 
-    pub(super) fn on_heartbeat(
-        &mut self,
-        from: ReplicaId,
-        term: Term,
-        commit: CommitNotice,
-        read_seq: u64,
-    ) {
+    pub(super) fn on_heartbeat(&mut self, from: ReplicaId, term: Term, commit: CommitNotice, read_seq: u64) {
         if !self.accept_leader(from, term) {
             return;
         }
@@ -389,11 +341,7 @@ impl Replica {
                 continue;
             }
             let mut count = usize::from(slot.durable);
-            count += l
-                .progress
-                .values()
-                .filter(|p| p.synced && (p.durable >= i || p.acked.contains(&i)))
-                .count();
+            count += l.progress.values().filter(|p| p.synced && (p.durable >= i || p.acked.contains(&i))).count();
             if count >= quorum {
                 newly.push(i);
             } else if self.cfg.mode == Mode::Raft {

@@ -31,7 +31,11 @@ struct Cluster {
 /// `final_state` is the converged contents after all operations completed: it is judged as one
 /// more read that starts after everything else ended, which is how a lost acknowledged write
 /// shows up.
-pub fn check_linearizable(history: &[HistoryOp], final_state: &BTreeMap<u64, Option<RequestId>>, end_time: u64) -> Vec<String> {
+pub fn check_linearizable(
+    history: &[HistoryOp],
+    final_state: &BTreeMap<u64, Option<RequestId>>,
+    end_time: u64,
+) -> Vec<String> {
     let mut per_block: BTreeMap<u64, BTreeMap<Option<RequestId>, Cluster>> = BTreeMap::new();
     for op in history {
         let responded = op.responded.unwrap_or(u64::MAX);
@@ -112,7 +116,15 @@ mod tests {
     }
 
     fn write(seq: u64, invoked: u64, responded: u64) -> HistoryOp {
-        HistoryOp { id: id(seq), kind: OpKind::Write, first_block: 0, blocks: 1, invoked, responded: Some(responded), observed: vec![] }
+        HistoryOp {
+            id: id(seq),
+            kind: OpKind::Write,
+            first_block: 0,
+            blocks: 1,
+            invoked,
+            responded: Some(responded),
+            observed: vec![],
+        }
     }
 
     fn read(seq: u64, invoked: u64, responded: u64, saw: Option<u64>) -> HistoryOp {

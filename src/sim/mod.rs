@@ -188,7 +188,8 @@ pub fn run(cfg: &SimConfig) -> SimReport {
 impl Sim {
     fn new(cfg: SimConfig) -> Sim {
         let mut rng = Rng::new(cfg.seed);
-        let replicas = (0..cfg.replicas).map(|_| SimReplica { replica: None, disk: Disk::default(), incarnation: 0 }).collect();
+        let replicas =
+            (0..cfg.replicas).map(|_| SimReplica { replica: None, disk: Disk::default(), incarnation: 0 }).collect();
         let clients = (0..cfg.clients)
             .map(|c| Client {
                 id: ClientId(c as u64 + 1),
@@ -248,7 +249,8 @@ impl Sim {
 
     fn replica_config(&self, r: usize) -> Config {
         let voters = (0..self.cfg.replicas).map(|i| ReplicaId(i as u32)).collect();
-        let seed = self.cfg.seed.wrapping_mul(31).wrapping_add(r as u64 * 7919 + self.replicas[r].incarnation * 104_729);
+        let seed =
+            self.cfg.seed.wrapping_mul(31).wrapping_add(r as u64 * 7919 + self.replicas[r].incarnation * 104_729);
         let mut c = Config::new(ReplicaId(r as u32), voters, self.cfg.mode, seed);
         c.lbb_span = self.cfg.lbb_span;
         c.checkpoint_interval = self.cfg.checkpoint_interval;
@@ -336,11 +338,8 @@ impl Sim {
 
     /// A serving leader whose log is fully committed, and every replica applied all of it.
     fn converged(&self) -> bool {
-        let Some(leader) = self
-            .replicas
-            .iter()
-            .filter_map(|s| s.replica.as_ref())
-            .find(|r| r.role() == RoleKind::Leader)
+        let Some(leader) =
+            self.replicas.iter().filter_map(|s| s.replica.as_ref()).find(|r| r.role() == RoleKind::Leader)
         else {
             return false;
         };
@@ -348,9 +347,9 @@ impl Sim {
         if leader.committed_watermark() != last {
             return false;
         }
-        self.replicas.iter().all(|s| {
-            s.replica.as_ref().is_some_and(|r| r.applied_watermark() == last && r.term() == leader.term())
-        })
+        self.replicas
+            .iter()
+            .all(|s| s.replica.as_ref().is_some_and(|r| r.applied_watermark() == last && r.term() == leader.term()))
     }
 
     fn final_checks(&mut self) {
@@ -418,7 +417,11 @@ impl Sim {
                             None => (None, Bytes::from_static(&[0u8; BLOCK_SIZE as usize])),
                         })
                         .collect();
-                    self.net_send(Node::Replica(r), Node::Client(id.client.0 as usize - 1), Net::ReadReply { id, blocks });
+                    self.net_send(
+                        Node::Replica(r),
+                        Node::Client(id.client.0 as usize - 1),
+                        Net::ReadReply { id, blocks },
+                    );
                     self.step(r, Event::ReadDone { id });
                 }
             }
@@ -536,7 +539,11 @@ impl Sim {
         }
         let copies = if self.rng.chance(self.duplicate) { 2 } else { 1 };
         for _ in 0..copies {
-            let delay = if self.rng.chance(0.05) { self.rng.range(1, self.max_delay * 4) } else { self.rng.range(1, self.max_delay + 1) };
+            let delay = if self.rng.chance(0.05) {
+                self.rng.range(1, self.max_delay * 4)
+            } else {
+                self.rng.range(1, self.max_delay + 1)
+            };
             self.schedule(delay, Ev::Deliver { to, from, net: net.clone() });
         }
     }
@@ -624,9 +631,8 @@ impl Sim {
                 let d = self.disk_delay();
                 self.schedule(d, Ev::CheckpointDone { r, incarnation, state: CheckpointState { index, table } });
             }
-            Command::SendSnapshot { to, term, checkpoint, table } => {
+            Command::SendSnapshot { to, message } => {
                 let image = Arc::new(self.replicas[r].disk.image());
-                let message = Message::Snapshot { term, checkpoint, table };
                 self.net_send(Node::Replica(r), Node::Replica(to.0 as usize), Net::Peer(message, Some(image)));
             }
             Command::InstallSnapshot { from: _, checkpoint, table } => {
@@ -647,10 +653,9 @@ impl Sim {
         };
         let key = (entry.term, entry.request, digest);
         match self.applied_at.get(&entry.index) {
-            Some(prev) if *prev != key => self.violations.push(format!(
-                "apply agreement: index {} applied as {:?} and as {:?}",
-                entry.index.0, prev, key
-            )),
+            Some(prev) if *prev != key => self
+                .violations
+                .push(format!("apply agreement: index {} applied as {:?} and as {:?}", entry.index.0, prev, key)),
             Some(_) => {}
             None => {
                 self.applied_at.insert(entry.index, key);
@@ -659,7 +664,8 @@ impl Sim {
         if let Some(id) = entry.request {
             let prev = *self.request_index.entry(id).or_insert(entry.index);
             if prev != entry.index {
-                self.violations.push(format!("at-most-once: request {id:?} applied at {} and {}", prev.0, entry.index.0));
+                self.violations
+                    .push(format!("at-most-once: request {id:?} applied at {} and {}", prev.0, entry.index.0));
             }
         }
         if entry.index.0 > self.applied_at.range(..entry.index).next_back().map_or(0, |(i, _)| i.0) + 1 {
@@ -670,7 +676,8 @@ impl Sim {
     fn client_wake(&mut self, c: usize) {
         let now = self.now;
         // Retries of unanswered requests.
-        let due: Vec<u64> = self.clients[c].outstanding.iter().filter(|(_, o)| o.retry_at <= now).map(|(s, _)| *s).collect();
+        let due: Vec<u64> =
+            self.clients[c].outstanding.iter().filter(|(_, o)| o.retry_at <= now).map(|(s, _)| *s).collect();
         for seq in due {
             let n = self.cfg.replicas as u32;
             let client = &mut self.clients[c];
@@ -693,11 +700,26 @@ impl Sim {
             let target = client.leader_guess;
             client.outstanding.insert(
                 id.seq,
-                Outstanding { op, first_block: first, blocks, target, retry_at: now + CLIENT_RETRY, retry_is_timeout: true },
+                Outstanding {
+                    op,
+                    first_block: first,
+                    blocks,
+                    target,
+                    retry_at: now + CLIENT_RETRY,
+                    retry_is_timeout: true,
+                },
             );
             let invoked = self.tick_clock();
             self.history_index.insert(id, self.history.len());
-            self.history.push(HistoryOp { id, kind, first_block: first, blocks, invoked, responded: None, observed: Vec::new() });
+            self.history.push(HistoryOp {
+                id,
+                kind,
+                first_block: first,
+                blocks,
+                invoked,
+                responded: None,
+                observed: Vec::new(),
+            });
             self.send_request(c, id.seq, target);
         }
         if !(self.clients[c].remaining == 0 && self.clients[c].outstanding.is_empty()) {

@@ -8,7 +8,7 @@ use lbb::{ApplyGate, LookBehind, Range, RangeSet};
 fn gate_with(depth: u64, span: usize) -> ApplyGate {
     let mut g = ApplyGate::new(span, false, 0);
     let ranges = |i: u64| {
-        let block = if i % 4 == 0 { i - 1 } else { i };
+        let block = if i.is_multiple_of(4) { i - 1 } else { i };
         RangeSet::single(Range::new(block * 4096, 4096))
     };
     for i in 1..=depth {

@@ -131,13 +131,11 @@ impl ApplyGate {
     pub fn ready(&self, blocked: &RangeSet) -> Vec<u64> {
         let mut out = Vec::new();
         let mut unapplied = RangeSet::new();
-        let mut expected = self.applied_watermark + 1;
-        for (&index, slot) in &self.slots {
+        for (expected, (&index, slot)) in (self.applied_watermark + 1..).zip(self.slots.iter()) {
             if index != expected {
                 // A hole no successor's look-behind buffer describes: unknown, conflicts with all.
                 break;
             }
-            expected += 1;
             if slot.applied {
                 continue;
             }

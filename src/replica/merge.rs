@@ -17,6 +17,10 @@ impl Replica {
         // Every index above our committed watermark: own copies first.
         let mut chosen: BTreeMap<Index, Entry> =
             self.log.iter_from(base.max(self.log.checkpoint())).map(|s| (s.entry.index, s.entry.clone())).collect();
+        if naive.paper_merge {
+            // Naive variant: a skipped hole is not held, not even by the candidate.
+            chosen.retain(|_, e| !matches!(e.op, Op::Noop));
+        }
         if !naive.raft_truncation {
             for (voter, info) in &votes {
                 if *voter == self.cfg.id || (!naive.paper_merge && info.sync != self.hard.sync) {

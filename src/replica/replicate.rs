@@ -275,6 +275,8 @@ impl Replica {
         }
     }
 
+    // The fields of `Message::Ack`, destructured by the dispatcher like every other handler.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn on_ack(
         &mut self,
         from: ReplicaId,

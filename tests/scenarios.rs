@@ -1,0 +1,260 @@
+//! Scripted histories of the two known ParallelRaft anomalies, run against the real core with a
+//! hand-driven network. Each is run twice: the correct protocol must keep the acknowledged
+//! write, and a naive variant (test-only flag) must lose it, proving the check can fail.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use parallelraft::sim::write_op;
+use parallelraft::{
+    ClientId, ClientRequest, Command, Config, Event, Index, Message, Mode, NaiveFlags, Op, Replica, ReplicaId,
+    RequestId, RoleKind,
+};
+
+const A: usize = 0;
+const B: usize = 1;
+const C: usize = 2;
+
+/// Three replicas with instant disks and a network the test controls link by link.
+struct Harness {
+    replicas: Vec<Replica>,
+    /// Block → tag of the request that last wrote it, per replica.
+    blocks: Vec<BTreeMap<u64, RequestId>>,
+    network: VecDeque<(usize, usize, Message)>,
+    local: VecDeque<(usize, Event)>,
+    cut: BTreeSet<(usize, usize)>,
+    /// Messages from these replicas vanish (used while aging their leader contact).
+    muted: BTreeSet<usize>,
+    acknowledged: Vec<RequestId>,
+    /// Index → request applied there (`None`: a no-op), per replica.
+    applied: Vec<BTreeMap<Index, Option<RequestId>>>,
+}
+
+impl Harness {
+    fn new(naive: NaiveFlags) -> Harness {
+        let voters: Vec<ReplicaId> = (0..3).map(ReplicaId).collect();
+        let replicas = (0..3)
+            .map(|i| {
+                let mut cfg = Config::new(ReplicaId(i), voters.clone(), Mode::Parallel, 7 + i as u64);
+                cfg.naive = naive;
+                cfg.checkpoint_interval = 1_000;
+                Replica::new(cfg)
+            })
+            .collect();
+        Harness {
+            replicas,
+            blocks: vec![BTreeMap::new(); 3],
+            network: VecDeque::new(),
+            local: VecDeque::new(),
+            cut: BTreeSet::new(),
+            muted: BTreeSet::new(),
+            acknowledged: Vec::new(),
+            applied: vec![BTreeMap::new(); 3],
+        }
+    }
+
+    fn isolate(&mut self, r: usize) {
+        for o in 0..3 {
+            if o != r {
+                self.cut.insert((r, o));
+                self.cut.insert((o, r));
+            }
+        }
+    }
+
+    fn heal(&mut self) {
+        self.cut.clear();
+    }
+
+    fn step(&mut self, r: usize, event: Event) {
+        self.replicas[r].step(event);
+        self.replicas[r].check_invariants();
+        for command in self.replicas[r].take_commands() {
+            match command {
+                Command::PersistEntries { token, .. } | Command::TruncateLog { token, .. } => {
+                    self.local.push_back((r, Event::Persisted { token }))
+                }
+                Command::Send { to, message } => {
+                    let to = to.0 as usize;
+                    if !self.cut.contains(&(r, to)) && !self.muted.contains(&r) {
+                        self.network.push_back((r, to, message));
+                    }
+                }
+                Command::Apply { entry } => {
+                    self.applied[r].insert(entry.index, entry.request);
+                    if let Op::Write { offset, data } = &entry.op {
+                        for k in 0..data.len() as u64 / 4096 {
+                            self.blocks[r].insert(offset / 4096 + k, entry.request.unwrap());
+                        }
+                    }
+                    self.local.push_back((r, Event::Applied { index: entry.index }));
+                }
+                Command::Reply { id, result: Ok(()) } => self.acknowledged.push(id),
+                Command::Checkpoint { index, .. } => self.local.push_back((r, Event::CheckpointDone { index })),
+                _ => {}
+            }
+        }
+    }
+
+    /// Delivers everything in flight (and what it causes) until quiet.
+    fn run(&mut self) {
+        for _ in 0..100_000 {
+            if let Some((r, event)) = self.local.pop_front() {
+                self.step(r, event);
+            } else if let Some((from, to, message)) = self.network.pop_front() {
+                if !self.cut.contains(&(from, to)) {
+                    self.step(to, Event::Receive { from: ReplicaId(from as u32), message });
+                }
+            } else {
+                return;
+            }
+        }
+        panic!("network never went quiet");
+    }
+
+    /// Makes `r` the serving leader: first ages every other reachable replica's leader contact
+    /// (their own campaigns muted), then ticks `r` alone.
+    fn elect(&mut self, r: usize) {
+        assert!(self.try_elect(r), "replica {r} did not become leader");
+    }
+
+    fn try_elect(&mut self, r: usize) -> bool {
+        let max_term = self.replicas.iter().map(|x| x.term()).max().unwrap();
+        let others: Vec<usize> = (0..3).filter(|o| *o != r && !self.cut.contains(&(r, *o))).collect();
+        for &o in &others {
+            self.muted.insert(o);
+            for _ in 0..40 {
+                self.step(o, Event::Tick);
+            }
+            self.muted.remove(&o);
+        }
+        self.network.clear();
+        for _ in 0..200 {
+            self.step(r, Event::Tick);
+            self.run();
+            if self.replicas[r].role() == RoleKind::Leader && self.replicas[r].term() > max_term {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn propose(&mut self, r: usize, seq: u64, block: u64) -> RequestId {
+        let id = RequestId { client: ClientId(1), seq };
+        let request = ClientRequest { id, floor: 0, op: write_op(id, block, 1) };
+        self.step(r, Event::Propose(request));
+        id
+    }
+
+    fn block(&self, r: usize, block: u64) -> Option<RequestId> {
+        self.blocks[r].get(&block).copied()
+    }
+}
+
+const X: u64 = 3;
+const Y: u64 = 9;
+
+/// The ghost entry (parallelraft.md, pitfall 1): `old` writes X but reaches only C; a later
+/// entry reaches A and B. A's merge leaves the hole; A writes `new` to X, acknowledged. Then
+/// C campaigns with B's vote: with the hole skipped, C's `old` comes back and lands after `new`.
+/// The correct protocol refuses C (its sync term is older than B's), and B leads instead.
+fn ghost_entry(naive: NaiveFlags) -> (Harness, RequestId) {
+    let mut h = Harness::new(naive);
+    h.elect(C);
+    // `old` (X) reaches no one but C; `other` (Y) reaches everyone and commits past the hole.
+    h.cut.insert((C, A));
+    h.cut.insert((C, B));
+    h.propose(C, 1, X);
+    h.run();
+    h.heal();
+    h.propose(C, 2, Y);
+    h.run();
+    assert_eq!(h.replicas[A].last_index(), Index(2), "A should hold the entry after the hole");
+    assert!(h.replicas[A].entry(Index(1)).is_none(), "A must not hold `old`");
+    // C falls silent; A leads term 2 with B and writes `new` to X.
+    h.isolate(C);
+    h.elect(A);
+    let new = h.propose(A, 3, X);
+    h.run();
+    h.step(A, Event::Tick);
+    h.run();
+    assert!(h.acknowledged.contains(&new), "`new` must be acknowledged");
+    assert_eq!(h.block(A, X), Some(new));
+    // A falls silent; C campaigns with B.
+    h.heal();
+    h.isolate(A);
+    let leader = if h.try_elect(C) { C } else { B };
+    if leader == B {
+        h.elect(B);
+    }
+    for _ in 0..10 {
+        h.step(leader, Event::Tick);
+        h.run();
+    }
+    (h, new)
+}
+
+#[test]
+fn ghost_entry_is_prevented_by_the_merge() {
+    let (h, new) = ghost_entry(NaiveFlags::default());
+    assert_eq!(h.replicas[B].role(), RoleKind::Leader, "C (stale sync term) must not win B's vote");
+    assert_eq!(h.block(B, X), Some(new), "the acknowledged newer write to X was overwritten");
+    assert_eq!(h.block(C, X), Some(new), "C diverged on X");
+    assert!(h.replicas[B].entry(Index(1)).is_some_and(|e| e.op == Op::Noop), "the hole must be a durable no-op");
+    assert!(h.applied.iter().all(|a| a.get(&Index(1)).is_none()), "`old` must never be applied");
+}
+
+#[test]
+fn naive_paper_merge_resurrects_the_ghost() {
+    let naive = NaiveFlags { paper_merge: true, ..NaiveFlags::default() };
+    let (h, _new) = ghost_entry(naive);
+    let ghost = RequestId { client: ClientId(1), seq: 1 };
+    assert_eq!(h.replicas[C].role(), RoleKind::Leader, "the naive vote rule lets C win");
+    // C re-commits and applies `old` at index 1, which A and B had already passed as a skipped
+    // hole (and `new` was applied at index 3 on their word): the replicas now disagree on what
+    // index 1 is, the divergence the simulator's apply-agreement checker reports.
+    assert_eq!(h.applied[C].get(&Index(1)), Some(&Some(ghost)), "C should apply the resurrected `old`");
+    assert!(h.replicas[B].entry(Index(1)).is_some_and(|e| e.op == Op::Noop), "B passed index 1 as a skipped no-op");
+    assert_eq!(h.replicas[B].applied_watermark(), Index(3));
+}
+
+/// Truncation after out-of-order commit (parallelraft.md, the 12-step history): `late` (Y) is
+/// committed out of order by C and A while index 1 is still a hole; B, which holds neither,
+/// becomes leader. A Raft-style merge keeps only B's log and truncates A after it, so the
+/// acknowledged `late` is lost.
+fn truncation_after_ooo_commit(naive: NaiveFlags) -> (Harness, RequestId) {
+    let mut h = Harness::new(naive);
+    h.elect(C);
+    h.cut.insert((C, A));
+    h.cut.insert((C, B));
+    h.propose(C, 1, X); // index 1: only on C
+    h.run();
+    h.cut.remove(&(C, A));
+    let late = h.propose(C, 2, Y); // index 2: C and A, committed out of order
+                                   // Deliver the append to A and A's ack back, then cut C before any commit notice reaches A.
+    h.run();
+    assert!(h.acknowledged.contains(&late), "`late` must be acknowledged by C");
+    assert!(!h.replicas[A].is_committed(Index(2)), "A must not know `late` is committed");
+    h.isolate(C);
+    h.elect(B);
+    for _ in 0..10 {
+        h.step(B, Event::Tick);
+        h.run();
+    }
+    (h, late)
+}
+
+#[test]
+fn out_of_order_commit_survives_a_leader_without_it() {
+    let (h, late) = truncation_after_ooo_commit(NaiveFlags::default());
+    assert_eq!(h.block(B, Y), Some(late), "the new leader lost an acknowledged write");
+    assert_eq!(h.block(A, Y), Some(late));
+    assert!(h.replicas[B].entry(Index(1)).is_some_and(|e| e.op == Op::Noop), "the hole must become a no-op");
+}
+
+#[test]
+fn naive_raft_truncation_loses_the_committed_entry() {
+    let naive = NaiveFlags { raft_truncation: true, ..NaiveFlags::default() };
+    let (h, _late) = truncation_after_ooo_commit(naive);
+    assert_eq!(h.block(B, Y), None, "expected the acknowledged write to be lost by the naive merge");
+    assert_eq!(h.block(A, Y), None);
+}

@@ -48,10 +48,17 @@ impl Replica {
         // A replica that hears from a live leader does not help anyone depose it.
         let leader_alive = matches!(self.role, Role::Leader(_)) || self.leader_recently_heard();
         let granted = term > self.hard.term && !leader_alive && self.log_allows_vote(sync, sync_end, committed);
+        // A refusal carries our own term, so a pre-candidate lagging in terms catches up
+        // instead of proposing a term nobody will accept.
+        let term = if granted { term } else { self.hard.term };
         self.send(from, Message::PreVoteResponse { term, granted });
     }
 
     pub(super) fn on_pre_vote_response(&mut self, from: ReplicaId, term: Term, granted: bool) {
+        if !granted && term > self.hard.term && !matches!(self.role, Role::Leader(_)) {
+            self.become_follower(term, None);
+            return;
+        }
         let quorum = self.cfg.quorum();
         let Role::PreCandidate { term: my_term, grants } = &mut self.role else {
             return;

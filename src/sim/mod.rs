@@ -311,10 +311,12 @@ impl Sim {
                 .iter()
                 .map(|s| match &s.replica {
                     Some(r) => format!(
-                        "{:?} {:?} t{} w{} aw{} last{} ckpt{}",
+                        "{:?} {:?} t{} sync{} end{} w{} aw{} last{} ckpt{}",
                         r.id(),
                         r.role(),
                         r.term().0,
+                        r.hard_state().sync.0,
+                        r.hard_state().sync_end.0,
                         r.committed_watermark().0,
                         r.applied_watermark().0,
                         r.last_index().0,

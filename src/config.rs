@@ -35,6 +35,9 @@ pub struct NaiveFlags {
     /// holes with no-ops and truncates the followers after its last index, dropping entries
     /// that were committed out of order.
     pub raft_truncation: bool,
+    /// Leader reads served at once, without the read-index round: a deposed leader that does
+    /// not know it yet answers with stale data.
+    pub unsafe_reads: bool,
 }
 
 #[derive(Clone, Debug)]

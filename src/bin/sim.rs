@@ -1,7 +1,7 @@
 //! Runs the deterministic simulator over many seeds.
 //!
 //! `sim --seeds N [--seed-start S] [--replicas 3|5] [--mode parallel|raft] [--soak]
-//!      [--naive paper-merge|raft-truncation] [--no-faults] [--verbose]`
+//!      [--naive paper-merge|raft-truncation|unsafe-reads] [--no-faults] [--verbose]`
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -21,7 +21,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: sim --seeds N [--seed-start S] [--replicas 3|5] [--mode parallel|raft] [--soak] \
-[--naive paper-merge|raft-truncation] [--no-faults] [--verbose]";
+[--naive paper-merge|raft-truncation|unsafe-reads] [--no-faults] [--verbose]";
 
 fn parse() -> Result<Args, String> {
     let mut args = Args {
@@ -55,6 +55,7 @@ fn parse() -> Result<Args, String> {
             "--naive" => match value("--naive")?.as_str() {
                 "paper-merge" => args.naive.paper_merge = true,
                 "raft-truncation" => args.naive.raft_truncation = true,
+                "unsafe-reads" => args.naive.unsafe_reads = true,
                 other => return Err(format!("unknown naive variant {other:?}")),
             },
             "-h" | "--help" => return Err(USAGE.into()),
@@ -124,6 +125,9 @@ fn main() -> ExitCode {
             }
             if args.naive.raft_truncation {
                 replay.push_str(" --naive raft-truncation");
+            }
+            if args.naive.unsafe_reads {
+                replay.push_str(" --naive unsafe-reads");
             }
             if !args.faults {
                 replay.push_str(" --no-faults");

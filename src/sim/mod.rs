@@ -92,6 +92,7 @@ pub struct SimStats {
     pub messages: u64,
     pub crashes: u64,
     pub partitions: u64,
+    pub pauses: u64,
     pub max_term: u64,
     pub ops_completed: u64,
     pub snapshots_installed: u64,
@@ -165,6 +166,7 @@ struct Sim {
     history: Vec<HistoryOp>,
     history_index: HashMap<RequestId, usize>,
     blocked: BTreeSet<(usize, usize)>,
+    paused_until: Vec<u64>,
     loss: f64,
     duplicate: f64,
     max_delay: u64,
@@ -220,6 +222,7 @@ impl Sim {
             history: Vec::new(),
             history_index: HashMap::new(),
             blocked: BTreeSet::new(),
+            paused_until: vec![0; cfg.replicas],
             loss,
             duplicate,
             max_delay,
@@ -388,7 +391,29 @@ impl Sim {
         }
     }
 
+    /// The replica an event is processed by, if any (for pauses).
+    fn target(ev: &Ev) -> Option<usize> {
+        match ev {
+            Ev::Tick(r)
+            | Ev::DiskDone { r, .. }
+            | Ev::ApplyDone { r, .. }
+            | Ev::ReadDone { r, .. }
+            | Ev::CheckpointDone { r, .. } => Some(*r),
+            Ev::Deliver { to: Node::Replica(r), .. } => Some(*r),
+            _ => None,
+        }
+    }
+
     fn handle(&mut self, ev: Ev) {
+        if let Some(r) = Self::target(&ev) {
+            // A paused process (GC pause, stalled VM) handles nothing until it resumes; its
+            // clock stops too, so it comes back believing whatever it believed.
+            let until = self.paused_until[r];
+            if self.now < until {
+                self.schedule(until - self.now, ev);
+                return;
+            }
+        }
         match ev {
             Ev::Tick(r) => {
                 if self.replicas[r].replica.is_some() {
@@ -471,7 +496,14 @@ impl Sim {
         }
         let n = self.cfg.replicas;
         let roll = self.rng.range(0, 100);
-        if roll < 35 {
+        if roll < 10 {
+            let r = match self.current_leader() {
+                Some(l) if self.rng.chance(0.7) => l,
+                _ => self.rng.range(0, n as u64) as usize,
+            };
+            self.paused_until[r] = self.now + self.rng.range(200, 1500);
+            self.stats.pauses += 1;
+        } else if roll < 35 {
             let r = self.rng.range(0, n as u64) as usize;
             if self.replicas[r].replica.is_some() {
                 self.crash(r);

@@ -24,6 +24,9 @@ struct Harness {
     cut: BTreeSet<(usize, usize)>,
     /// Messages from these replicas vanish (used while aging their leader contact).
     muted: BTreeSet<usize>,
+    /// Disk completions of these replicas are parked (a slow disk) until released.
+    slow_disk: BTreeSet<usize>,
+    parked: Vec<(usize, Event)>,
     acknowledged: Vec<RequestId>,
     /// Index → request applied there (`None`: a no-op), per replica.
     applied: Vec<BTreeMap<Index, Option<RequestId>>>,
@@ -47,6 +50,8 @@ impl Harness {
             local: VecDeque::new(),
             cut: BTreeSet::new(),
             muted: BTreeSet::new(),
+            slow_disk: BTreeSet::new(),
+            parked: Vec::new(),
             acknowledged: Vec::new(),
             applied: vec![BTreeMap::new(); 3],
         }
@@ -71,7 +76,11 @@ impl Harness {
         for command in self.replicas[r].take_commands() {
             match command {
                 Command::PersistEntries { token, .. } | Command::TruncateLog { token, .. } => {
-                    self.local.push_back((r, Event::Persisted { token }))
+                    if self.slow_disk.contains(&r) {
+                        self.parked.push((r, Event::Persisted { token }));
+                    } else {
+                        self.local.push_back((r, Event::Persisted { token }));
+                    }
                 }
                 Command::Send { to, message } => {
                     let to = to.0 as usize;
@@ -257,4 +266,42 @@ fn naive_raft_truncation_loses_the_committed_entry() {
     let (h, _late) = truncation_after_ooo_commit(naive);
     assert_eq!(h.block(B, Y), None, "expected the acknowledged write to be lost by the naive merge");
     assert_eq!(h.block(A, Y), None);
+}
+
+/// Found by the simulator (seed 1031500 of an earlier fault schedule): a follower that learned
+/// an entry was committed acknowledged a duplicate append of it before its own copy was
+/// durable. After a crash lost that copy, the leader never resent it and the follower stalled.
+#[test]
+fn acknowledgement_waits_for_the_followers_own_disk() {
+    let mut h = Harness::new(NaiveFlags::default());
+    h.elect(C);
+    h.slow_disk.insert(A);
+    h.propose(C, 1, X);
+    h.run();
+    // B made it durable: committed on C and B. A holds it, not yet durable.
+    assert!(h.replicas[C].is_committed(Index(1)));
+    // The heartbeat tells A it is committed; the leader then retransmits what A has not acked.
+    let mut acks_from_a = Vec::new();
+    for _ in 0..4 {
+        h.step(C, Event::Tick);
+        while let Some((from, to, message)) = h.network.pop_front() {
+            if let (A, Message::Ack { acked, .. }) = (from, &message) {
+                acks_from_a.extend(acked.iter().copied());
+            }
+            if !h.cut.contains(&(from, to)) {
+                h.step(to, Event::Receive { from: ReplicaId(from as u32), message });
+            }
+        }
+    }
+    assert!(h.replicas[A].is_committed(Index(1)), "A should have learned the commit");
+    assert!(acks_from_a.is_empty(), "A acknowledged index 1 before its disk made it durable: {acks_from_a:?}");
+    // Once A's disk completes, the acknowledgement follows.
+    for (r, event) in std::mem::take(&mut h.parked) {
+        h.step(r, event);
+    }
+    let acked_now = h
+        .network
+        .iter()
+        .any(|(from, _, m)| *from == A && matches!(m, Message::Ack { acked, .. } if acked.contains(&Index(1))));
+    assert!(acked_now, "A must acknowledge once durable");
 }

@@ -388,6 +388,37 @@ impl Replica {
         }
     }
 
+    /// A one-line dump of the replication state, for liveness diagnostics.
+    pub fn debug_state(&self) -> String {
+        let held: Vec<String> = self
+            .log
+            .iter_from(self.committed)
+            .map(|s| format!("{}{}b{}", s.entry.index.0, if s.durable { "" } else { "~" }, s.entry.ballot.0))
+            .collect();
+        let progress = match &self.role {
+            Role::Leader(l) => {
+                let p: Vec<_> = l
+                    .progress
+                    .iter()
+                    .map(|(id, p)| {
+                        format!("{}:synced={} durable={} acked={}", id.0, p.synced, p.durable.0, p.acked.len())
+                    })
+                    .collect();
+                format!(" progress=[{}]", p.join(", "))
+            }
+            _ => String::new(),
+        };
+        format!(
+            "above_w=[{}] committed_above={} sync_pending={} applying={} pending_list={}{}",
+            held.join(" "),
+            self.committed_above.len(),
+            self.sync_pending.is_some(),
+            self.applying.len(),
+            self.gate.pending(&RangeSet::new()).len(),
+            progress
+        )
+    }
+
     /// Checks every structural invariant; panics with a description on violation.
     pub fn check_invariants(&self) {
         self.log.check_invariants();

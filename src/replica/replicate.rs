@@ -183,8 +183,16 @@ impl Replica {
         let mut to_persist = Vec::new();
         for e in entries {
             debug_assert_eq!(e.ballot, term);
-            if e.index <= self.log.checkpoint() || self.is_committed(e.index) {
-                acked.push(e.index);
+            if e.index <= self.log.checkpoint() {
+                acked.push(e.index); // applied and synced under our checkpoint
+                continue;
+            }
+            if self.is_committed(e.index) {
+                // Committed elsewhere, but an acknowledgement still means durable *here*: a
+                // leader that believed otherwise would never resend it after our crash.
+                if self.log.get(e.index).is_some_and(|s| s.durable) {
+                    acked.push(e.index);
+                }
                 continue;
             }
             match self.log.get(e.index) {

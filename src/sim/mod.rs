@@ -313,18 +313,21 @@ impl Sim {
                 .replicas
                 .iter()
                 .map(|s| match &s.replica {
-                    Some(r) => format!(
-                        "{:?} {:?} t{} sync{} end{} w{} aw{} last{} ckpt{}",
-                        r.id(),
-                        r.role(),
-                        r.term().0,
-                        r.hard_state().sync.0,
-                        r.hard_state().sync_end.0,
-                        r.committed_watermark().0,
-                        r.applied_watermark().0,
-                        r.last_index().0,
-                        r.checkpoint_index().0
-                    ),
+                    Some(r) => {
+                        format!(
+                            "{:?} {:?} t{} sync{} end{} w{} aw{} last{} ckpt{}",
+                            r.id(),
+                            r.role(),
+                            r.term().0,
+                            r.hard_state().sync.0,
+                            r.hard_state().sync_end.0,
+                            r.committed_watermark().0,
+                            r.applied_watermark().0,
+                            r.last_index().0,
+                            r.checkpoint_index().0
+                        ) + " "
+                            + &r.debug_state()
+                    }
                     None => "down".into(),
                 })
                 .collect();

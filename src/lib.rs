@@ -8,6 +8,7 @@
 //! once durable on a majority and applied at the leader; conflicting writes apply in log order
 //! on every replica (the look-behind buffer), non-conflicting ones in any order.
 
+pub mod codec;
 pub mod config;
 pub mod entry;
 pub mod io;

@@ -2,6 +2,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use bytes::{BufMut, BytesMut};
+
+use crate::codec::DecodeError;
 use crate::entry::Entry;
 use crate::types::{ClientId, RequestId};
 
@@ -52,6 +55,46 @@ impl ClientTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Encoding for checkpoints: client count, then per client id, floor, applied count and
+    /// the applied sequence numbers (u64 little endian each).
+    pub fn encode(&self, out: &mut BytesMut) {
+        out.put_u64_le(self.clients.len() as u64);
+        for (client, record) in &self.clients {
+            out.put_u64_le(client.0);
+            out.put_u64_le(record.floor);
+            out.put_u64_le(record.applied.len() as u64);
+            for seq in &record.applied {
+                out.put_u64_le(*seq);
+            }
+        }
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<ClientTable, DecodeError> {
+        let mut words = buf.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap()));
+        if !buf.len().is_multiple_of(8) {
+            return Err(DecodeError("client table length"));
+        }
+        let mut next = || words.next().ok_or(DecodeError("client table truncated"));
+        let mut table = ClientTable::default();
+        for _ in 0..next()? {
+            let client = ClientId(next()?);
+            let floor = next()?;
+            let mut applied = BTreeSet::new();
+            for _ in 0..next()? {
+                let seq = next()?;
+                if seq < floor {
+                    return Err(DecodeError("client table seq below floor"));
+                }
+                applied.insert(seq);
+            }
+            table.clients.insert(client, ClientRecord { floor, applied });
+        }
+        if next().is_ok() {
+            return Err(DecodeError("client table trailing bytes"));
+        }
+        Ok(table)
     }
 
     pub fn check_invariants(&self) {

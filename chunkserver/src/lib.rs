@@ -1,4 +1,7 @@
-//! The chunk server: disk engine, WAL and block store, peer transport, NBD frontend.
+//! The chunk server: disk engine, write-ahead log and block store.
 //!
-//! Not built yet: this crate is filled by issues 3 (storage) and 4 (server and NBD). It exists
-//! now only so the workspace has its fixed layout; it exports nothing.
+//! Built so far (issue 3): [`storage`], which executes the protocol core's persist and apply
+//! commands durably. The replication transport, the NBD frontend and the server binary arrive
+//! with issue 4.
+
+pub mod storage;

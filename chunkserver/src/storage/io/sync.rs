@@ -1,0 +1,157 @@
+//! pread/pwrite/fdatasync engine: the fallback where io_uring is unavailable.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use super::{FileId, IoEngine, IoOp, OpenMode};
+
+/// Runs batches with positional syscalls. Between two syncs, a batch of four or more operations
+/// is split across two scoped threads (the machine has two cores), so a group commit of many
+/// writes is not serialised behind one thread.
+pub struct SyncEngine {
+    files: HashMap<FileId, File>,
+    next: u32,
+}
+
+impl Default for SyncEngine {
+    fn default() -> Self {
+        SyncEngine::new()
+    }
+}
+
+impl SyncEngine {
+    pub fn new() -> SyncEngine {
+        SyncEngine { files: HashMap::new(), next: 1 }
+    }
+}
+
+/// Opens `path`, with O_DIRECT when asked and supported (tmpfs refuses it with EINVAL, and
+/// then the page cache is used; fdatasync keeps durability either way).
+pub(super) fn open_file(path: &Path, mode: OpenMode) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(mode.create);
+    if mode.direct {
+        let mut direct = options.clone();
+        direct.custom_flags(libc::O_DIRECT);
+        match direct.open(path) {
+            Ok(f) => return Ok(f),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    options.open(path)
+}
+
+pub(super) fn fallocate(file: &File, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on an open descriptor.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        // No fallocate (some tmpfs versions): extend instead; reads still return zeroes.
+        if file.metadata()?.len() < len {
+            file.set_len(len)?;
+        }
+        return Ok(());
+    }
+    Err(e)
+}
+
+pub(super) fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::rename(from, to)?;
+    let dir = to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
+pub(super) fn list_dir(dir: &Path) -> io::Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        out.push(entry?.path());
+    }
+    Ok(out)
+}
+
+fn run_one(files: &HashMap<FileId, File>, op: &mut IoOp<'_>) -> io::Result<usize> {
+    let file = |id: &FileId| files.get(id).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "unknown file id"));
+    match op {
+        IoOp::Write { file: id, offset, buf } => file(id)?.write_at(buf, *offset),
+        IoOp::Read { file: id, offset, buf } => file(id)?.read_at(buf, *offset),
+        IoOp::Sync { file: id } => file(id)?.sync_data().map(|_| 0),
+    }
+}
+
+impl IoEngine for SyncEngine {
+    fn name(&self) -> &'static str {
+        "sync"
+    }
+
+    fn open(&mut self, path: &Path, mode: OpenMode) -> io::Result<FileId> {
+        let f = open_file(path, mode)?;
+        let id = FileId(self.next);
+        self.next += 1;
+        self.files.insert(id, f);
+        Ok(id)
+    }
+
+    fn close(&mut self, file: FileId) {
+        self.files.remove(&file);
+    }
+
+    fn len(&mut self, file: FileId) -> io::Result<u64> {
+        Ok(self.files.get(&file).ok_or_else(|| io::Error::other("unknown file id"))?.metadata()?.len())
+    }
+
+    fn allocate(&mut self, file: FileId, len: u64) -> io::Result<()> {
+        fallocate(self.files.get(&file).ok_or_else(|| io::Error::other("unknown file id"))?, len)
+    }
+
+    fn submit(&mut self, ops: &mut [IoOp<'_>]) -> Vec<io::Result<usize>> {
+        let mut results: Vec<io::Result<usize>> = Vec::with_capacity(ops.len());
+        let files = &self.files;
+        let mut start = 0;
+        while start < ops.len() {
+            // A run of non-sync operations, then (maybe) the sync that ends it.
+            let mut end = start;
+            while end < ops.len() && !matches!(ops[end], IoOp::Sync { .. }) {
+                end += 1;
+            }
+            let run = &mut ops[start..end];
+            if run.len() >= 4 {
+                let (a, b) = run.split_at_mut(run.len() / 2);
+                let (ra, rb) = std::thread::scope(|s| {
+                    let h = s.spawn(|| a.iter_mut().map(|op| run_one(files, op)).collect::<Vec<_>>());
+                    let rb: Vec<_> = b.iter_mut().map(|op| run_one(files, op)).collect();
+                    (h.join().expect("io thread panicked"), rb)
+                });
+                results.extend(ra);
+                results.extend(rb);
+            } else {
+                results.extend(run.iter_mut().map(|op| run_one(files, op)));
+            }
+            if end < ops.len() {
+                results.push(run_one(files, &mut ops[end]));
+                end += 1;
+            }
+            start = end;
+        }
+        results
+    }
+
+    fn rename_durable(&mut self, from: &Path, to: &Path) -> io::Result<()> {
+        rename_durable(from, to)
+    }
+
+    fn remove(&mut self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn list_dir(&mut self, dir: &Path) -> io::Result<Vec<std::path::PathBuf>> {
+        super::sync::list_dir(dir)
+    }
+}

@@ -1,0 +1,140 @@
+//! io_uring engine: one ring per engine (one engine per disk thread), batched submission,
+//! fdatasync ordered after the writes of its batch with IOSQE_IO_DRAIN.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use super::sync::{fallocate, open_file, rename_durable};
+use super::{FileId, IoEngine, IoOp, OpenMode};
+
+pub struct UringEngine {
+    ring: IoUring,
+    files: HashMap<FileId, File>,
+    next: u32,
+}
+
+impl UringEngine {
+    /// A ring with `entries` submission slots. Fails with EPERM/ENOSYS where io_uring is
+    /// disabled; `open_engine(Auto)` then falls back to the sync engine.
+    pub fn new(entries: u32) -> io::Result<UringEngine> {
+        Ok(UringEngine { ring: IoUring::new(entries)?, files: HashMap::new(), next: 1 })
+    }
+
+    fn fd(&self, id: FileId) -> io::Result<types::Fd> {
+        Ok(types::Fd(self.files.get(&id).ok_or_else(|| io::Error::other("unknown file id"))?.as_raw_fd()))
+    }
+}
+
+impl IoEngine for UringEngine {
+    fn name(&self) -> &'static str {
+        "uring"
+    }
+
+    fn open(&mut self, path: &Path, mode: OpenMode) -> io::Result<FileId> {
+        let f = open_file(path, mode)?;
+        let id = FileId(self.next);
+        self.next += 1;
+        self.files.insert(id, f);
+        Ok(id)
+    }
+
+    fn close(&mut self, file: FileId) {
+        self.files.remove(&file);
+    }
+
+    fn len(&mut self, file: FileId) -> io::Result<u64> {
+        Ok(self.files.get(&file).ok_or_else(|| io::Error::other("unknown file id"))?.metadata()?.len())
+    }
+
+    fn allocate(&mut self, file: FileId, len: u64) -> io::Result<()> {
+        fallocate(self.files.get(&file).ok_or_else(|| io::Error::other("unknown file id"))?, len)
+    }
+
+    fn submit(&mut self, ops: &mut [IoOp<'_>]) -> Vec<io::Result<usize>> {
+        let mut results: Vec<Option<io::Result<usize>>> = (0..ops.len()).map(|_| None).collect();
+        let capacity = self.ring.params().sq_entries() as usize;
+        let mut next = 0;
+        while next < ops.len() {
+            // Fill the submission queue with as many operations as fit, then wait for all of
+            // them: a later chunk never overtakes an earlier one, so syncs stay ordered.
+            let chunk_end = (next + capacity).min(ops.len());
+            let mut pushed = 0;
+            for (i, op) in ops[next..chunk_end].iter_mut().enumerate() {
+                let user_data = (next + i) as u64;
+                let entry = match op {
+                    IoOp::Write { file, offset, buf } => match self.fd(*file) {
+                        Ok(fd) => opcode::Write::new(fd, buf.as_ptr(), buf.len() as u32).offset(*offset).build(),
+                        Err(e) => {
+                            results[next + i] = Some(Err(e));
+                            continue;
+                        }
+                    },
+                    IoOp::Read { file, offset, buf } => match self.fd(*file) {
+                        Ok(fd) => opcode::Read::new(fd, buf.as_mut_ptr(), buf.len() as u32).offset(*offset).build(),
+                        Err(e) => {
+                            results[next + i] = Some(Err(e));
+                            continue;
+                        }
+                    },
+                    IoOp::Sync { file } => match self.fd(*file) {
+                        Ok(fd) => opcode::Fsync::new(fd)
+                            .flags(types::FsyncFlags::DATASYNC)
+                            .build()
+                            .flags(squeue::Flags::IO_DRAIN),
+                        Err(e) => {
+                            results[next + i] = Some(Err(e));
+                            continue;
+                        }
+                    },
+                };
+                // SAFETY: the buffers referenced by the entry live in `ops`, which outlives this
+                // call, and we wait for every submitted entry before returning.
+                unsafe {
+                    self.ring
+                        .submission()
+                        .push(&entry.user_data(user_data))
+                        .expect("submission queue sized to capacity");
+                }
+                pushed += 1;
+            }
+            let mut completed = 0;
+            while completed < pushed {
+                if let Err(e) = self.ring.submit_and_wait(pushed - completed) {
+                    if e.raw_os_error() == Some(libc::EINTR) {
+                        continue;
+                    }
+                    // The ring itself failed: every operation still in flight fails with it.
+                    for r in results.iter_mut().filter(|r| r.is_none()) {
+                        *r = Some(Err(io::Error::new(e.kind(), e.to_string())));
+                    }
+                    return results.into_iter().map(|r| r.unwrap()).collect();
+                }
+                for cqe in self.ring.completion() {
+                    let i = cqe.user_data() as usize;
+                    let res = cqe.result();
+                    results[i] = Some(if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as usize) });
+                    completed += 1;
+                }
+            }
+            next = chunk_end;
+        }
+        results.into_iter().map(|r| r.expect("every operation completed")).collect()
+    }
+
+    fn rename_durable(&mut self, from: &Path, to: &Path) -> io::Result<()> {
+        rename_durable(from, to)
+    }
+
+    fn remove(&mut self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn list_dir(&mut self, dir: &Path) -> io::Result<Vec<std::path::PathBuf>> {
+        super::sync::list_dir(dir)
+    }
+}

@@ -1,0 +1,106 @@
+//! Crash-safe small files: the hard state (term, vote, sync term) and the checkpoint (index and
+//! client table).
+//!
+//! Each is replaced atomically: write the new contents to `NAME.tmp`, fdatasync it, rename over
+//! `NAME`, fsync the directory. A crash leaves either the old file or the new one, never a mix;
+//! a checksum guards against bit rot, and a bad checksum is an error, never a guess (a replica
+//! that forgot its vote could vote twice in a term).
+
+use std::path::Path;
+
+use bytes::{BufMut, BytesMut};
+use parallelraft::table::ClientTable;
+use parallelraft::{CheckpointState, HardState, Index, ReplicaId, Term};
+
+use super::io::{check_batch, AlignedBuf, IoEngine, IoOp, OpenMode, ALIGN};
+use super::{Result, StorageError};
+
+const MAGIC: u32 = u32::from_le_bytes(*b"PRMD");
+const HARD_STATE: &str = "hardstate";
+const CHECKPOINT: &str = "checkpoint";
+
+fn write_atomic(engine: &mut dyn IoEngine, dir: &Path, name: &str, body: &[u8]) -> Result<()> {
+    // Frame: magic, body length, crc32 of body, body; padded to a whole number of pages.
+    let framed_len = 12 + body.len();
+    let mut buf = AlignedBuf::zeroed(framed_len.div_ceil(ALIGN) * ALIGN);
+    buf[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    buf[4..8].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    buf[8..12].copy_from_slice(&crc32fast::hash(body).to_le_bytes());
+    buf[12..framed_len].copy_from_slice(body);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let file = engine.open(&tmp, OpenMode { create: true, direct: true })?;
+    let results = engine.submit(&mut [IoOp::Write { file, offset: 0, buf: &buf }, IoOp::Sync { file }]);
+    engine.close(file);
+    check_batch(&results, &[buf.len(), 0])?;
+    engine.rename_durable(&tmp, &dir.join(name))?;
+    Ok(())
+}
+
+fn read_framed(engine: &mut dyn IoEngine, dir: &Path, name: &str) -> Result<Option<Vec<u8>>> {
+    let path = dir.join(name);
+    let file = match engine.open(&path, OpenMode { create: false, direct: true }) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let len = engine.len(file)? as usize;
+    if len < ALIGN || !len.is_multiple_of(ALIGN) {
+        engine.close(file);
+        return Err(StorageError::Corrupt { what: format!("{name}: size {len} is not whole pages") });
+    }
+    let mut buf = AlignedBuf::zeroed(len);
+    let results = engine.submit(&mut [IoOp::Read { file, offset: 0, buf: &mut buf }]);
+    engine.close(file);
+    check_batch(&results, &[len])?;
+    let magic = u32::from_le_bytes(buf[0..4].try_into().unwrap());
+    let body_len = u32::from_le_bytes(buf[4..8].try_into().unwrap()) as usize;
+    let crc = u32::from_le_bytes(buf[8..12].try_into().unwrap());
+    if magic != MAGIC || 12 + body_len > len || crc32fast::hash(&buf[12..12 + body_len]) != crc {
+        return Err(StorageError::Corrupt { what: format!("{name} fails its checksum") });
+    }
+    Ok(Some(buf[12..12 + body_len].to_vec()))
+}
+
+pub fn save_hard_state(engine: &mut dyn IoEngine, dir: &Path, hard: &HardState) -> Result<()> {
+    let mut body = BytesMut::new();
+    body.put_u64_le(hard.term.0);
+    body.put_u64_le(hard.voted_for.map_or(u64::MAX, |v| v.0 as u64));
+    body.put_u64_le(hard.sync.0);
+    body.put_u64_le(hard.sync_end.0);
+    write_atomic(engine, dir, HARD_STATE, &body)
+}
+
+/// The saved hard state, or the initial one for a new replica.
+pub fn load_hard_state(engine: &mut dyn IoEngine, dir: &Path) -> Result<HardState> {
+    let Some(body) = read_framed(engine, dir, HARD_STATE)? else {
+        return Ok(HardState::default());
+    };
+    if body.len() != 32 {
+        return Err(StorageError::Corrupt { what: format!("hard state of {} bytes", body.len()) });
+    }
+    let word = |i: usize| u64::from_le_bytes(body[i * 8..i * 8 + 8].try_into().unwrap());
+    let voted_for = match word(1) {
+        u64::MAX => None,
+        v => Some(ReplicaId(u32::try_from(v).map_err(|_| StorageError::Corrupt { what: "vote out of range".into() })?)),
+    };
+    Ok(HardState { term: Term(word(0)), voted_for, sync: Term(word(2)), sync_end: Index(word(3)) })
+}
+
+pub fn save_checkpoint(engine: &mut dyn IoEngine, dir: &Path, checkpoint: &CheckpointState) -> Result<()> {
+    let mut body = BytesMut::new();
+    body.put_u64_le(checkpoint.index.0);
+    checkpoint.table.encode(&mut body);
+    write_atomic(engine, dir, CHECKPOINT, &body)
+}
+
+pub fn load_checkpoint(engine: &mut dyn IoEngine, dir: &Path) -> Result<CheckpointState> {
+    let Some(body) = read_framed(engine, dir, CHECKPOINT)? else {
+        return Ok(CheckpointState::default());
+    };
+    if body.len() < 8 {
+        return Err(StorageError::Corrupt { what: "checkpoint too short".into() });
+    }
+    let index = Index(u64::from_le_bytes(body[0..8].try_into().unwrap()));
+    let table = ClientTable::decode(&body[8..]).map_err(|e| StorageError::Corrupt { what: e.to_string() })?;
+    Ok(CheckpointState { index, table })
+}

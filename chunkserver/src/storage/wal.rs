@@ -1,0 +1,470 @@
+//! Per-chunk write-ahead log: preallocated segments of 4 KiB-aligned records, group commit,
+//! and recovery that tells a torn tail from corruption in the middle.
+//!
+//! Record layout (little endian), each starting on a 4 KiB boundary of its segment:
+//!
+//! ```text
+//!  0 magic u32 "PRWL"        4 crc32 u32 over bytes 8..80 and the payload
+//!  8 kind u8, pad[3]         12 payload_len u32
+//! 16 seq u64                 24 batch u64         32 batch_position u32, batch_len u32
+//! 40 chunk_id u64            48 index u64         56 term u64          64 ballot u64
+//! 72 lba_offset u64 ... 80 lba_len u64 ... 88 payload (encoded entry), zero padding to 4 KiB
+//! ```
+//!
+//! Group commit: [`Wal::append`] writes all its records in one write per segment touched and
+//! one fdatasync; the batch is durable when it returns. Batches are numbered; every record
+//! names its batch and its position in it. Because a batch is issued only after the previous
+//! one's sync completed, an invalid record followed by a valid record of a *later* batch is
+//! corruption of synced data (reported, the entry marked missing so the protocol fetches it
+//! from a peer), while an invalid record with nothing of a later batch after it is a torn tail:
+//! that batch never completed, was never acknowledged, and is discarded whole.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+
+use bytes::BytesMut;
+use parallelraft::codec::{decode_entry, encode_entry, encoded_len};
+use parallelraft::{Entry, Index, Op, Term};
+
+use super::io::{check_batch, AlignedBuf, FileId, IoEngine, IoOp, OpenMode, ALIGN};
+use super::{Result, StorageError};
+
+const MAGIC: u32 = u32::from_le_bytes(*b"PRWL");
+const HEADER_LEN: usize = 88;
+const KIND_ENTRY: u8 = 1;
+const KIND_TRUNCATE: u8 = 2;
+
+/// What the protocol asks the log to make durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WalRecord {
+    Entry(Entry),
+    /// Every entry above `after` written before this record is void.
+    Truncate {
+        after: Index,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct WalOptions {
+    /// Size of each preallocated segment file.
+    pub segment_bytes: u64,
+    pub direct: bool,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions { segment_bytes: 64 << 20, direct: true }
+    }
+}
+
+/// An invalid record followed by valid records of later batches: synced data went bad.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Corruption {
+    pub segment: u64,
+    pub offset: u64,
+    /// The index the damaged header claims, if its magic survived (unverified).
+    pub index_hint: Option<Index>,
+}
+
+/// What recovery found.
+#[derive(Clone, Debug, Default)]
+pub struct Recovery {
+    /// The log as the records, replayed in order, leave it.
+    pub entries: Vec<Entry>,
+    pub records: u64,
+    /// Records of an unfinished batch at the end were discarded.
+    pub torn_tail: bool,
+    pub corruptions: Vec<Corruption>,
+}
+
+struct Segment {
+    number: u64,
+    path: PathBuf,
+    file: FileId,
+    /// Highest entry index recorded in the segment (for pruning).
+    max_index: Index,
+}
+
+pub struct Wal {
+    engine: Box<dyn IoEngine>,
+    dir: PathBuf,
+    chunk_id: u64,
+    options: WalOptions,
+    segments: VecDeque<Segment>,
+    /// Write position in the last segment.
+    tail: u64,
+    next_seq: u64,
+    next_batch: u64,
+}
+
+fn round_up(n: usize) -> usize {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+struct Parsed {
+    kind: u8,
+    seq: u64,
+    batch: u64,
+    batch_position: u32,
+    batch_len: u32,
+    index: Index,
+    payload: Vec<u8>,
+    /// Bytes the record occupies (aligned).
+    span: usize,
+}
+
+/// Validates one record at the start of `buf`. `Ok(None)`: the area is unwritten (zeroes).
+fn parse_record(buf: &[u8], chunk_id: u64) -> std::result::Result<Option<Parsed>, Option<Index>> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(buf[o..o + 4].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().unwrap());
+    let magic = u32_at(0);
+    if magic == 0 && buf[..HEADER_LEN].iter().all(|b| *b == 0) {
+        return Ok(None);
+    }
+    let hint = (magic == MAGIC).then(|| Index(u64_at(48)));
+    if magic != MAGIC {
+        return Err(None);
+    }
+    let payload_len = u32_at(12) as usize;
+    if HEADER_LEN + payload_len > buf.len() {
+        return Err(hint);
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&buf[8..HEADER_LEN]);
+    crc.update(&buf[HEADER_LEN..HEADER_LEN + payload_len]);
+    if crc.finalize() != u32_at(4) || u64_at(40) != chunk_id {
+        return Err(hint);
+    }
+    Ok(Some(Parsed {
+        kind: buf[8],
+        seq: u64_at(16),
+        batch: u64_at(24),
+        batch_position: u32_at(32),
+        batch_len: u32_at(36),
+        index: Index(u64_at(48)),
+        payload: buf[HEADER_LEN..HEADER_LEN + payload_len].to_vec(),
+        span: round_up(HEADER_LEN + payload_len),
+    }))
+}
+
+impl Wal {
+    fn segment_path(dir: &Path, chunk_id: u64, number: u64) -> PathBuf {
+        dir.join(format!("wal-{chunk_id:016x}-{number:010}.log"))
+    }
+
+    fn parse_segment_name(path: &Path, chunk_id: u64) -> Option<u64> {
+        let name = path.file_name()?.to_str()?;
+        let rest = name.strip_prefix(&format!("wal-{chunk_id:016x}-"))?.strip_suffix(".log")?;
+        rest.parse().ok()
+    }
+
+    /// Opens (or creates) the log of `chunk_id` in `dir` and recovers it.
+    pub fn open(
+        mut engine: Box<dyn IoEngine>,
+        dir: &Path,
+        chunk_id: u64,
+        options: WalOptions,
+    ) -> Result<(Wal, Recovery)> {
+        if options.segment_bytes < (2 * ALIGN) as u64 || !options.segment_bytes.is_multiple_of(ALIGN as u64) {
+            return Err(StorageError::Invalid(format!(
+                "segment size {} not a multiple of {ALIGN}",
+                options.segment_bytes
+            )));
+        }
+        let mut numbers: Vec<u64> =
+            engine.list_dir(dir)?.iter().filter_map(|p| Wal::parse_segment_name(p, chunk_id)).collect();
+        numbers.sort_unstable();
+        let mut segments = VecDeque::new();
+        let mut images = Vec::new();
+        for number in numbers {
+            let path = Wal::segment_path(dir, chunk_id, number);
+            let file = engine.open(&path, OpenMode { create: false, direct: options.direct })?;
+            let len = (engine.len(file)? as usize / ALIGN) * ALIGN;
+            let mut image = AlignedBuf::zeroed(len.max(ALIGN));
+            if len > 0 {
+                let results = engine.submit(&mut [IoOp::Read { file, offset: 0, buf: &mut image[..len] }]);
+                check_batch(&results, &[len])?;
+            }
+            images.push((number, image, len));
+            segments.push_back(Segment { number, path, file, max_index: Index(0) });
+        }
+        let mut wal =
+            Wal { engine, dir: dir.to_path_buf(), chunk_id, options, segments, tail: 0, next_seq: 1, next_batch: 1 };
+        let recovery = wal.recover(&images)?;
+        if wal.segments.is_empty() {
+            wal.new_segment()?;
+        }
+        Ok((wal, recovery))
+    }
+
+    /// Parses every segment image and replays the valid records; sets the write position.
+    fn recover(&mut self, images: &[(u64, AlignedBuf, usize)]) -> Result<Recovery> {
+        // All valid records with their positions, and the invalid regions between them.
+        struct At {
+            seg: usize,
+            offset: usize,
+            rec: Parsed,
+        }
+        let mut valid: Vec<At> = Vec::new();
+        let mut invalid: Vec<(usize, usize, Option<Index>)> = Vec::new();
+        for (seg, (_, image, len)) in images.iter().enumerate() {
+            let mut offset = 0;
+            while offset + HEADER_LEN <= *len {
+                match parse_record(&image[offset..*len], self.chunk_id) {
+                    Ok(Some(rec)) => {
+                        let span = rec.span;
+                        valid.push(At { seg, offset, rec });
+                        offset += span;
+                    }
+                    Ok(None) => break, // unwritten: the rest of this segment is empty
+                    Err(hint) => {
+                        if invalid.last().is_none_or(|(s, o, _)| (*s, *o) != (seg, offset)) {
+                            invalid.push((seg, offset, hint));
+                        }
+                        offset += ALIGN; // look for the next record boundary
+                    }
+                }
+            }
+        }
+        let mut recovery = Recovery::default();
+        // Each maximal invalid region, with the batch its bytes belong to.
+        let mut regions: Vec<(usize, usize, Option<Index>)> = Vec::new();
+        for r in invalid {
+            let contiguous = regions.last().is_some_and(|(s, o, _)| {
+                !valid.iter().any(|v| (v.seg, v.offset) > (*s, *o) && (v.seg, v.offset) < (r.0, r.1))
+            });
+            if !contiguous {
+                regions.push(r);
+            }
+        }
+        let last_batch = valid.iter().map(|v| v.rec.batch).max().unwrap_or(0);
+        for (seg, offset, hint) in &regions {
+            let later = valid.iter().filter(|v| (v.seg, v.offset) > (*seg, *offset)).map(|v| v.rec.batch).min();
+            let before = valid.iter().rev().find(|v| (v.seg, v.offset) < (*seg, *offset));
+            // The damaged bytes belong to the previous record's batch if that batch is
+            // incomplete there, else to the next batch.
+            let damaged_batch = match before {
+                Some(v) if v.rec.batch_position + 1 < v.rec.batch_len => v.rec.batch,
+                Some(v) => v.rec.batch + 1,
+                None => 1,
+            };
+            if later.is_some_and(|b| b > damaged_batch) || valid.iter().any(|v| v.rec.batch > damaged_batch) {
+                recovery.corruptions.push(Corruption {
+                    segment: images[*seg].0,
+                    offset: *offset as u64,
+                    index_hint: *hint,
+                });
+            }
+        }
+        // A batch is whole when every position is present. The last batch, if not whole, never
+        // finished its sync: a torn tail, discarded entirely. An earlier batch that is not whole
+        // lost synced records: corruption (its surviving records are kept).
+        let mut present: BTreeMap<u64, (u32, usize)> = BTreeMap::new();
+        for v in &valid {
+            let e = present.entry(v.rec.batch).or_insert((v.rec.batch_len, 0));
+            e.1 += 1;
+        }
+        let torn_batch = present.get(&last_batch).filter(|(len, n)| *n < *len as usize).map(|_| last_batch);
+        for (batch, (len, n)) in &present {
+            if *n < *len as usize && Some(*batch) != torn_batch && recovery.corruptions.is_empty() {
+                recovery.corruptions.push(Corruption { segment: 0, offset: 0, index_hint: None });
+            }
+        }
+        let trailing_garbage = regions.iter().any(|(s, o, _)| valid.iter().all(|v| (v.seg, v.offset) < (*s, *o)));
+        if torn_batch.is_some() || trailing_garbage {
+            recovery.torn_tail = true;
+        }
+        if let Some(b) = torn_batch {
+            valid.retain(|v| v.rec.batch != b);
+        }
+        // Replay in record order.
+        valid.sort_by_key(|v| v.rec.seq);
+        let mut log: BTreeMap<Index, Entry> = BTreeMap::new();
+        for v in &valid {
+            match v.rec.kind {
+                KIND_ENTRY => {
+                    let entry = decode_entry(&v.rec.payload).map_err(|e| StorageError::Corrupt {
+                        what: format!("WAL record seq {} passed its checksum but does not decode: {e}", v.rec.seq),
+                    })?;
+                    let seg = &mut self.segments[v.seg];
+                    seg.max_index = seg.max_index.max(entry.index);
+                    log.insert(entry.index, entry);
+                }
+                KIND_TRUNCATE => {
+                    log.split_off(&v.rec.index.next());
+                }
+                other => {
+                    return Err(StorageError::Corrupt { what: format!("unknown WAL record kind {other}") });
+                }
+            }
+        }
+        recovery.records = valid.len() as u64;
+        recovery.entries = log.into_values().collect();
+        self.next_seq = valid.iter().map(|v| v.rec.seq).max().unwrap_or(0) + 1;
+        self.next_batch = valid.iter().map(|v| v.rec.batch).max().unwrap_or(0) + 1;
+        // Resume writing after the last kept record (overwriting a torn tail), in its segment;
+        // drop later segments that kept nothing.
+        let end = valid.iter().max_by_key(|v| (v.seg, v.offset)).map(|last| (last.seg, last.offset + last.rec.span));
+        if let Some((seg, offset)) = end {
+            while self.segments.len() > seg + 1 {
+                let s = self.segments.pop_back().unwrap();
+                self.engine.close(s.file);
+                self.engine.remove(&s.path)?;
+            }
+            self.tail = offset as u64;
+        } else {
+            self.tail = 0;
+        }
+        Ok(recovery)
+    }
+
+    /// Creates the next segment: preallocated under a temporary name, then renamed durably,
+    /// so a crash never leaves a half-created segment under a real name.
+    fn new_segment(&mut self) -> Result<()> {
+        let number = self.segments.back().map_or(1, |s| s.number + 1);
+        let path = Wal::segment_path(&self.dir, self.chunk_id, number);
+        let tmp = path.with_extension("tmp");
+        let file = self.engine.open(&tmp, OpenMode { create: true, direct: self.options.direct })?;
+        self.engine.allocate(file, self.options.segment_bytes)?;
+        let results = self.engine.submit(&mut [IoOp::Sync { file }]);
+        check_batch(&results, &[0])?;
+        self.engine.rename_durable(&tmp, &path)?;
+        self.segments.push_back(Segment { number, path, file, max_index: Index(0) });
+        self.tail = 0;
+        Ok(())
+    }
+
+    fn record_len(record: &WalRecord) -> usize {
+        round_up(
+            HEADER_LEN
+                + match record {
+                    WalRecord::Entry(e) => encoded_len(e),
+                    WalRecord::Truncate { .. } => 0,
+                },
+        )
+    }
+
+    fn encode(&self, record: &WalRecord, seq: u64, batch: u64, position: u32, len: u32, out: &mut [u8]) {
+        let mut payload = BytesMut::new();
+        let (kind, index, term, ballot, lba) = match record {
+            WalRecord::Entry(e) => {
+                encode_entry(e, &mut payload);
+                let lba = match &e.op {
+                    Op::Noop => (0, 0),
+                    Op::Write { offset, data } => (*offset, data.len() as u64),
+                    Op::Trim { offset, len_bytes } | Op::WriteZeroes { offset, len_bytes } => (*offset, *len_bytes),
+                };
+                (KIND_ENTRY, e.index, e.term, e.ballot, lba)
+            }
+            WalRecord::Truncate { after } => (KIND_TRUNCATE, *after, Term(0), Term(0), (0, 0)),
+        };
+        out[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        out[8] = kind;
+        out[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        out[16..24].copy_from_slice(&seq.to_le_bytes());
+        out[24..32].copy_from_slice(&batch.to_le_bytes());
+        out[32..36].copy_from_slice(&position.to_le_bytes());
+        out[36..40].copy_from_slice(&len.to_le_bytes());
+        out[40..48].copy_from_slice(&self.chunk_id.to_le_bytes());
+        out[48..56].copy_from_slice(&index.0.to_le_bytes());
+        out[56..64].copy_from_slice(&term.0.to_le_bytes());
+        out[64..72].copy_from_slice(&ballot.0.to_le_bytes());
+        out[72..80].copy_from_slice(&lba.0.to_le_bytes());
+        out[80..88].copy_from_slice(&lba.1.to_le_bytes());
+        out[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(&payload);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&out[8..HEADER_LEN + payload.len()]);
+        out[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
+    }
+
+    /// Makes `records` durable as one batch: one write per segment touched, one fdatasync.
+    /// On error the replica must stop ([`StorageError::Fatal`]): nothing of the batch may be
+    /// acknowledged.
+    pub fn append(&mut self, records: &[WalRecord]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let lens: Vec<usize> = records.iter().map(Wal::record_len).collect();
+        let segment_bytes = self.options.segment_bytes as usize;
+        if let Some(too_big) = lens.iter().find(|l| **l > segment_bytes) {
+            return Err(StorageError::Invalid(format!("record of {too_big} bytes exceeds the segment size")));
+        }
+        let batch = self.next_batch;
+        self.next_batch += 1;
+        // Lay the records out, rotating segments when the next record does not fit.
+        let mut pieces: Vec<(usize, u64, AlignedBuf)> = Vec::new(); // (segment slot, offset, bytes)
+        let mut i = 0;
+        while i < records.len() {
+            if self.tail as usize + lens[i] > segment_bytes {
+                // Write what we have for the full segment before rotating: ordering by slot.
+                self.new_segment()?;
+            }
+            let start = i;
+            let mut bytes = 0;
+            while i < records.len() && self.tail as usize + bytes + lens[i] <= segment_bytes {
+                bytes += lens[i];
+                i += 1;
+            }
+            let mut buf = AlignedBuf::zeroed(bytes);
+            let mut at = 0;
+            for (k, record) in records[start..i].iter().enumerate() {
+                let position = (start + k) as u32;
+                self.encode(
+                    record,
+                    self.next_seq,
+                    batch,
+                    position,
+                    records.len() as u32,
+                    &mut buf[at..at + lens[start + k]],
+                );
+                self.next_seq += 1;
+                if let WalRecord::Entry(e) = record {
+                    let seg = self.segments.back_mut().unwrap();
+                    seg.max_index = seg.max_index.max(e.index);
+                }
+                at += lens[start + k];
+            }
+            pieces.push((self.segments.len() - 1, self.tail, buf));
+            self.tail += bytes as u64;
+        }
+        let mut ops = Vec::new();
+        let mut expected = Vec::new();
+        for (slot, offset, buf) in &pieces {
+            ops.push(IoOp::Write { file: self.segments[*slot].file, offset: *offset, buf });
+            expected.push(buf.len());
+        }
+        let mut synced: Vec<usize> = pieces.iter().map(|p| p.0).collect();
+        synced.dedup();
+        for slot in synced {
+            ops.push(IoOp::Sync { file: self.segments[slot].file });
+            expected.push(0);
+        }
+        let results = self.engine.submit(&mut ops);
+        check_batch(&results, &expected)?;
+        Ok(())
+    }
+
+    /// Deletes the oldest segments whose entries are all at or below `checkpoint` (covered by a
+    /// durable checkpoint). The segment being written is kept.
+    pub fn prune(&mut self, checkpoint: Index) -> Result<usize> {
+        let mut removed = 0;
+        while self.segments.len() > 1 && self.segments[0].max_index <= checkpoint {
+            let s = self.segments.pop_front().unwrap();
+            self.engine.close(s.file);
+            self.engine.remove(&s.path)?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+}

@@ -8,6 +8,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use lbb::{LookBehind, Range, RangeSet};
 
 use crate::entry::{Entry, Op};
+use crate::message::{CommitNotice, Message};
+use crate::table::ClientTable;
 use crate::types::{ClientId, Index, RequestId, Term};
 
 /// A decoding failure: the bytes are not an entry this code wrote.
@@ -174,9 +176,231 @@ pub fn decode_entry(buf: &[u8]) -> Result<Entry, DecodeError> {
     Ok(Entry { index, term, ballot, op, request, floor, look_behind: LookBehind::new(previous) })
 }
 
+fn put_entries(entries: &[Entry], out: &mut BytesMut) {
+    out.put_u32_le(entries.len() as u32);
+    for e in entries {
+        out.put_u32_le(encoded_len(e) as u32);
+        encode_entry(e, out);
+    }
+}
+
+fn put_commit(commit: &CommitNotice, out: &mut BytesMut) {
+    out.put_u64_le(commit.watermark.0);
+    out.put_u32_le(commit.above.len() as u32);
+    for i in &commit.above {
+        out.put_u64_le(i.0);
+    }
+}
+
+/// Encodes a peer message: a tag byte, then the variant's fields in declaration order;
+/// entry lists are a count and length-prefixed entries.
+pub fn encode_message(message: &Message, out: &mut BytesMut) {
+    match message {
+        Message::PreVote { term, sync, sync_end, committed } => {
+            out.put_u8(1);
+            for v in [term.0, sync.0, sync_end.0, committed.0] {
+                out.put_u64_le(v);
+            }
+        }
+        Message::PreVoteResponse { term, granted } => {
+            out.put_u8(2);
+            out.put_u64_le(term.0);
+            out.put_u8(*granted as u8);
+        }
+        Message::Vote { term, sync, sync_end, committed } => {
+            out.put_u8(3);
+            for v in [term.0, sync.0, sync_end.0, committed.0] {
+                out.put_u64_le(v);
+            }
+        }
+        Message::VoteResponse { term, granted, sync, committed, checkpoint, entries } => {
+            out.put_u8(4);
+            out.put_u64_le(term.0);
+            out.put_u8(*granted as u8);
+            for v in [sync.0, committed.0, checkpoint.0] {
+                out.put_u64_le(v);
+            }
+            put_entries(entries, out);
+        }
+        Message::Sync { term, base, end, entries } => {
+            out.put_u8(5);
+            for v in [term.0, base.0, end.0] {
+                out.put_u64_le(v);
+            }
+            put_entries(entries, out);
+        }
+        Message::Append { term, entries, commit } => {
+            out.put_u8(6);
+            out.put_u64_le(term.0);
+            put_entries(entries, out);
+            put_commit(commit, out);
+        }
+        Message::Heartbeat { term, commit, read_seq } => {
+            out.put_u8(7);
+            out.put_u64_le(term.0);
+            put_commit(commit, out);
+            out.put_u64_le(*read_seq);
+        }
+        Message::Ack { term, acked, durable, committed, synced, read_seq } => {
+            out.put_u8(8);
+            out.put_u64_le(term.0);
+            out.put_u32_le(acked.len() as u32);
+            for i in acked {
+                out.put_u64_le(i.0);
+            }
+            out.put_u64_le(durable.0);
+            out.put_u64_le(committed.0);
+            out.put_u8(*synced as u8);
+            out.put_u64_le(*read_seq);
+        }
+        Message::Snapshot { term, checkpoint, table, end, entries } => {
+            out.put_u8(9);
+            out.put_u64_le(term.0);
+            out.put_u64_le(checkpoint.0);
+            let mut t = BytesMut::new();
+            table.encode(&mut t);
+            out.put_u32_le(t.len() as u32);
+            out.put_slice(&t);
+            out.put_u64_le(end.0);
+            put_entries(entries, out);
+        }
+    }
+}
+
+impl Reader<'_> {
+    fn bool(&mut self) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DecodeError("bad boolean")),
+        }
+    }
+    fn index(&mut self) -> Result<Index, DecodeError> {
+        Ok(Index(self.u64()?))
+    }
+    fn term(&mut self) -> Result<Term, DecodeError> {
+        Ok(Term(self.u64()?))
+    }
+    /// A count read from the wire, checked against the bytes left so a hostile count cannot
+    /// make us allocate more than the message could hold.
+    fn count(&mut self, min_item_bytes: usize) -> Result<usize, DecodeError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_item_bytes) > self.buf.len() {
+            return Err(DecodeError("count exceeds message"));
+        }
+        Ok(n)
+    }
+    fn entries(&mut self) -> Result<Vec<Entry>, DecodeError> {
+        let n = self.count(4)?;
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = self.u32()? as usize;
+            entries.push(decode_entry(self.take(len)?)?);
+        }
+        Ok(entries)
+    }
+    fn indices(&mut self) -> Result<Vec<Index>, DecodeError> {
+        let n = self.count(8)?;
+        (0..n).map(|_| self.index()).collect()
+    }
+    fn commit(&mut self) -> Result<CommitNotice, DecodeError> {
+        Ok(CommitNotice { watermark: self.index()?, above: self.indices()? })
+    }
+}
+
+/// Decodes one message that fills `buf` exactly.
+pub fn decode_message(buf: &[u8]) -> Result<Message, DecodeError> {
+    let mut r = Reader { buf };
+    let message = match r.u8()? {
+        1 => Message::PreVote { term: r.term()?, sync: r.term()?, sync_end: r.index()?, committed: r.index()? },
+        2 => Message::PreVoteResponse { term: r.term()?, granted: r.bool()? },
+        3 => Message::Vote { term: r.term()?, sync: r.term()?, sync_end: r.index()?, committed: r.index()? },
+        4 => Message::VoteResponse {
+            term: r.term()?,
+            granted: r.bool()?,
+            sync: r.term()?,
+            committed: r.index()?,
+            checkpoint: r.index()?,
+            entries: r.entries()?,
+        },
+        5 => Message::Sync { term: r.term()?, base: r.index()?, end: r.index()?, entries: r.entries()? },
+        6 => Message::Append { term: r.term()?, entries: r.entries()?, commit: r.commit()? },
+        7 => Message::Heartbeat { term: r.term()?, commit: r.commit()?, read_seq: r.u64()? },
+        8 => Message::Ack {
+            term: r.term()?,
+            acked: r.indices()?,
+            durable: r.index()?,
+            committed: r.index()?,
+            synced: r.bool()?,
+            read_seq: r.u64()?,
+        },
+        9 => {
+            let term = r.term()?;
+            let checkpoint = r.index()?;
+            let len = r.u32()? as usize;
+            let table = ClientTable::decode(r.take(len)?)?;
+            Message::Snapshot { term, checkpoint, table, end: r.index()?, entries: r.entries()? }
+        }
+        _ => return Err(DecodeError("unknown message tag")),
+    };
+    if !r.buf.is_empty() {
+        return Err(DecodeError("trailing bytes"));
+    }
+    Ok(message)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let entry = Entry {
+            index: Index(5),
+            term: Term(1),
+            ballot: Term(2),
+            op: Op::Trim { offset: 0, len_bytes: 8192 },
+            request: None,
+            floor: 0,
+            look_behind: LookBehind::unknown(2),
+        };
+        let commit = CommitNotice { watermark: Index(3), above: vec![Index(5)] };
+        let mut table = ClientTable::default();
+        table.fold(&Entry { request: Some(RequestId { client: ClientId(4), seq: 1 }), ..entry.clone() });
+        let messages = vec![
+            Message::PreVote { term: Term(1), sync: Term(2), sync_end: Index(3), committed: Index(4) },
+            Message::PreVoteResponse { term: Term(9), granted: true },
+            Message::Vote { term: Term(1), sync: Term(2), sync_end: Index(3), committed: Index(4) },
+            Message::VoteResponse {
+                term: Term(1),
+                granted: false,
+                sync: Term(1),
+                committed: Index(2),
+                checkpoint: Index(1),
+                entries: vec![entry.clone(), entry.clone()],
+            },
+            Message::Sync { term: Term(3), base: Index(1), end: Index(5), entries: vec![entry.clone()] },
+            Message::Append { term: Term(3), entries: vec![entry.clone()], commit: commit.clone() },
+            Message::Heartbeat { term: Term(3), commit, read_seq: 77 },
+            Message::Ack {
+                term: Term(3),
+                acked: vec![Index(4), Index(6)],
+                durable: Index(3),
+                committed: Index(2),
+                synced: true,
+                read_seq: 8,
+            },
+            Message::Snapshot { term: Term(3), checkpoint: Index(2), table, end: Index(5), entries: vec![entry] },
+        ];
+        for m in messages {
+            let mut buf = BytesMut::new();
+            encode_message(&m, &mut buf);
+            assert_eq!(decode_message(&buf).unwrap(), m);
+            for cut in [0, 1, buf.len() - 1] {
+                assert!(decode_message(&buf[..cut]).is_err(), "{m:?} cut at {cut}");
+            }
+        }
+    }
 
     #[test]
     fn round_trip() {

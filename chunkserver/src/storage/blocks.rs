@@ -61,6 +61,15 @@ impl BlockMeta {
     }
 }
 
+/// One block of a store's image (see [`BlockStore::image`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageBlock {
+    pub block: u64,
+    pub version: Index,
+    /// `None`: the block reads as zeroes.
+    pub data: Option<Vec<u8>>,
+}
+
 pub struct BlockStore {
     engine: Box<dyn IoEngine>,
     data: FileId,
@@ -241,6 +250,91 @@ impl BlockStore {
                 self.write_zeroes(*offset, *len_bytes, entry.index)
             }
         }
+    }
+
+    pub fn block_count(&self) -> u64 {
+        self.blocks
+    }
+
+    /// The blocks of `first..first + count` that were ever written (version above 0), data
+    /// verified against its checksum: a slice of the image streaming catch-up sends.
+    pub fn image(&mut self, first: u64, count: u64) -> Result<Vec<ImageBlock>> {
+        if first.checked_add(count).is_none_or(|end| end > self.blocks) {
+            return Err(StorageError::Invalid(format!("blocks {first}+{count} beyond {}", self.blocks)));
+        }
+        let mut out = Vec::new();
+        if count == 0 {
+            return Ok(out);
+        }
+        let mut data = vec![0u8; (count * BLOCK_BYTES) as usize];
+        self.read_blocks(first, count, &mut data)?;
+        for k in 0..count {
+            let m = self.meta[(first + k) as usize];
+            if m.version == Index(0) && m.state == BlockState::Zero {
+                continue;
+            }
+            let bytes = match m.state {
+                BlockState::Zero => None,
+                BlockState::Data => Some(data[(k * BLOCK_BYTES) as usize..((k + 1) * BLOCK_BYTES) as usize].to_vec()),
+            };
+            out.push(ImageBlock { block: first + k, version: m.version, data: bytes });
+        }
+        Ok(out)
+    }
+
+    /// Sets one whole block (zeroes when `data` is `None`) at `version`, as installing a
+    /// snapshot image does.
+    pub fn put_block(&mut self, block: u64, version: Index, data: Option<&[u8]>) -> Result<()> {
+        if block >= self.blocks {
+            return Err(StorageError::Invalid(format!("block {block} beyond {}", self.blocks)));
+        }
+        match data {
+            Some(d) if d.len() as u64 == BLOCK_BYTES => self.write(block * BLOCK_BYTES, d, version),
+            Some(d) => Err(StorageError::Invalid(format!("image block of {} bytes", d.len()))),
+            None => self.write_zeroes(block * BLOCK_BYTES, BLOCK_BYTES, version),
+        }
+    }
+
+    /// Sets many whole blocks at their versions (a slice of a snapshot image), writing runs of
+    /// consecutive data blocks with one write each.
+    pub fn put_image(&mut self, image: &[ImageBlock]) -> Result<()> {
+        let mut k = 0;
+        while k < image.len() {
+            let start = k;
+            while k + 1 < image.len()
+                && image[k + 1].block == image[k].block + 1
+                && image[k].data.is_some()
+                && image[k + 1].data.is_some()
+            {
+                k += 1;
+            }
+            k += 1;
+            let run = &image[start..k];
+            let first = run[0].block;
+            if run.iter().any(|b| b.block >= self.blocks) {
+                return Err(StorageError::Invalid(format!("image block beyond {}", self.blocks)));
+            }
+            if run[0].data.is_none() {
+                self.put_block(first, run[0].version, None)?;
+                continue;
+            }
+            let mut buf = AlignedBuf::zeroed(run.len() * BLOCK_BYTES as usize);
+            for (j, b) in run.iter().enumerate() {
+                let data = b.data.as_deref().unwrap();
+                if data.len() as u64 != BLOCK_BYTES {
+                    return Err(StorageError::Invalid(format!("image block of {} bytes", data.len())));
+                }
+                buf[j * BLOCK_BYTES as usize..(j + 1) * BLOCK_BYTES as usize].copy_from_slice(data);
+                self.set_meta(
+                    b.block,
+                    BlockMeta { crc: crc32fast::hash(data), state: BlockState::Data, version: b.version },
+                );
+            }
+            let results =
+                self.engine.submit(&mut [IoOp::Write { file: self.data, offset: first * BLOCK_BYTES, buf: &buf }]);
+            check_batch(&results, &[buf.len()])?;
+        }
+        Ok(())
     }
 
     /// Makes every write so far durable: dirty metadata pages, then fdatasync of both files.

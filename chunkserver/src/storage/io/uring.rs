@@ -1,5 +1,8 @@
 //! io_uring engine: one ring per engine (one engine per disk thread), batched submission,
-//! fdatasync ordered after the writes of its batch with IOSQE_IO_DRAIN.
+//! fdatasync ordered after the writes of its batch with IOSQE_IO_DRAIN. A write immediately
+//! followed by the fdatasync of the same file (the WAL's group commit: one write per segment,
+//! one sync) is also linked to it with IOSQE_IO_LINK, so a failed or short write cancels the
+//! sync instead of syncing a batch with a hole in it.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -58,6 +61,13 @@ impl IoEngine for UringEngine {
     fn submit(&mut self, ops: &mut [IoOp<'_>]) -> Vec<io::Result<usize>> {
         let mut results: Vec<Option<io::Result<usize>>> = (0..ops.len()).map(|_| None).collect();
         let capacity = self.ring.params().sq_entries() as usize;
+        // For each operation: the file the next operation syncs, if it is a sync.
+        let ops_next_is_sync: Vec<Option<FileId>> = (0..ops.len())
+            .map(|i| match ops.get(i + 1) {
+                Some(IoOp::Sync { file }) => Some(*file),
+                _ => None,
+            })
+            .collect();
         let mut next = 0;
         while next < ops.len() {
             // Fill the submission queue with as many operations as fit, then wait for all of
@@ -66,9 +76,20 @@ impl IoEngine for UringEngine {
             let mut pushed = 0;
             for (i, op) in ops[next..chunk_end].iter_mut().enumerate() {
                 let user_data = (next + i) as u64;
+                let link_to_sync = match (&*op, ops_next_is_sync.get(next + i)) {
+                    (IoOp::Write { file, .. }, Some(Some(sync_file))) => next + i + 1 < chunk_end && file == sync_file,
+                    _ => false,
+                };
                 let entry = match op {
                     IoOp::Write { file, offset, buf } => match self.fd(*file) {
-                        Ok(fd) => opcode::Write::new(fd, buf.as_ptr(), buf.len() as u32).offset(*offset).build(),
+                        Ok(fd) => {
+                            let e = opcode::Write::new(fd, buf.as_ptr(), buf.len() as u32).offset(*offset).build();
+                            if link_to_sync {
+                                e.flags(squeue::Flags::IO_LINK)
+                            } else {
+                                e
+                            }
+                        }
                         Err(e) => {
                             results[next + i] = Some(Err(e));
                             continue;

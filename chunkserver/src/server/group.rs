@@ -1,0 +1,482 @@
+//! One chunk replica on this server: the protocol core plus the storage that executes its
+//! commands.
+//!
+//! Directory of a chunk replica:
+//! ```text
+//! chunk-00000003/
+//!   hardstate          term, vote, sync term (meta::save_hard_state)
+//!   wal-*.log          the write-ahead log
+//!   blocks/            blocks.dat, blocks.meta and the checkpoint that describes them
+//!   blocks.new/        a snapshot image being received (streaming catch-up)
+//! ```
+//! The checkpoint lives beside the blocks so that installing a snapshot (a directory swap)
+//! replaces image and checkpoint together.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use parallelraft::table::ClientTable;
+use parallelraft::{
+    CheckpointState, ClientError, ClientRequest, Command, Config, Event, Index, Message, Op, Replica, ReplicaId,
+    RequestId,
+};
+use tracing::{info, warn};
+
+use crate::storage::blocks::{BlockStore, ImageBlock};
+use crate::storage::io::{open_engine, EngineKind, IoEngine};
+use crate::storage::meta;
+use crate::storage::wal::{Wal, WalOptions, WalRecord};
+use crate::storage::StorageError;
+use crate::wire::{Body, Outcome, RequestOp, SnapBlock};
+
+use super::outbox::{ConnId, Outbox};
+
+/// Blocks per snapshot data frame (1 MiB of data at most).
+const SNAPSHOT_FRAME_BLOCKS: u64 = 256;
+
+/// Storage settings shared by all groups of a server.
+#[derive(Clone, Copy, Debug)]
+pub struct StorageOptions {
+    pub engine: EngineKind,
+    pub wal_segment_bytes: u64,
+    pub direct: bool,
+}
+
+/// A snapshot image being streamed to a peer, a slice per driver iteration.
+struct OutSnapshot {
+    to: ReplicaId,
+    id: u64,
+    next_block: u64,
+    sent: u64,
+    message: Message,
+}
+
+/// A snapshot image being received.
+struct Staging {
+    from: ReplicaId,
+    id: u64,
+    blocks: BlockStore,
+    received: u64,
+}
+
+pub struct Group {
+    pub chunk: u32,
+    replica: Replica,
+    dir: PathBuf,
+    capacity_bytes: u64,
+    options: StorageOptions,
+    wal: Wal,
+    blocks: BlockStore,
+    meta: Box<dyn IoEngine>,
+    /// Records of the current group commit and the tokens they complete.
+    wal_batch: Vec<WalRecord>,
+    wal_tokens: Vec<u64>,
+    /// Which frontend connection asked, per request in progress.
+    waiting: HashMap<RequestId, ConnId>,
+    outgoing: Vec<OutSnapshot>,
+    staging: Option<Staging>,
+    /// A snapshot image complete and matching the `Snapshot` message being stepped.
+    incoming: Option<Staging>,
+    events: VecDeque<Event>,
+    next_snapshot_id: u64,
+    /// Set when storage failed: the replica stopped (fail-stop) and ignores everything.
+    pub failed: Option<String>,
+}
+
+fn blocks_dir(dir: &Path) -> PathBuf {
+    dir.join("blocks")
+}
+
+fn staging_dir(dir: &Path) -> PathBuf {
+    dir.join("blocks.new")
+}
+
+fn old_dir(dir: &Path) -> PathBuf {
+    dir.join("blocks.old")
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Finishes or undoes a snapshot install a crash interrupted (see [`Group::install`]).
+fn repair_swap(dir: &Path) -> std::io::Result<()> {
+    let (blocks, staging, old) = (blocks_dir(dir), staging_dir(dir), old_dir(dir));
+    if staging.exists() {
+        if blocks.exists() {
+            // A receive that never completed.
+            std::fs::remove_dir_all(&staging)?;
+        } else {
+            // Crashed between the two renames: the new image is complete (it was synced first).
+            std::fs::rename(&staging, &blocks)?;
+        }
+    }
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    fsync_dir(dir)
+}
+
+impl Group {
+    /// Opens (or creates) the replica of `chunk` in `dir` and recovers it from disk.
+    pub fn open(
+        chunk: u32,
+        dir: PathBuf,
+        capacity_bytes: u64,
+        cfg: Config,
+        options: StorageOptions,
+    ) -> Result<Group, String> {
+        let ctx = |e: &dyn std::fmt::Display| format!("chunk {chunk} in {}: {e}", dir.display());
+        std::fs::create_dir_all(blocks_dir(&dir)).map_err(|e| ctx(&e))?;
+        repair_swap(&dir).map_err(|e| ctx(&e))?;
+        let engine = || open_engine(options.engine).map_err(|e| format!("io engine: {e}"));
+        let mut meta = engine()?;
+        let hard = meta::load_hard_state(meta.as_mut(), &dir).map_err(|e| ctx(&e))?;
+        let checkpoint = meta::load_checkpoint(meta.as_mut(), &blocks_dir(&dir)).map_err(|e| ctx(&e))?;
+        let blocks =
+            BlockStore::open(engine()?, &blocks_dir(&dir), capacity_bytes, options.direct).map_err(|e| ctx(&e))?;
+        let wal_options = WalOptions { segment_bytes: options.wal_segment_bytes, direct: options.direct };
+        let (wal, recovery) = Wal::open(engine()?, &dir, chunk as u64, wal_options).map_err(|e| ctx(&e))?;
+        for c in &recovery.corruptions {
+            // The entry is left out of the recovered log: the replica holds a hole there, which
+            // the protocol fills from its peers (merge or catch-up); it is never guessed.
+            warn!(chunk, segment = c.segment, offset = c.offset, index = ?c.index_hint, "WAL record failed its checksum");
+        }
+        if recovery.torn_tail {
+            info!(chunk, "discarded a torn batch at the end of the WAL");
+        }
+        let entries = recovery.entries.len();
+        let replica = Replica::recover(cfg, hard, checkpoint.clone(), recovery.entries);
+        info!(chunk, checkpoint = checkpoint.index.0, entries, term = replica.term().0, "chunk replica recovered");
+        Ok(Group {
+            chunk,
+            replica,
+            dir,
+            capacity_bytes,
+            options,
+            wal,
+            blocks,
+            meta,
+            wal_batch: Vec::new(),
+            wal_tokens: Vec::new(),
+            waiting: HashMap::new(),
+            outgoing: Vec::new(),
+            staging: None,
+            incoming: None,
+            events: VecDeque::new(),
+            next_snapshot_id: 1,
+            failed: None,
+        })
+    }
+
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    fn fail(&mut self, what: &str, e: StorageError) {
+        let why = format!("{what}: {e}");
+        tracing::error!(chunk = self.chunk, "replica stopped (fail-stop): {why}");
+        self.failed = Some(why);
+        self.wal_batch.clear();
+        self.wal_tokens.clear();
+        self.events.clear();
+    }
+
+    /// Feeds an event in, then runs every command it leads to (except the WAL group commit,
+    /// which [`Group::flush_wal`] makes durable).
+    pub fn step(&mut self, event: Event, out: &mut Outbox) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.events.push_back(event);
+        while let Some(event) = self.events.pop_front() {
+            self.replica.step(event);
+            #[cfg(debug_assertions)]
+            self.replica.check_invariants();
+            for command in self.replica.take_commands() {
+                if self.failed.is_some() {
+                    return;
+                }
+                self.execute(command, out);
+            }
+        }
+    }
+
+    /// A frontend request arrived on `conn`.
+    pub fn request(&mut self, conn: ConnId, id: RequestId, floor: u64, op: RequestOp, out: &mut Outbox) {
+        if let Some(why) = &self.failed {
+            out.frontend(conn, self.chunk, Body::Response { id, outcome: Outcome::Failed(why.clone()) });
+            return;
+        }
+        self.waiting.insert(id, conn);
+        let event = match op {
+            RequestOp::Read { offset, len_bytes } => Event::Read { id, offset, len_bytes },
+            RequestOp::Write { offset, data } => {
+                Event::Propose(ClientRequest { id, floor, op: Op::Write { offset, data } })
+            }
+            RequestOp::Trim { offset, len_bytes } => {
+                Event::Propose(ClientRequest { id, floor, op: Op::Trim { offset, len_bytes } })
+            }
+            RequestOp::WriteZeroes { offset, len_bytes } => {
+                Event::Propose(ClientRequest { id, floor, op: Op::WriteZeroes { offset, len_bytes } })
+            }
+        };
+        self.step(event, out);
+    }
+
+    /// Forgets the requests of a closed frontend connection.
+    pub fn forget_conn(&mut self, conn: ConnId) {
+        self.waiting.retain(|_, c| *c != conn);
+    }
+
+    fn respond(&mut self, id: RequestId, outcome: Outcome, out: &mut Outbox) {
+        if let Some(conn) = self.waiting.remove(&id) {
+            out.frontend(conn, self.chunk, Body::Response { id, outcome });
+        }
+    }
+
+    fn execute(&mut self, command: Command, out: &mut Outbox) {
+        match command {
+            Command::PersistHardState(hard) => {
+                if let Err(e) = meta::save_hard_state(self.meta.as_mut(), &self.dir, &hard) {
+                    self.fail("saving hard state", e);
+                }
+            }
+            Command::PersistEntries { token, entries } => {
+                self.wal_batch.extend(entries.into_iter().map(WalRecord::Entry));
+                self.wal_tokens.push(token);
+            }
+            Command::TruncateLog { token, after } => {
+                self.wal_batch.push(WalRecord::Truncate { after });
+                self.wal_tokens.push(token);
+            }
+            Command::PruneLog { through } => {
+                if let Err(e) = self.wal.prune(through) {
+                    self.fail("pruning the WAL", e);
+                }
+            }
+            Command::Send { to, message } => out.peer(to, self.chunk, Body::Peer { message }),
+            Command::Apply { entry } => match self.blocks.apply(&entry) {
+                Ok(()) => self.events.push_back(Event::Applied { index: entry.index }),
+                Err(e) => self.fail("applying an entry", e),
+            },
+            Command::Read { id, offset, len_bytes } => {
+                let outcome = match self.blocks.read(offset, len_bytes) {
+                    Ok(data) => Outcome::Data(Bytes::from(data)),
+                    // A checksum mismatch is never served; the frontend asks again.
+                    Err(e @ StorageError::Corrupt { .. }) => Outcome::Failed(e.to_string()),
+                    Err(e @ StorageError::Invalid(_)) => Outcome::Failed(e.to_string()),
+                    Err(e) => {
+                        self.fail("reading blocks", e);
+                        return;
+                    }
+                };
+                self.respond(id, outcome, out);
+                self.events.push_back(Event::ReadDone { id });
+            }
+            Command::Reply { id, result } => {
+                let outcome = match result {
+                    Ok(()) => Outcome::Done,
+                    Err(ClientError::NotLeader { hint }) => Outcome::NotLeader(hint),
+                    Err(ClientError::Busy) => Outcome::Busy,
+                };
+                self.respond(id, outcome, out);
+            }
+            Command::Checkpoint { index, table } => {
+                let result = self.blocks.sync().and_then(|()| {
+                    meta::save_checkpoint(self.meta.as_mut(), &blocks_dir(&self.dir), &CheckpointState { index, table })
+                });
+                match result {
+                    Ok(()) => self.events.push_back(Event::CheckpointDone { index }),
+                    Err(e) => self.fail("checkpoint", e),
+                }
+            }
+            Command::SendSnapshot { to, message } => {
+                // The leader asks again while an image is still streaming (it cannot know the
+                // image is large). Restarting would never finish; the image being sent stays
+                // valid for its own message, so keep it unless leadership changed.
+                if self.outgoing.iter().any(|s| s.to == to && s.message.term() == message.term()) {
+                    return;
+                }
+                self.outgoing.retain(|s| s.to != to);
+                let id = self.next_snapshot_id;
+                self.next_snapshot_id += 1;
+                info!(chunk = self.chunk, to = to.0, "streaming catch-up: sending the block image");
+                self.outgoing.push(OutSnapshot { to, id, next_block: 0, sent: 0, message });
+            }
+            Command::InstallSnapshot { from, checkpoint, table } => {
+                if let Err(e) = self.install(from, checkpoint, table) {
+                    self.fail("installing a snapshot", e);
+                }
+            }
+        }
+    }
+
+    /// Replaces the block store by the received image: sync the image and its checkpoint,
+    /// then swap directories (`blocks` → `blocks.old`, `blocks.new` → `blocks`) and fsync the
+    /// chunk directory. A crash anywhere leaves either the old store or the new one
+    /// ([`repair_swap`] finishes the job at start-up).
+    fn install(&mut self, from: ReplicaId, checkpoint: Index, table: ClientTable) -> Result<(), StorageError> {
+        let mut staging = self.incoming.take().expect("InstallSnapshot without a complete image");
+        assert_eq!(staging.from, from, "image and snapshot message from different peers");
+        staging.blocks.sync()?;
+        meta::save_checkpoint(
+            self.meta.as_mut(),
+            &staging_dir(&self.dir),
+            &CheckpointState { index: checkpoint, table },
+        )?;
+        drop(staging);
+        let (blocks, staged, old) = (blocks_dir(&self.dir), staging_dir(&self.dir), old_dir(&self.dir));
+        std::fs::rename(&blocks, &old)?;
+        std::fs::rename(&staged, &blocks)?;
+        fsync_dir(&self.dir)?;
+        std::fs::remove_dir_all(&old)?;
+        let engine = open_engine(self.options.engine)?;
+        self.blocks = BlockStore::open(engine, &blocks, self.capacity_bytes, self.options.direct)?;
+        info!(chunk = self.chunk, from = from.0, checkpoint = checkpoint.0, "installed a snapshot image");
+        Ok(())
+    }
+
+    /// Makes the pending WAL records durable in one append (one fdatasync), then reports every
+    /// token it covered. Returns whether there was anything to write.
+    pub fn flush_wal(&mut self, out: &mut Outbox) -> bool {
+        if self.failed.is_some() || self.wal_tokens.is_empty() {
+            return false;
+        }
+        let records = std::mem::take(&mut self.wal_batch);
+        let tokens = std::mem::take(&mut self.wal_tokens);
+        if let Err(e) = self.wal.append(&records) {
+            // Nothing of this batch may be acknowledged: no Persisted event is delivered.
+            self.fail("WAL append", e);
+            return true;
+        }
+        for token in tokens {
+            self.step(Event::Persisted { token }, out);
+        }
+        true
+    }
+
+    pub fn has_pending_wal(&self) -> bool {
+        !self.wal_tokens.is_empty()
+    }
+
+    pub fn tick(&mut self, out: &mut Outbox) {
+        self.step(Event::Tick, out);
+    }
+
+    pub fn receive(&mut self, from: ReplicaId, message: Message, out: &mut Outbox) {
+        self.step(Event::Receive { from, message }, out);
+    }
+
+    /// A slice of a snapshot image from `from`.
+    pub fn snapshot_data(&mut self, from: ReplicaId, id: u64, blocks: Vec<SnapBlock>) {
+        if self.failed.is_some() {
+            return;
+        }
+        if let Err(e) = self.stage(from, id, blocks) {
+            warn!(chunk = self.chunk, "dropping a snapshot image being received: {e}");
+            self.staging = None;
+        }
+    }
+
+    fn stage(&mut self, from: ReplicaId, id: u64, blocks: Vec<SnapBlock>) -> Result<(), StorageError> {
+        let fresh = !matches!(&self.staging, Some(s) if s.from == from && s.id == id);
+        if fresh {
+            self.staging = None;
+            let dir = staging_dir(&self.dir);
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)?;
+            }
+            std::fs::create_dir_all(&dir)?;
+            let engine = open_engine(self.options.engine)?;
+            let store = BlockStore::open(engine, &dir, self.capacity_bytes, self.options.direct)?;
+            self.staging = Some(Staging { from, id, blocks: store, received: 0 });
+        }
+        let staging = self.staging.as_mut().unwrap();
+        let image: Vec<ImageBlock> = blocks
+            .into_iter()
+            .map(|b| ImageBlock { block: b.block, version: b.version, data: b.data.map(|d| d.to_vec()) })
+            .collect();
+        staging.blocks.put_image(&image)?;
+        staging.received += image.len() as u64;
+        Ok(())
+    }
+
+    /// The end of a snapshot stream: step the `Snapshot` message only if the whole image
+    /// arrived (a stream cut by a reconnect is dropped; the leader sends a new one).
+    pub fn snapshot_end(&mut self, from: ReplicaId, id: u64, blocks: u64, message: Message, out: &mut Outbox) {
+        if self.failed.is_some() {
+            return;
+        }
+        if blocks == 0 {
+            if let Err(e) = self.stage(from, id, Vec::new()) {
+                warn!(chunk = self.chunk, "cannot stage an empty snapshot: {e}");
+                return;
+            }
+        }
+        match self.staging.take() {
+            Some(s) if s.from == from && s.id == id && s.received == blocks => {
+                self.incoming = Some(s);
+                self.step(Event::Receive { from, message }, out);
+                // Not installed (stale or already caught up): discard the image.
+                if self.incoming.take().is_some() {
+                    let _ = std::fs::remove_dir_all(staging_dir(&self.dir));
+                }
+            }
+            other => {
+                if other.is_some() {
+                    let _ = std::fs::remove_dir_all(staging_dir(&self.dir));
+                }
+                warn!(chunk = self.chunk, from = from.0, "incomplete snapshot image ignored");
+            }
+        }
+    }
+
+    /// Streams the next slices of outgoing snapshot images, as far as the peers' queues allow.
+    pub fn pump_snapshots(&mut self, out: &mut Outbox) {
+        let block_count = self.blocks.block_count();
+        let mut k = 0;
+        while k < self.outgoing.len() {
+            let s = &mut self.outgoing[k];
+            let mut done = false;
+            while out.peer_has_room(s.to) {
+                if s.next_block >= block_count {
+                    let body = Body::SnapEnd { snapshot: s.id, blocks: s.sent, message: s.message.clone() };
+                    out.peer(s.to, self.chunk, body);
+                    done = true;
+                    break;
+                }
+                let count = SNAPSHOT_FRAME_BLOCKS.min(block_count - s.next_block);
+                let image = match self.blocks.image(s.next_block, count) {
+                    Ok(image) => image,
+                    Err(e) => {
+                        // A corrupt local block: this replica cannot serve the image.
+                        warn!(chunk = self.chunk, "cannot send a snapshot: {e}");
+                        done = true;
+                        break;
+                    }
+                };
+                s.next_block += count;
+                if image.is_empty() {
+                    continue;
+                }
+                s.sent += image.len() as u64;
+                let blocks = image
+                    .into_iter()
+                    .map(|b| SnapBlock { block: b.block, version: b.version, data: b.data.map(Bytes::from) })
+                    .collect();
+                out.peer(s.to, self.chunk, Body::SnapData { snapshot: s.id, blocks });
+            }
+            if done {
+                self.outgoing.remove(k);
+            } else {
+                k += 1;
+            }
+        }
+    }
+
+    pub fn snapshots_streaming(&self) -> bool {
+        !self.outgoing.is_empty()
+    }
+}

@@ -1,0 +1,266 @@
+//! A chunk server process: many chunk replicas (one ParallelRaft group each) driven by one
+//! core thread, with tokio tasks for the network.
+//!
+//! The core thread runs to completion in rounds: take what arrived (blocking only until the
+//! next tick), step the groups, execute their commands (block applies, reads, hard state and
+//! checkpoints synchronously; log writes collected), make each group's collected log writes
+//! durable in one WAL append (group commit: one fdatasync for everything that arrived during
+//! the previous round), feed the completions back, and hand the coalesced outgoing batches to
+//! the connection tasks. Messages to peers leave before the local fdatasync starts, so the
+//! leader's own log write overlaps the followers'.
+
+pub mod group;
+pub mod outbox;
+pub mod transport;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parallelraft::{Config, ReplicaId};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::config::Cluster;
+use crate::wire::Body;
+use group::{Group, StorageOptions};
+use outbox::{Outbox, PEER_QUEUE_BATCHES};
+use transport::{Inbound, Shared};
+
+/// How often the core thread logs its groups' progress.
+const REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Items the core thread's inbox holds before connection tasks wait.
+const INBOX_CAPACITY: usize = 8192;
+
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub id: ReplicaId,
+    pub cluster: Cluster,
+    /// This server's directory (chunk replicas live in `chunk-NNNNNNNN/` below it).
+    pub data_dir: PathBuf,
+    pub storage: StorageOptions,
+    pub tick: Duration,
+    pub lbb_span: usize,
+    /// Override of the listen address (default: this server's address in the cluster file).
+    pub listen: Option<SocketAddr>,
+}
+
+fn group_config(opts: &ServerOptions, voters: Vec<ReplicaId>, chunk: u32) -> Config {
+    let mut cfg = Config::new(opts.id, voters, opts.cluster.mode, seed(chunk));
+    cfg.lbb_span = opts.lbb_span;
+    cfg.election_timeout_min_ticks = 10;
+    cfg.heartbeat_interval_ticks = 2;
+    cfg.checkpoint_interval = 4096;
+    cfg.max_batch_entries = 64;
+    cfg.max_queued_proposals = 1024;
+    cfg
+}
+
+/// Election randomness: seeded per process start, so replicas restarted together still draw
+/// different timeouts. (The core itself only ever sees the seed.)
+fn seed(chunk: u32) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(chunk);
+    h.write_u32(std::process::id());
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.finish()
+}
+
+/// Opens every chunk replica this server holds.
+pub fn open_groups(opts: &ServerOptions) -> Result<BTreeMap<u32, Group>, String> {
+    std::fs::create_dir_all(&opts.data_dir)
+        .map_err(|e| format!("cannot create data directory {}: {e}", opts.data_dir.display()))?;
+    let mut groups = BTreeMap::new();
+    for chunk in opts.cluster.chunks_on(opts.id) {
+        let dir = opts.data_dir.join(format!("chunk-{chunk:08}"));
+        let cfg = group_config(opts, opts.cluster.replicas_of(chunk), chunk);
+        let group = Group::open(chunk, dir, opts.cluster.chunk_len(chunk), cfg, opts.storage)?;
+        groups.insert(chunk, group);
+    }
+    Ok(groups)
+}
+
+/// Runs the server until `stop` fires (or forever). Errors are start-up errors (bad data
+/// directory, busy port), already phrased for the user.
+pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>) -> Result<(), String> {
+    let cluster = &opts.cluster;
+    let me = opts.id;
+    let listen = match opts.listen {
+        Some(a) => a,
+        None => cluster.addr_of(me).ok_or_else(|| format!("server {} is not in the cluster file", me.0))?,
+    };
+    let std_listener = std::net::TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    std_listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let mut groups = open_groups(&opts)?;
+    info!(server = me.0, %listen, chunks = groups.len(), mode = ?cluster.mode, "chunk server up");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("net")
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    let (inbox_tx, inbox) = sync_channel::<Inbound>(INBOX_CAPACITY);
+    let shared = Shared { cluster_id: cluster.cluster_id, me, inbox: inbox_tx, next_conn: Arc::new(AtomicU64::new(1)) };
+    let mut outbox = Outbox::new(cluster.cluster_id, me);
+    let mut accept_from = Vec::new();
+    {
+        let _guard = runtime.enter();
+        for (peer, addr) in cluster.servers.iter().copied().filter(|(p, _)| *p != me) {
+            let (tx, rx) = mpsc::channel(PEER_QUEUE_BATCHES);
+            outbox.add_peer(peer, tx);
+            let (stream_tx, stream_rx) = mpsc::channel(4);
+            let dial = me < peer;
+            if !dial {
+                accept_from.push((peer, stream_tx));
+            }
+            runtime.spawn(transport::peer_link(shared.clone(), peer, addr, dial, rx, stream_rx));
+        }
+        let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
+        runtime.spawn(transport::accept_loop(shared.clone(), listener, accept_from));
+        let shared_for_stop = shared.clone();
+        runtime.spawn(async move {
+            match stop {
+                Some(rx) => {
+                    let _ = rx.await;
+                }
+                None => wait_for_signal().await,
+            }
+            shared_for_stop.deliver(Inbound::Shutdown).await;
+        });
+    }
+    core_loop(&opts, &mut groups, &mut outbox, inbox);
+    info!(server = me.0, "chunk server stopping");
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn core_loop(opts: &ServerOptions, groups: &mut BTreeMap<u32, Group>, outbox: &mut Outbox, inbox: Receiver<Inbound>) {
+    let mut next_tick = Instant::now() + opts.tick;
+    let mut next_report = Instant::now() + REPORT_INTERVAL;
+    loop {
+        if Instant::now() >= next_report {
+            next_report += REPORT_INTERVAL;
+            report(groups, outbox);
+        }
+        // Wait for work, but never past the next tick; keep streaming snapshots promptly.
+        let streaming = groups.values().any(|g| g.snapshots_streaming());
+        let now = Instant::now();
+        let wait = if streaming { Duration::from_millis(1) } else { next_tick.saturating_duration_since(now) };
+        let mut batch = Vec::new();
+        match inbox.recv_timeout(wait) {
+            Ok(item) => batch.push(item),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        while batch.len() < 4096 {
+            match inbox.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        for item in batch {
+            match item {
+                Inbound::Shutdown => {
+                    // Durable what was asked to be durable; nothing more is acknowledged.
+                    for g in groups.values_mut() {
+                        g.flush_wal(outbox);
+                    }
+                    outbox.flush();
+                    return;
+                }
+                Inbound::FrontendConnected { conn, tx } => outbox.add_frontend(conn, tx),
+                Inbound::FrontendGone { conn } => {
+                    outbox.remove_frontend(conn);
+                    for g in groups.values_mut() {
+                        g.forget_conn(conn);
+                    }
+                }
+                Inbound::Frame { conn, frame } => {
+                    let Some(group) = groups.get_mut(&frame.group) else {
+                        if let Body::Request { id, .. } = frame.body {
+                            let outcome = crate::wire::Outcome::Failed(format!("no chunk {} here", frame.group));
+                            outbox.frontend(conn, frame.group, Body::Response { id, outcome });
+                        }
+                        continue;
+                    };
+                    let from = ReplicaId(frame.sender);
+                    match frame.body {
+                        Body::Peer { message } => group.receive(from, message, outbox),
+                        Body::SnapData { snapshot, blocks } => group.snapshot_data(from, snapshot, blocks),
+                        Body::SnapEnd { snapshot, blocks, message } => {
+                            group.snapshot_end(from, snapshot, blocks, message, outbox)
+                        }
+                        Body::Request { id, floor, op } => group.request(conn, id, floor, op, outbox),
+                        Body::Hello { .. } | Body::Response { .. } => {
+                            warn!(conn, "unexpected frame kind from a connection; ignored")
+                        }
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            for g in groups.values_mut() {
+                g.tick(outbox);
+            }
+            next_tick += opts.tick;
+            if next_tick < now {
+                // Fell behind (a long disk stall): do not replay missed ticks in a burst.
+                next_tick = now + opts.tick;
+            }
+        }
+        // Send what the steps produced before the local fdatasync, then group-commit; the
+        // completions produce acks and replies, which go out right after.
+        loop {
+            for g in groups.values_mut() {
+                g.pump_snapshots(outbox);
+            }
+            outbox.flush();
+            let mut wrote = false;
+            for g in groups.values_mut() {
+                wrote |= g.flush_wal(outbox);
+            }
+            if !wrote {
+                break;
+            }
+        }
+        outbox.flush();
+    }
+}
+
+fn report(groups: &BTreeMap<u32, Group>, outbox: &Outbox) {
+    for g in groups.values() {
+        let r = g.replica();
+        info!(
+            chunk = g.chunk,
+            role = ?r.role(),
+            term = r.term().0,
+            last = r.last_index().0,
+            committed = r.committed_watermark().0,
+            applied = r.applied_watermark().0,
+            checkpoint = r.checkpoint_index().0,
+            failed = g.failed.is_some(),
+            "group"
+        );
+    }
+    if outbox.dropped_batches > 0 {
+        warn!(dropped = outbox.dropped_batches, "outgoing batches dropped on full queues so far");
+    }
+}

@@ -1,0 +1,275 @@
+//! Peer and frontend connections (tokio, epoll).
+//!
+//! Between two servers there is one TCP connection, shared by all groups and used in both
+//! directions: the server with the lower id dials, the other accepts. Each side writes the
+//! batches the core thread queued for that peer (coalescing whatever is queued into one
+//! write) and forwards every frame it reads to the core thread. A broken connection is
+//! redialled with exponential backoff (50 ms to 1 s); frames in flight on it are lost, which
+//! the protocol tolerates. Frontends connect to any server and say so in their hello.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parallelraft::ReplicaId;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::outbox::{ConnId, FRONTEND_QUEUE_BATCHES};
+use crate::wire::{encode, read_frame, Body, Frame, Role};
+
+/// What the connection tasks hand to the core thread.
+pub enum Inbound {
+    Frame { conn: ConnId, frame: Frame },
+    FrontendConnected { conn: ConnId, tx: mpsc::Sender<Bytes> },
+    FrontendGone { conn: ConnId },
+    Shutdown,
+}
+
+/// How long a new connection may take to say hello.
+const HELLO_LIMIT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct Shared {
+    pub cluster_id: u64,
+    pub me: ReplicaId,
+    pub inbox: SyncSender<Inbound>,
+    pub next_conn: Arc<AtomicU64>,
+}
+
+impl Shared {
+    /// Queues for the core thread, waiting (asynchronously) while its inbox is full: that is
+    /// the backpressure that slows a fast sender down to the core's pace.
+    pub async fn deliver(&self, mut item: Inbound) -> bool {
+        loop {
+            match self.inbox.try_send(item) {
+                Ok(()) => return true,
+                Err(TrySendError::Full(back)) => {
+                    item = back;
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+                Err(TrySendError::Disconnected(_)) => return false,
+            }
+        }
+    }
+
+    fn hello(&self) -> Bytes {
+        let mut out = bytes::BytesMut::new();
+        let frame =
+            Frame { cluster_id: self.cluster_id, sender: self.me.0, group: 0, body: Body::Hello { role: Role::Peer } };
+        encode(&frame, &mut out);
+        out.freeze()
+    }
+}
+
+/// Writes queued batches until the connection fails or the queue closes. Returns false when
+/// the queue closed (shutdown).
+async fn write_batches(
+    writer: &mut OwnedWriteHalf,
+    rx: &mut mpsc::Receiver<Bytes>,
+    stop: &mut mpsc::Receiver<()>,
+) -> bool {
+    loop {
+        let first = tokio::select! {
+            b = rx.recv() => match b { Some(b) => b, None => return false },
+            _ = stop.recv() => return true,
+        };
+        // Coalesce whatever else is queued into the same write.
+        let mut batch = bytes::BytesMut::from(&first[..]);
+        while batch.len() < (1 << 20) {
+            match rx.try_recv() {
+                Ok(more) => batch.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = writer.write_all(&batch).await {
+            debug!("peer write failed: {e}");
+            return true;
+        }
+    }
+}
+
+/// Reads frames from a peer connection into the core thread until it fails.
+async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, mut reader: tokio::net::tcp::OwnedReadHalf) {
+    loop {
+        match read_frame(&mut reader).await {
+            Ok(Some(frame)) => {
+                if frame.cluster_id != shared.cluster_id || frame.sender != peer.0 {
+                    warn!(peer = peer.0, "frame from a foreign cluster or sender; dropping the connection");
+                    return;
+                }
+                if !shared.deliver(Inbound::Frame { conn, frame }).await {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                warn!(peer = peer.0, "peer connection: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// One peer link: keeps a connection to `peer` up and writes the core's batches to it.
+/// `dial`: this side connects (lower id); otherwise it waits for accepted streams on `streams`.
+pub async fn peer_link(
+    shared: Shared,
+    peer: ReplicaId,
+    addr: SocketAddr,
+    dial: bool,
+    mut rx: mpsc::Receiver<Bytes>,
+    mut streams: mpsc::Receiver<TcpStream>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    let mut connected_once = false;
+    let mut next_stream: Option<TcpStream> = None;
+    loop {
+        let stream = if let Some(s) = next_stream.take() {
+            s
+        } else if dial {
+            match TcpStream::connect(addr).await {
+                Ok(mut s) => {
+                    let _ = s.set_nodelay(true);
+                    if s.write_all(&shared.hello()).await.is_err() {
+                        continue;
+                    }
+                    s
+                }
+                Err(e) => {
+                    if connected_once {
+                        debug!(peer = peer.0, "connect failed: {e}");
+                    }
+                    // Drop what was queued for a peer we cannot reach: it would be stale.
+                    while rx.try_recv().is_ok() {}
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            }
+        } else {
+            tokio::select! {
+                s = streams.recv() => match s { Some(s) => s, None => return },
+                b = rx.recv() => { if b.is_none() { return } continue } // not connected: drop
+            }
+        };
+        backoff = Duration::from_millis(50);
+        if !connected_once {
+            info!(peer = peer.0, "peer connected");
+        }
+        connected_once = true;
+        let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (reader, mut writer) = stream.into_split();
+        let (stop_tx, mut stop_rx) = mpsc::channel::<()>(1);
+        let reader_task = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                read_peer(shared, conn, peer, reader).await;
+                let _ = stop_tx.send(()).await;
+            }
+        });
+        let keep_going = if dial {
+            write_batches(&mut writer, &mut rx, &mut stop_rx).await
+        } else {
+            // A newer accepted stream replaces this one.
+            tokio::select! {
+                k = write_batches(&mut writer, &mut rx, &mut stop_rx) => k,
+                s = streams.recv() => {
+                    reader_task.abort();
+                    let more = s.is_some();
+                    next_stream = s;
+                    more
+                }
+            }
+        };
+        reader_task.abort();
+        if !keep_going {
+            return;
+        }
+    }
+}
+
+/// Accepts connections: peers are handed to their link, frontends get their own tasks.
+pub async fn accept_loop(
+    shared: Shared,
+    listener: TcpListener,
+    peer_streams: Vec<(ReplicaId, mpsc::Sender<TcpStream>)>,
+) {
+    loop {
+        let (stream, from) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let peer_streams = peer_streams.clone();
+        tokio::spawn(async move {
+            let (mut reader, writer) = stream.into_split();
+            let hello = match tokio::time::timeout(HELLO_LIMIT, read_frame(&mut reader)).await {
+                Ok(Ok(Some(f))) => f,
+                _ => {
+                    debug!(%from, "connection closed before a valid hello");
+                    return;
+                }
+            };
+            if hello.cluster_id != shared.cluster_id {
+                warn!(%from, cluster = hello.cluster_id, "hello from another cluster; closing");
+                return;
+            }
+            match hello.body {
+                Body::Hello { role: Role::Peer } => {
+                    let peer = ReplicaId(hello.sender);
+                    let Some((_, tx)) = peer_streams.iter().find(|(p, _)| *p == peer) else {
+                        warn!(%from, peer = peer.0, "hello from an unknown or lower-id peer; closing");
+                        return;
+                    };
+                    let stream = reader.reunite(writer).expect("halves of one stream");
+                    let _ = tx.send(stream).await;
+                }
+                Body::Hello { role: Role::Frontend } => frontend(shared, reader, writer).await,
+                _ => warn!(%from, "first frame is not a hello; closing"),
+            }
+        });
+    }
+}
+
+async fn frontend(shared: Shared, mut reader: tokio::net::tcp::OwnedReadHalf, mut writer: OwnedWriteHalf) {
+    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel::<Bytes>(FRONTEND_QUEUE_BATCHES);
+    if !shared.deliver(Inbound::FrontendConnected { conn, tx }).await {
+        return;
+    }
+    let (_never, mut stop) = mpsc::channel::<()>(1);
+    let writer_task = tokio::spawn(async move { write_batches(&mut writer, &mut rx, &mut stop).await });
+    loop {
+        match read_frame(&mut reader).await {
+            Ok(Some(frame)) if frame.cluster_id == shared.cluster_id => {
+                if !matches!(frame.body, Body::Request { .. }) {
+                    warn!("frontend sent a non-request frame; closing");
+                    break;
+                }
+                if !shared.deliver(Inbound::Frame { conn, frame }).await {
+                    break;
+                }
+            }
+            Ok(Some(_)) => break,
+            Ok(None) => break,
+            Err(e) => {
+                debug!("frontend connection: {e}");
+                break;
+            }
+        }
+    }
+    writer_task.abort();
+    shared.deliver(Inbound::FrontendGone { conn }).await;
+}

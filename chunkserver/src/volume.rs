@@ -1,0 +1,352 @@
+//! The frontend's client of the chunk servers.
+//!
+//! A volume request is split at chunk boundaries and into pieces of at most [`MAX_PIECE`]
+//! bytes; each piece is one request to its chunk's group, sent to the server believed to lead
+//! it. Redirects (`NotLeader`), `Busy`, a lost connection or a timeout make the piece try again
+//! (the hinted leader, else the next replica) under the **same request identity**, so a retry
+//! can never apply twice (the group's client table answers it), and the caller sees no error
+//! from a leader change or a single failed server. Only a volume that stays without a serving
+//! majority for [`STALL_LIMIT`] returns an error (EIO at the NBD edge).
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use parallelraft::{ClientId, ReplicaId, RequestId};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::config::Cluster;
+use crate::wire::{encode, read_frame, Body, Frame, Outcome, RequestOp, Role};
+
+/// Largest single request to a group: bounds entry and message sizes.
+pub const MAX_PIECE: u64 = 1 << 20;
+/// How long one attempt waits for an answer before trying another server.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long a piece keeps retrying without a serving majority before it fails.
+pub const STALL_LIMIT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeError {
+    /// No serving majority within the stall limit.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for VolumeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VolumeError::Unavailable(why) => write!(f, "volume unavailable: {why}"),
+        }
+    }
+}
+
+/// An operation on the volume (byte offsets within the volume).
+#[derive(Clone, Debug)]
+pub enum VolumeOp {
+    Read { offset: u64, len_bytes: u64 },
+    Write { offset: u64, data: Bytes },
+    Trim { offset: u64, len_bytes: u64 },
+    WriteZeroes { offset: u64, len_bytes: u64 },
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Outcome>>>>;
+
+struct ServerLink {
+    tx: mpsc::Sender<Bytes>,
+    pending: Pending,
+    up: Arc<AtomicBool>,
+}
+
+struct Inner {
+    cluster: Cluster,
+    client: ClientId,
+    next_seq: AtomicU64,
+    /// Sequence numbers not yet answered: the floor is the lowest.
+    outstanding: Mutex<BTreeSet<u64>>,
+    leaders: Mutex<Vec<Option<ReplicaId>>>,
+    links: HashMap<ReplicaId, ServerLink>,
+    pub retries: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Volume {
+    inner: Arc<Inner>,
+}
+
+/// A client identity unique to this frontend process, so its sequence numbers never collide
+/// with an earlier incarnation's in the groups' client tables.
+fn fresh_client_id() -> ClientId {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    ClientId(h.finish() | 1)
+}
+
+impl Volume {
+    /// Connects (lazily, in the background) to every server of the cluster. Call inside a
+    /// tokio runtime.
+    pub fn new(cluster: Cluster) -> Volume {
+        let mut links = HashMap::new();
+        for (id, addr) in cluster.servers.iter().copied() {
+            let (tx, rx) = mpsc::channel(1024);
+            let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+            let up = Arc::new(AtomicBool::new(false));
+            tokio::spawn(link_task(cluster.cluster_id, id, addr, rx, pending.clone(), up.clone()));
+            links.insert(id, ServerLink { tx, pending, up });
+        }
+        let chunks = cluster.chunk_count() as usize;
+        Volume {
+            inner: Arc::new(Inner {
+                client: fresh_client_id(),
+                next_seq: AtomicU64::new(1),
+                outstanding: Mutex::new(BTreeSet::new()),
+                leaders: Mutex::new(vec![None; chunks]),
+                links,
+                retries: AtomicU64::new(0),
+                cluster,
+            }),
+        }
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.inner.cluster.size_bytes
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.inner.cluster
+    }
+
+    /// Retries (redirects, timeouts, busy answers) so far: a measure of failover work.
+    pub fn retries(&self) -> u64 {
+        self.inner.retries.load(Ordering::Relaxed)
+    }
+
+    /// Executes `op` (which the caller validated against the volume size); returns the data
+    /// of a read.
+    pub async fn execute(&self, op: VolumeOp) -> Result<Option<Bytes>, VolumeError> {
+        let chunk_bytes = self.inner.cluster.chunk_bytes;
+        let (offset, len) = match &op {
+            VolumeOp::Read { offset, len_bytes }
+            | VolumeOp::Trim { offset, len_bytes }
+            | VolumeOp::WriteZeroes { offset, len_bytes } => (*offset, *len_bytes),
+            VolumeOp::Write { offset, data } => (*offset, data.len() as u64),
+        };
+        // Pieces: (chunk, offset in chunk, offset in request, length).
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        while at < len {
+            let abs = offset + at;
+            let chunk = (abs / chunk_bytes) as u32;
+            let in_chunk = abs % chunk_bytes;
+            let piece_max = match op {
+                VolumeOp::Read { .. } | VolumeOp::Write { .. } => MAX_PIECE,
+                // Trims and zeroes carry no payload: one piece per chunk.
+                _ => u64::MAX,
+            };
+            let n = (len - at).min(chunk_bytes - in_chunk).min(piece_max);
+            pieces.push((chunk, in_chunk, at, n));
+            at += n;
+        }
+        let single = pieces.len() == 1;
+        let mut set = tokio::task::JoinSet::new();
+        for (k, (chunk, in_chunk, at, n)) in pieces.into_iter().enumerate() {
+            let request = match &op {
+                VolumeOp::Read { .. } => RequestOp::Read { offset: in_chunk, len_bytes: n },
+                VolumeOp::Write { data, .. } => {
+                    RequestOp::Write { offset: in_chunk, data: data.slice(at as usize..(at + n) as usize) }
+                }
+                VolumeOp::Trim { .. } => RequestOp::Trim { offset: in_chunk, len_bytes: n },
+                VolumeOp::WriteZeroes { .. } => RequestOp::WriteZeroes { offset: in_chunk, len_bytes: n },
+            };
+            if single {
+                return self.piece(chunk, request).await;
+            }
+            let me = self.clone();
+            set.spawn(async move { (k, at, me.piece(chunk, request).await) });
+        }
+        let mut read: Option<BytesMut> = matches!(op, VolumeOp::Read { .. }).then(|| BytesMut::zeroed(len as usize));
+        while let Some(joined) = set.join_next().await {
+            let (_, at, result) = joined.map_err(|e| VolumeError::Unavailable(format!("task failed: {e}")))?;
+            if let (Some(buf), Some(data)) = (read.as_mut(), result?) {
+                buf[at as usize..at as usize + data.len()].copy_from_slice(&data);
+            }
+        }
+        Ok(read.map(BytesMut::freeze))
+    }
+
+    /// One request to one chunk's group, retried until a leader executes it.
+    async fn piece(&self, chunk: u32, op: RequestOp) -> Result<Option<Bytes>, VolumeError> {
+        let inner = &self.inner;
+        let seq = inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        inner.outstanding.lock().unwrap().insert(seq);
+        let result = self.piece_inner(chunk, seq, op).await;
+        inner.outstanding.lock().unwrap().remove(&seq);
+        result
+    }
+
+    async fn piece_inner(&self, chunk: u32, seq: u64, op: RequestOp) -> Result<Option<Bytes>, VolumeError> {
+        let inner = &self.inner;
+        let id = RequestId { client: inner.client, seq };
+        let replicas = inner.cluster.replicas_of(chunk);
+        let mut target =
+            inner.leaders.lock().unwrap()[chunk as usize].unwrap_or(replicas[chunk as usize % replicas.len()]);
+        let deadline = Instant::now() + STALL_LIMIT;
+        let mut redirects = 0u32;
+        let expected_len = match &op {
+            RequestOp::Read { len_bytes, .. } => Some(*len_bytes as usize),
+            _ => None,
+        };
+        loop {
+            let floor = *inner.outstanding.lock().unwrap().first().unwrap_or(&seq);
+            let outcome = self.attempt(target, chunk, id, floor, op.clone()).await;
+            let next_replica = |t: ReplicaId| {
+                let i = replicas.iter().position(|r| *r == t).unwrap_or(0);
+                replicas[(i + 1) % replicas.len()]
+            };
+            let pause = match outcome {
+                Outcome::Done if expected_len.is_none() => {
+                    inner.leaders.lock().unwrap()[chunk as usize] = Some(target);
+                    return Ok(None);
+                }
+                Outcome::Data(data) if expected_len == Some(data.len()) => {
+                    inner.leaders.lock().unwrap()[chunk as usize] = Some(target);
+                    return Ok(Some(data));
+                }
+                Outcome::Done | Outcome::Data(_) => {
+                    warn!(chunk, server = target.0, "answer does not match the request; trying again");
+                    target = next_replica(target);
+                    Duration::from_millis(10)
+                }
+                Outcome::NotLeader(Some(hint)) if hint != target && replicas.contains(&hint) && redirects < 3 => {
+                    redirects += 1;
+                    target = hint;
+                    Duration::ZERO
+                }
+                Outcome::NotLeader(_) => {
+                    // An election is probably under way.
+                    redirects = 0;
+                    target = next_replica(target);
+                    Duration::from_millis(20)
+                }
+                Outcome::Busy => Duration::from_millis(2),
+                Outcome::Failed(why) => {
+                    debug!(chunk, server = target.0, "attempt failed: {why}");
+                    redirects = 0;
+                    target = next_replica(target);
+                    Duration::from_millis(20)
+                }
+            };
+            inner.retries.fetch_add(1, Ordering::Relaxed);
+            if Instant::now() >= deadline {
+                return Err(VolumeError::Unavailable(format!("chunk {chunk}: no serving leader for {STALL_LIMIT:?}")));
+            }
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+
+    async fn attempt(&self, server: ReplicaId, chunk: u32, id: RequestId, floor: u64, op: RequestOp) -> Outcome {
+        let Some(link) = self.inner.links.get(&server) else {
+            return Outcome::Failed("unknown server".into());
+        };
+        if !link.up.load(Ordering::Relaxed) {
+            return Outcome::Failed("not connected".into());
+        }
+        let (tx, rx) = oneshot::channel();
+        link.pending.lock().unwrap().insert(id.seq, tx);
+        let frame = Frame {
+            cluster_id: self.inner.cluster.cluster_id,
+            sender: 0,
+            group: chunk,
+            body: Body::Request { id, floor, op },
+        };
+        let mut buf = BytesMut::new();
+        encode(&frame, &mut buf);
+        if link.tx.send(buf.freeze()).await.is_err() {
+            link.pending.lock().unwrap().remove(&id.seq);
+            return Outcome::Failed("link closed".into());
+        }
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Outcome::Failed("connection lost".into()),
+            Err(_) => {
+                link.pending.lock().unwrap().remove(&id.seq);
+                Outcome::Failed("timed out".into())
+            }
+        }
+    }
+}
+
+/// Keeps one connection to a server: writes queued requests, routes answers to their
+/// waiters, and fails every waiter at once when the connection drops (so a killed server
+/// costs one round trip, not a timeout).
+async fn link_task(
+    cluster_id: u64,
+    server: ReplicaId,
+    addr: SocketAddr,
+    mut rx: mpsc::Receiver<Bytes>,
+    pending: Pending,
+    up: Arc<AtomicBool>,
+) {
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let mut stream = match TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(_) => {
+                while rx.try_recv().is_ok() {}
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let mut hello = BytesMut::new();
+        encode(&Frame { cluster_id, sender: 0, group: 0, body: Body::Hello { role: Role::Frontend } }, &mut hello);
+        if stream.write_all(&hello).await.is_err() {
+            continue;
+        }
+        backoff = Duration::from_millis(20);
+        up.store(true, Ordering::Relaxed);
+        let (mut reader, mut writer) = stream.into_split();
+        let reader_pending = pending.clone();
+        let mut reader_task = tokio::spawn(async move {
+            while let Ok(Some(frame)) = read_frame(&mut reader).await {
+                if let Body::Response { id, outcome } = frame.body {
+                    if let Some(tx) = reader_pending.lock().unwrap().remove(&id.seq) {
+                        let _ = tx.send(outcome);
+                    }
+                }
+            }
+        });
+        loop {
+            tokio::select! {
+                batch = rx.recv() => {
+                    let Some(first) = batch else { reader_task.abort(); return };
+                    let mut buf = BytesMut::from(&first[..]);
+                    while buf.len() < (1 << 20) {
+                        match rx.try_recv() {
+                            Ok(more) => buf.extend_from_slice(&more),
+                            Err(_) => break,
+                        }
+                    }
+                    if writer.write_all(&buf).await.is_err() {
+                        break;
+                    }
+                }
+                _ = &mut reader_task => break,
+            }
+        }
+        reader_task.abort();
+        up.store(false, Ordering::Relaxed);
+        // Every request in flight on this connection fails now; its piece retries elsewhere.
+        pending.lock().unwrap().clear();
+        debug!(server = server.0, "connection to chunk server lost");
+    }
+}

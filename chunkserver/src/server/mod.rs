@@ -34,6 +34,10 @@ use transport::{Inbound, Shared};
 /// How often the core thread logs its groups' progress.
 const REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
+/// How often `status` (one line per chunk: chunk, role, term, committed) is rewritten in
+/// the data directory, for operators and tests.
+const STATUS_INTERVAL: Duration = Duration::from_millis(200);
+
 /// Items the core thread's inbox holds before connection tasks wait.
 const INBOX_CAPACITY: usize = 8192;
 
@@ -154,7 +158,12 @@ async fn wait_for_signal() {
 fn core_loop(opts: &ServerOptions, groups: &mut BTreeMap<u32, Group>, outbox: &mut Outbox, inbox: Receiver<Inbound>) {
     let mut next_tick = Instant::now() + opts.tick;
     let mut next_report = Instant::now() + REPORT_INTERVAL;
+    let mut next_status = Instant::now();
     loop {
+        if Instant::now() >= next_status {
+            next_status = Instant::now() + STATUS_INTERVAL;
+            write_status(&opts.data_dir, groups);
+        }
         if Instant::now() >= next_report {
             next_report += REPORT_INTERVAL;
             report(groups, outbox);
@@ -262,5 +271,18 @@ fn report(groups: &BTreeMap<u32, Group>, outbox: &Outbox) {
     }
     if outbox.dropped_batches > 0 {
         warn!(dropped = outbox.dropped_batches, "outgoing batches dropped on full queues so far");
+    }
+}
+
+fn write_status(dir: &std::path::Path, groups: &BTreeMap<u32, Group>) {
+    let mut text = String::new();
+    for g in groups.values() {
+        let r = g.replica();
+        let role = if g.failed.is_some() { "Failed".to_string() } else { format!("{:?}", r.role()) };
+        text.push_str(&format!("{} {} {} {}\n", g.chunk, role, r.term().0, r.committed_watermark().0));
+    }
+    let tmp = dir.join("status.tmp");
+    if std::fs::write(&tmp, text).is_ok() {
+        let _ = std::fs::rename(&tmp, dir.join("status"));
     }
 }

@@ -1,0 +1,249 @@
+//! Real-process test support: a `chunkserver local` cluster in a temporary directory on free
+//! ports, with helpers to find chunk leaders and to kill and restart chunk servers.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_chunkserver");
+
+/// Real clusters are heavy on a 2-core machine: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A base port with `n` consecutive free ports.
+pub fn free_ports(n: u16) -> u16 {
+    for _ in 0..200 {
+        let base = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if base > 60000 {
+            continue;
+        }
+        if (0..n).all(|k| TcpListener::bind(("127.0.0.1", base + k)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free ports");
+}
+
+pub fn require_tool(name: &str) {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().unwrap().status.success();
+    assert!(found, "{name} is required (bash .ci/run installs it)");
+}
+
+pub struct LocalCluster {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub peer_base: u16,
+    pub mode: String,
+    pub size: String,
+    local: Option<Child>,
+    /// Servers restarted by the test (not children of `local`).
+    restarted: Vec<(u32, Child)>,
+}
+
+impl LocalCluster {
+    pub fn start(mode: &str, size: &str) -> LocalCluster {
+        let base = free_ports(4);
+        let mut c = LocalCluster {
+            dir: tempfile::tempdir().unwrap(),
+            port: base,
+            peer_base: base + 1,
+            mode: mode.into(),
+            size: size.into(),
+            local: None,
+            restarted: Vec::new(),
+        };
+        c.launch();
+        c
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd://127.0.0.1:{}/vol0", self.port)
+    }
+
+    pub fn data(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::File::create(self.data().join(format!("local-{}.log", self.port))).unwrap();
+        let child = Command::new(BIN)
+            .args(["local", "--data-dir"])
+            .arg(self.data())
+            .args(["--port", &self.port.to_string(), "--peer-base-port", &self.peer_base.to_string()])
+            .args(["--size", &self.size, "--chunk-size", "64M", "--mode", &self.mode])
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.local = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits until every chunk has a serving leader and the NBD port answers.
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let chunks = self.chunk_count();
+        loop {
+            let led = (0..chunks).all(|c| self.leader_of(c).is_some());
+            if led && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "cluster not ready in 30 s; log:\n{}", self.log_tail());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn chunk_count(&self) -> u32 {
+        let size = chunkserver::config::parse_size(&self.size).unwrap();
+        size.div_ceil(64 << 20) as u32
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.data().join(format!("local-{}.log", self.port))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    fn status(&self, server: u32) -> Vec<(u32, String, u64)> {
+        let path = self.data().join(format!("server-{server}")).join("status");
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                Some((f.first()?.parse().ok()?, f.get(1)?.to_string(), f.get(2)?.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// The live server that serves as leader of `chunk` in the highest term, if any.
+    pub fn leader_of(&self, chunk: u32) -> Option<u32> {
+        (1..=3)
+            .filter(|s| self.is_alive(*s))
+            .filter_map(|s| {
+                self.status(s).into_iter().find(|(c, role, _)| *c == chunk && role == "Leader").map(|(_, _, t)| (t, s))
+            })
+            .max()
+            .map(|(_, s)| s)
+    }
+
+    pub fn pid_of(&self, server: u32) -> Option<i32> {
+        if let Some((_, child)) = self.restarted.iter().find(|(s, _)| *s == server) {
+            return Some(child.id() as i32);
+        }
+        let text = std::fs::read_to_string(self.data().join(format!("server-{server}.pid"))).ok()?;
+        text.trim().parse().ok()
+    }
+
+    pub fn is_alive(&self, server: u32) -> bool {
+        self.pid_of(server).is_some_and(|pid| {
+            // A zombie (killed, not yet reaped by `local`) counts as dead.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| !s.split(") ").nth(1).unwrap_or("").starts_with('Z'))
+                .unwrap_or(false)
+        })
+    }
+
+    /// SIGKILL a chunk server.
+    pub fn kill(&mut self, server: u32) {
+        let pid = self.pid_of(server).expect("server pid");
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        if let Some(k) = self.restarted.iter().position(|(s, _)| *s == server) {
+            let (_, mut child) = self.restarted.remove(k);
+            let _ = child.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.is_alive(server) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_file(self.data().join(format!("server-{server}")).join("status"));
+    }
+
+    /// Starts a killed chunk server again (as `local` would), from its data directory.
+    pub fn restart(&mut self, server: u32) {
+        let log = std::fs::File::create(self.data().join(format!("server-{server}-restart.log"))).unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(self.data().join("cluster.toml"))
+            .args(["--id", &server.to_string(), "--data-dir"])
+            .arg(self.data().join(format!("server-{server}")))
+            .env("NO_COLOR", "1")
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.restarted.push((server, child));
+    }
+
+    /// Stops the whole cluster as Ctrl-C would.
+    pub fn stop(&mut self) {
+        for (_, mut child) in self.restarted.drain(..) {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+        if let Some(mut local) = self.local.take() {
+            unsafe { libc::kill(local.id() as i32, libc::SIGINT) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if local.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = local.kill();
+                    let _ = local.wait();
+                    panic!("local cluster did not stop on SIGINT");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Stops and starts the cluster on the same data directory.
+    pub fn restart_all(&mut self) {
+        self.stop();
+        for s in 1..=3 {
+            let _ = std::fs::remove_file(self.data().join(format!("server-{s}")).join("status"));
+        }
+        self.launch();
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for (_, mut child) in self.restarted.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(mut local) = self.local.take() {
+            unsafe { libc::kill(local.id() as i32, libc::SIGTERM) };
+            let _ = local.wait();
+        }
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    out
+}
+
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn tmp_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}

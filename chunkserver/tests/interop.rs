@@ -30,11 +30,11 @@ fn qemu_io_pattern_writes_and_reads_across_chunks() {
     let chunk = 64u64 << 20;
     let cross = chunk - 8192; // a write straddling chunks 0 and 1
     let script = [
-        format!("write -P 0xa5 0 1M"),
+        "write -P 0xa5 0 1M".to_string(),
         format!("write -P 0x3c {cross} 16k"),
         format!("write -P 0x77 {} 512", 5 * 4096 + 512),
         format!("write -z {} 8k", 100 << 20),
-        format!("read -P 0xa5 0 20992"),
+        "read -P 0xa5 0 20992".to_string(),
         format!("read -P 0x77 {} 512", 5 * 4096 + 512),
         format!("read -P 0xa5 {} 3584", 5 * 4096 + 1024),
         format!("read -P 0x3c {cross} 16k"),

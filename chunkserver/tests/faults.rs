@@ -1,0 +1,108 @@
+//! Fault tests with real processes: SIGKILL the leader during a verifying fio run, kill a
+//! follower for good, kill two servers (writes stall, then resume when one returns).
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn fio_verify(uri: &str) -> Command {
+    let mut cmd = Command::new("fio");
+    cmd.args(["--name=failover", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=16"])
+        .args(["--numjobs=2", "--size=24m", "--offset_increment=32m", "--verify=crc32c", "--verify_fatal=1"])
+        .args(["--do_verify=1", "--group_reporting", "--output-format=json"])
+        .arg(format!("--uri={uri}"));
+    cmd
+}
+
+#[test]
+fn leader_kill_during_verifying_fio_run() {
+    let _g = serial();
+    require_tool("fio");
+    let mut c = LocalCluster::start("parallel", "128M");
+    let leader = c.leader_of(0).expect("chunk 0 has a leader");
+    let fio = fio_verify(&c.uri()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let killed_at = Instant::now();
+    c.kill(leader);
+    // A new leader takes over chunk 0.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let new_leader = loop {
+        if let Some(l) = c.leader_of(0).filter(|l| *l != leader) {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no new leader for chunk 0:\n{}", c.log_tail());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let election = killed_at.elapsed();
+    let out = fio.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "fio failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
+    let job = &json["jobs"][0];
+    assert_eq!(job["error"], 0, "{job}");
+    assert_eq!(job["write"]["io_bytes"].as_u64(), Some(2 * (24 << 20)));
+    assert_eq!(job["read"]["io_bytes"].as_u64(), Some(2 * (24 << 20)), "every block verified");
+    let stall_ms = job["write"]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6;
+    println!(
+        "leader kill: server {leader} killed, server {new_leader} leads chunk 0 after {:.0} ms; \
+         longest write during the run: {stall_ms:.0} ms",
+        election.as_secs_f64() * 1e3
+    );
+    // The killed server comes back and rejoins.
+    c.restart(leader);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.is_alive(leader) || c.leader_of(0).is_none() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0x42 0 64k", "-c", "read -P 0x42 0 64k"])
+            .arg(c.uri()),
+    );
+}
+
+fn qemu_io(uri: &str, script: &[&str]) -> Command {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for s in script {
+        cmd.arg("-c").arg(s);
+    }
+    cmd.arg(uri);
+    cmd
+}
+
+#[test]
+fn one_follower_down_io_continues_two_down_writes_stall_then_resume() {
+    let _g = serial();
+    require_tool("qemu-io");
+    let mut c = LocalCluster::start("parallel", "128M");
+    let leader = c.leader_of(0).expect("leader");
+    let followers: Vec<u32> = (1..=3).filter(|s| *s != leader).collect();
+    c.kill(followers[0]);
+    // One follower down for good: writes and reads go on.
+    run_ok(&mut qemu_io(&c.uri(), &["write -P 0x11 0 1M", "read -P 0x11 0 1M", "write -P 0x12 70M 256k"]));
+    run_ok(&mut qemu_io(&c.uri(), &["read -P 0x12 70M 256k"]));
+    // Two down: a single copy must not acknowledge anything.
+    c.kill(followers[1]);
+    let mut writer = qemu_io(&c.uri(), &["write -P 0x13 4096 8k"]).stdout(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(writer.try_wait().unwrap().is_none(), "a write completed with only one replica up");
+    // One returns: the stalled write completes.
+    c.restart(followers[1]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = writer.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "write did not resume:\n{}", c.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    let out =
+        run_ok(&mut qemu_io(&c.uri(), &["read -P 0x13 4096 8k", "read -P 0x11 0 4096", "read -P 0x11 12288 4096"]));
+    assert!(!out.contains("verification failed"), "{out}");
+}

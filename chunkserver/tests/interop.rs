@@ -160,3 +160,22 @@ fn ext4_on_nbdfuse_loop_survives_cluster_restart() {
     sh(&format!("cd {} && sha256sum -c ../sums", m.mnt.display()));
     unmount(m);
 }
+
+#[test]
+fn classic_raft_mode_serves_the_same_clients() {
+    let _g = serial();
+    require_tool("fio");
+    let c = LocalCluster::start("raft", "128M");
+    let info = run_ok(Command::new("nbdinfo").arg(c.uri()));
+    assert!(info.contains("Raft mode"), "{info}");
+    let out = run_ok(
+        Command::new("fio")
+            .args(["--name=verify", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=16"])
+            .args(["--numjobs=2", "--size=8m", "--offset_increment=64m", "--verify=crc32c", "--verify_fatal=1"])
+            .args(["--do_verify=1", "--group_reporting", "--output-format=json"])
+            .arg(format!("--uri={}", c.uri())),
+    );
+    let json: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).expect("fio json");
+    assert_eq!(json["jobs"][0]["error"], 0, "{out}");
+    assert_eq!(json["jobs"][0]["read"]["io_bytes"].as_u64(), Some(2 * (8 << 20)));
+}

@@ -12,7 +12,7 @@ fn fio_verify(uri: &str) -> Command {
     let mut cmd = Command::new("fio");
     cmd.args(["--name=failover", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=16"])
         .args(["--numjobs=2", "--size=24m", "--offset_increment=32m", "--verify=crc32c", "--verify_fatal=1"])
-        .args(["--do_verify=1", "--group_reporting", "--output-format=json"])
+        .args(["--do_verify=1", "--verify_state_save=0", "--group_reporting", "--output-format=json"])
         .arg(format!("--uri={uri}"));
     cmd
 }

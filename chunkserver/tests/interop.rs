@@ -89,7 +89,7 @@ fn fio_verify_crc32c_iodepth32_four_connections() {
         Command::new("fio")
             .args(["--name=verify", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=32"])
             .args(["--numjobs=4", "--size=16m", "--offset_increment=64m", "--verify=crc32c", "--verify_fatal=1"])
-            .args(["--do_verify=1", "--group_reporting", "--output-format=json"])
+            .args(["--do_verify=1", "--verify_state_save=0", "--group_reporting", "--output-format=json"])
             .arg(format!("--uri={}", c.uri())),
     );
     let json: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).expect("fio json");
@@ -172,7 +172,7 @@ fn classic_raft_mode_serves_the_same_clients() {
         Command::new("fio")
             .args(["--name=verify", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=16"])
             .args(["--numjobs=2", "--size=8m", "--offset_increment=64m", "--verify=crc32c", "--verify_fatal=1"])
-            .args(["--do_verify=1", "--group_reporting", "--output-format=json"])
+            .args(["--do_verify=1", "--verify_state_save=0", "--group_reporting", "--output-format=json"])
             .arg(format!("--uri={}", c.uri())),
     );
     let json: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).expect("fio json");

@@ -16,3 +16,15 @@ pub mod server;
 pub mod storage;
 pub mod volume;
 pub mod wire;
+
+/// 64 bits that differ between processes and between starts of the same process (pid, clock
+/// and std's per-process hash keys), mixed with `salt`. For election-timeout seeds and
+/// frontend client identities; never for anything the protocol's safety depends on.
+pub fn process_entropy(salt: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(salt);
+    h.write_u32(std::process::id());
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.finish()
+}

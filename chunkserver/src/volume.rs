@@ -81,11 +81,7 @@ pub struct Volume {
 /// A client identity unique to this frontend process, so its sequence numbers never collide
 /// with an earlier incarnation's in the groups' client tables.
 fn fresh_client_id() -> ClientId {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
-    ClientId(h.finish() | 1)
+    ClientId(crate::process_entropy(0) | 1)
 }
 
 impl Volume {

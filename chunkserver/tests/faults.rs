@@ -8,22 +8,13 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn fio_verify(uri: &str) -> Command {
-    let mut cmd = Command::new("fio");
-    cmd.args(["--name=failover", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=16"])
-        .args(["--numjobs=2", "--size=24m", "--offset_increment=32m", "--verify=crc32c", "--verify_fatal=1"])
-        .args(["--do_verify=1", "--verify_state_save=0", "--group_reporting", "--output-format=json"])
-        .arg(format!("--uri={uri}"));
-    cmd
-}
-
 #[test]
 fn leader_kill_during_verifying_fio_run() {
     let _g = serial();
     require_tool("fio");
     let mut c = LocalCluster::start("parallel", "128M");
     let leader = c.leader_of(0).expect("chunk 0 has a leader");
-    let fio = fio_verify(&c.uri()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let fio = fio_verify(&c.uri(), 16, 2, 24, 32).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let killed_at = Instant::now();
     c.kill(leader);
@@ -40,8 +31,7 @@ fn leader_kill_during_verifying_fio_run() {
     let out = fio.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "fio failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let json: serde_json::Value = serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
-    let job = &json["jobs"][0];
+    let job = fio_job(&stdout);
     assert_eq!(job["error"], 0, "{job}");
     assert_eq!(job["write"]["io_bytes"].as_u64(), Some(2 * (24 << 20)));
     assert_eq!(job["read"]["io_bytes"].as_u64(), Some(2 * (24 << 20)), "every block verified");

@@ -85,15 +85,8 @@ fn fio_verify_crc32c_iodepth32_four_connections() {
     let _g = serial();
     require_tool("fio");
     let c = LocalCluster::start("parallel", "256M");
-    let out = run_ok(
-        Command::new("fio")
-            .args(["--name=verify", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=32"])
-            .args(["--numjobs=4", "--size=16m", "--offset_increment=64m", "--verify=crc32c", "--verify_fatal=1"])
-            .args(["--do_verify=1", "--verify_state_save=0", "--group_reporting", "--output-format=json"])
-            .arg(format!("--uri={}", c.uri())),
-    );
-    let json: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).expect("fio json");
-    let job = &json["jobs"][0];
+    let out = run_ok(&mut fio_verify(&c.uri(), 32, 4, 16, 64));
+    let job = fio_job(&out);
     assert_eq!(job["error"], 0, "{out}");
     // Every byte written was read back and verified.
     assert_eq!(job["write"]["io_bytes"].as_u64(), Some(4 * (16 << 20)), "{job}");
@@ -168,14 +161,8 @@ fn classic_raft_mode_serves_the_same_clients() {
     let c = LocalCluster::start("raft", "128M");
     let info = run_ok(Command::new("nbdinfo").arg(c.uri()));
     assert!(info.contains("Raft mode"), "{info}");
-    let out = run_ok(
-        Command::new("fio")
-            .args(["--name=verify", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=16"])
-            .args(["--numjobs=2", "--size=8m", "--offset_increment=64m", "--verify=crc32c", "--verify_fatal=1"])
-            .args(["--do_verify=1", "--verify_state_save=0", "--group_reporting", "--output-format=json"])
-            .arg(format!("--uri={}", c.uri())),
-    );
-    let json: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).expect("fio json");
-    assert_eq!(json["jobs"][0]["error"], 0, "{out}");
-    assert_eq!(json["jobs"][0]["read"]["io_bytes"].as_u64(), Some(2 * (8 << 20)));
+    let out = run_ok(&mut fio_verify(&c.uri(), 16, 2, 8, 64));
+    let job = fio_job(&out);
+    assert_eq!(job["error"], 0, "{out}");
+    assert_eq!(job["read"]["io_bytes"].as_u64(), Some(2 * (8 << 20)));
 }

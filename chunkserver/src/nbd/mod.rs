@@ -295,7 +295,7 @@ where
             }
         }
         if let Err(errno) = validate(&req, size) {
-            if reply_tx.send(error_reply(&req, &session, errno)).await.is_err() {
+            if reply_tx.send(error_reply(&req, session.structured, errno)).await.is_err() {
                 break Ok(());
             }
             continue;
@@ -321,9 +321,9 @@ where
     result
 }
 
-fn error_reply(req: &Request, session: &Session, errno: u32) -> Reply {
+fn error_reply(req: &Request, structured: bool, errno: u32) -> Reply {
     let mut out = BytesMut::new();
-    if req.kind == CMD_READ && session.structured {
+    if req.kind == CMD_READ && structured {
         structured_error(&mut out, req.cookie, errno, "request rejected");
     } else {
         simple_reply(&mut out, errno, req.cookie, &[]);
@@ -348,7 +348,6 @@ async fn execute(volume: &Volume, req: Request, payload: Option<Bytes>, structur
         }
         _ => unreachable!("validated"),
     };
-    let session = Session { structured };
     match volume.execute(op).await {
         Ok(Some(data)) => {
             let mut out = BytesMut::with_capacity(data.len() + 32);
@@ -366,7 +365,7 @@ async fn execute(volume: &Volume, req: Request, payload: Option<Bytes>, structur
         }
         Err(e) => {
             warn!("request failed: {e}");
-            error_reply(&req, &session, EIO)
+            error_reply(&req, structured, EIO)
         }
     }
 }

@@ -68,12 +68,7 @@ fn group_config(opts: &ServerOptions, voters: Vec<ReplicaId>, chunk: u32) -> Con
 /// Election randomness: seeded per process start, so replicas restarted together still draw
 /// different timeouts. (The core itself only ever sees the seed.)
 fn seed(chunk: u32) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(chunk);
-    h.write_u32(std::process::id());
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
-    h.finish()
+    crate::process_entropy(chunk as u64)
 }
 
 /// Opens every chunk replica this server holds.

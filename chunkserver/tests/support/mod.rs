@@ -247,3 +247,25 @@ pub fn run_ok(cmd: &mut Command) -> String {
 pub fn tmp_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
+
+/// A verifying fio run on the nbd engine: random 4 KiB writes, then every block read back
+/// and checked (crc32c), JSON output; `numjobs` connections, job k at `k * offset_mib`.
+pub fn fio_verify(uri: &str, iodepth: u32, numjobs: u32, size_mib: u64, offset_mib: u64) -> Command {
+    let mut cmd = Command::new("fio");
+    cmd.args(["--name=verify", "--ioengine=nbd", "--rw=randwrite", "--bs=4k"])
+        .arg(format!("--iodepth={iodepth}"))
+        .arg(format!("--numjobs={numjobs}"))
+        .arg(format!("--size={size_mib}m"))
+        .arg(format!("--offset_increment={offset_mib}m"))
+        .args(["--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0"])
+        .args(["--group_reporting", "--output-format=json"])
+        .arg(format!("--uri={uri}"));
+    cmd
+}
+
+/// The (group-reported) job of fio's JSON output.
+pub fn fio_job(stdout: &str) -> serde_json::Value {
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout[stdout.find('{').expect("fio printed no JSON")..]).expect("fio json");
+    json["jobs"][0].clone()
+}

@@ -13,8 +13,7 @@ use super::{FileId, IoEngine, IoOp, OpenMode};
 /// is split across two scoped threads (the machine has two cores), so a group commit of many
 /// writes is not serialised behind one thread.
 pub struct SyncEngine {
-    files: HashMap<FileId, File>,
-    next: u32,
+    files: FileTable,
 }
 
 impl Default for SyncEngine {
@@ -25,7 +24,40 @@ impl Default for SyncEngine {
 
 impl SyncEngine {
     pub fn new() -> SyncEngine {
-        SyncEngine { files: HashMap::new(), next: 1 }
+        SyncEngine { files: FileTable::default() }
+    }
+}
+
+/// The open files of an engine, by id: the part both production engines share.
+#[derive(Default)]
+pub(super) struct FileTable {
+    files: HashMap<FileId, File>,
+    next: u32,
+}
+
+impl FileTable {
+    pub(super) fn open(&mut self, path: &Path, mode: OpenMode) -> io::Result<FileId> {
+        let f = open_file(path, mode)?;
+        self.next += 1;
+        let id = FileId(self.next);
+        self.files.insert(id, f);
+        Ok(id)
+    }
+
+    pub(super) fn close(&mut self, id: FileId) {
+        self.files.remove(&id);
+    }
+
+    pub(super) fn get(&self, id: FileId) -> io::Result<&File> {
+        self.files.get(&id).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "unknown file id"))
+    }
+
+    pub(super) fn len(&self, id: FileId) -> io::Result<u64> {
+        Ok(self.get(id)?.metadata()?.len())
+    }
+
+    pub(super) fn allocate(&self, id: FileId, len: u64) -> io::Result<()> {
+        fallocate(self.get(id)?, len)
     }
 }
 
@@ -77,12 +109,11 @@ pub(super) fn list_dir(dir: &Path) -> io::Result<Vec<std::path::PathBuf>> {
     Ok(out)
 }
 
-fn run_one(files: &HashMap<FileId, File>, op: &mut IoOp<'_>) -> io::Result<usize> {
-    let file = |id: &FileId| files.get(id).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "unknown file id"));
+fn run_one(files: &FileTable, op: &mut IoOp<'_>) -> io::Result<usize> {
     match op {
-        IoOp::Write { file: id, offset, buf } => file(id)?.write_at(buf, *offset),
-        IoOp::Read { file: id, offset, buf } => file(id)?.read_at(buf, *offset),
-        IoOp::Sync { file: id } => file(id)?.sync_data().map(|_| 0),
+        IoOp::Write { file, offset, buf } => files.get(*file)?.write_at(buf, *offset),
+        IoOp::Read { file, offset, buf } => files.get(*file)?.read_at(buf, *offset),
+        IoOp::Sync { file } => files.get(*file)?.sync_data().map(|_| 0),
     }
 }
 
@@ -92,23 +123,19 @@ impl IoEngine for SyncEngine {
     }
 
     fn open(&mut self, path: &Path, mode: OpenMode) -> io::Result<FileId> {
-        let f = open_file(path, mode)?;
-        let id = FileId(self.next);
-        self.next += 1;
-        self.files.insert(id, f);
-        Ok(id)
+        self.files.open(path, mode)
     }
 
     fn close(&mut self, file: FileId) {
-        self.files.remove(&file);
+        self.files.close(file);
     }
 
     fn len(&mut self, file: FileId) -> io::Result<u64> {
-        Ok(self.files.get(&file).ok_or_else(|| io::Error::other("unknown file id"))?.metadata()?.len())
+        self.files.len(file)
     }
 
     fn allocate(&mut self, file: FileId, len: u64) -> io::Result<()> {
-        fallocate(self.files.get(&file).ok_or_else(|| io::Error::other("unknown file id"))?, len)
+        self.files.allocate(file, len)
     }
 
     fn submit(&mut self, ops: &mut [IoOp<'_>]) -> Vec<io::Result<usize>> {

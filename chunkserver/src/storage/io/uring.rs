@@ -4,32 +4,29 @@
 //! one sync) is also linked to it with IOSQE_IO_LINK, so a failed or short write cancels the
 //! sync instead of syncing a batch with a hole in it.
 
-use std::collections::HashMap;
-use std::fs::File;
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::sync::{fallocate, open_file, rename_durable};
+use super::sync::{rename_durable, FileTable};
 use super::{FileId, IoEngine, IoOp, OpenMode};
 
 pub struct UringEngine {
     ring: IoUring,
-    files: HashMap<FileId, File>,
-    next: u32,
+    files: FileTable,
 }
 
 impl UringEngine {
     /// A ring with `entries` submission slots. Fails with EPERM/ENOSYS where io_uring is
     /// disabled; `open_engine(Auto)` then falls back to the sync engine.
     pub fn new(entries: u32) -> io::Result<UringEngine> {
-        Ok(UringEngine { ring: IoUring::new(entries)?, files: HashMap::new(), next: 1 })
+        Ok(UringEngine { ring: IoUring::new(entries)?, files: FileTable::default() })
     }
 
     fn fd(&self, id: FileId) -> io::Result<types::Fd> {
-        Ok(types::Fd(self.files.get(&id).ok_or_else(|| io::Error::other("unknown file id"))?.as_raw_fd()))
+        Ok(types::Fd(self.files.get(id)?.as_raw_fd()))
     }
 }
 
@@ -39,23 +36,19 @@ impl IoEngine for UringEngine {
     }
 
     fn open(&mut self, path: &Path, mode: OpenMode) -> io::Result<FileId> {
-        let f = open_file(path, mode)?;
-        let id = FileId(self.next);
-        self.next += 1;
-        self.files.insert(id, f);
-        Ok(id)
+        self.files.open(path, mode)
     }
 
     fn close(&mut self, file: FileId) {
-        self.files.remove(&file);
+        self.files.close(file);
     }
 
     fn len(&mut self, file: FileId) -> io::Result<u64> {
-        Ok(self.files.get(&file).ok_or_else(|| io::Error::other("unknown file id"))?.metadata()?.len())
+        self.files.len(file)
     }
 
     fn allocate(&mut self, file: FileId, len: u64) -> io::Result<()> {
-        fallocate(self.files.get(&file).ok_or_else(|| io::Error::other("unknown file id"))?, len)
+        self.files.allocate(file, len)
     }
 
     fn submit(&mut self, ops: &mut [IoOp<'_>]) -> Vec<io::Result<usize>> {

@@ -25,14 +25,35 @@ pub enum Op {
     },
 }
 
+/// Conflicts are detected in whole granules of this many bytes: the block size of the chunk
+/// servers' store, which rewrites a whole 4 KiB block (read-modify-write) for a 512-byte write.
+///
+/// Why not bytes: two writes to different sectors of one block would then not conflict and
+/// could be applied in either order, so a block's version (the index of the entry that last
+/// wrote it) would not identify its content across replicas. With whole-block granules every
+/// replica applies the entries touching a block in index order, so equal versions mean equal
+/// content and a replica can repair a damaged block from any peer at that version or later.
+pub const CONFLICT_GRANULE_BYTES: u64 = 4096;
+
+/// The range `offset..offset + len_bytes` widened to whole conflict granules.
+pub fn granule_range(offset: u64, len_bytes: u64) -> Range {
+    if len_bytes == 0 {
+        return Range::new(offset, 0);
+    }
+    let g = CONFLICT_GRANULE_BYTES;
+    let start = offset / g * g;
+    let end = offset.saturating_add(len_bytes).div_ceil(g).saturating_mul(g);
+    Range::new(start, end - start)
+}
+
 impl Op {
-    /// The byte ranges the operation modifies (empty for a no-op).
+    /// The ranges the operation modifies, widened to conflict granules (empty for a no-op).
     pub fn ranges(&self) -> RangeSet {
         match self {
             Op::Noop => RangeSet::new(),
-            Op::Write { offset, data } => RangeSet::single(Range::new(*offset, data.len() as u64)),
+            Op::Write { offset, data } => RangeSet::single(granule_range(*offset, data.len() as u64)),
             Op::Trim { offset, len_bytes } | Op::WriteZeroes { offset, len_bytes } => {
-                RangeSet::single(Range::new(*offset, *len_bytes))
+                RangeSet::single(granule_range(*offset, *len_bytes))
             }
         }
     }
@@ -111,5 +132,24 @@ impl Entry {
             }
         }
         h.finalize()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_widen_to_whole_granules() {
+        assert_eq!(granule_range(512, 512), Range::new(0, 4096));
+        assert_eq!(granule_range(4096, 4096), Range::new(4096, 4096));
+        assert_eq!(granule_range(3584, 1024), Range::new(0, 8192));
+        assert!(granule_range(100, 0).is_empty());
+        // Two 512-byte writes into different sectors of one block conflict.
+        let a = Op::Write { offset: 0, data: Bytes::from(vec![1; 512]) };
+        let b = Op::Write { offset: 1024, data: Bytes::from(vec![2; 512]) };
+        assert!(a.ranges().overlaps(&b.ranges()));
+        let c = Op::Write { offset: 4096, data: Bytes::from(vec![3; 512]) };
+        assert!(!a.ranges().overlaps(&c.ranges()));
     }
 }

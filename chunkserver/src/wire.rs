@@ -70,6 +70,17 @@ pub enum Body {
         blocks: u64,
         message: Message,
     },
+    /// Asks the peers of a group for their copies of blocks that failed their checksum here.
+    /// A peer answers with a copy only if it holds everything the asker applied to the block:
+    /// its version is at least `need`, or its applied watermark is.
+    RepairAsk {
+        blocks: Vec<BlockNeed>,
+    },
+    /// Verified copies of asked-for blocks, with the sender's applied watermark.
+    RepairData {
+        applied: Index,
+        blocks: Vec<SnapBlock>,
+    },
     Request {
         id: RequestId,
         floor: u64,
@@ -79,6 +90,13 @@ pub enum Body {
         id: RequestId,
         outcome: Outcome,
     },
+}
+
+/// A block to repair and the least version a copy must have (see [`Body::RepairAsk`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockNeed {
+    pub block: u64,
+    pub need: Index,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,6 +145,8 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
         Body::SnapEnd { .. } => 4,
         Body::Request { .. } => 5,
         Body::Response { .. } => 6,
+        Body::RepairAsk { .. } => 7,
+        Body::RepairData { .. } => 8,
     };
     out.put_u8(kind);
     out.put_u64_le(frame.cluster_id);
@@ -140,19 +160,18 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
         Body::Peer { message } => encode_message(message, out),
         Body::SnapData { snapshot, blocks } => {
             out.put_u64_le(*snapshot);
+            encode_blocks(blocks, out);
+        }
+        Body::RepairAsk { blocks } => {
             out.put_u32_le(blocks.len() as u32);
             for b in blocks {
                 out.put_u64_le(b.block);
-                out.put_u64_le(b.version.0);
-                match &b.data {
-                    None => out.put_u8(0),
-                    Some(d) => {
-                        out.put_u8(1);
-                        out.put_u32_le(d.len() as u32);
-                        out.put_slice(d);
-                    }
-                }
+                out.put_u64_le(b.need.0);
             }
+        }
+        Body::RepairData { applied, blocks } => {
+            out.put_u64_le(applied.0);
+            encode_blocks(blocks, out);
         }
         Body::SnapEnd { snapshot, blocks, message } => {
             out.put_u64_le(*snapshot);
@@ -213,6 +232,49 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
+fn encode_blocks(blocks: &[SnapBlock], out: &mut BytesMut) {
+    out.put_u32_le(blocks.len() as u32);
+    for b in blocks {
+        out.put_u64_le(b.block);
+        out.put_u64_le(b.version.0);
+        match &b.data {
+            None => out.put_u8(0),
+            Some(d) => {
+                out.put_u8(1);
+                out.put_u32_le(d.len() as u32);
+                out.put_slice(d);
+            }
+        }
+    }
+}
+
+/// Decodes what [`encode_blocks`] wrote; it must end the frame.
+fn decode_blocks(buf: &mut Bytes) -> Result<Vec<SnapBlock>, WireError> {
+    let n = get_u32(buf)? as usize;
+    if n > buf.remaining() / 17 {
+        return Err(bad("block count exceeds frame"));
+    }
+    let mut blocks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let block = get_u64(buf)?;
+        let version = Index(get_u64(buf)?);
+        let data = match get_u8(buf)? {
+            0 => None,
+            1 => {
+                let len = get_u32(buf)? as usize;
+                need(buf, len)?;
+                Some(buf.split_to(len))
+            }
+            _ => return Err(bad("bad block flag")),
+        };
+        blocks.push(SnapBlock { block, version, data });
+    }
+    if buf.has_remaining() {
+        return Err(bad("trailing bytes"));
+    }
+    Ok(blocks)
+}
+
 fn need(buf: &Bytes, n: usize) -> Result<(), WireError> {
     if buf.remaining() < n {
         return Err(bad("truncated"));
@@ -255,29 +317,25 @@ pub fn decode_body(mut buf: Bytes) -> Result<Frame, WireError> {
         2 => Body::Peer { message: message(&buf)? },
         3 => {
             let snapshot = get_u64(&mut buf)?;
+            Body::SnapData { snapshot, blocks: decode_blocks(&mut buf)? }
+        }
+        7 => {
             let n = get_u32(&mut buf)? as usize;
-            if n > buf.remaining() / 17 {
+            if n > buf.remaining() / 16 {
                 return Err(bad("block count exceeds frame"));
             }
             let mut blocks = Vec::with_capacity(n);
             for _ in 0..n {
-                let block = get_u64(&mut buf)?;
-                let version = Index(get_u64(&mut buf)?);
-                let data = match get_u8(&mut buf)? {
-                    0 => None,
-                    1 => {
-                        let len = get_u32(&mut buf)? as usize;
-                        need(&buf, len)?;
-                        Some(buf.split_to(len))
-                    }
-                    _ => return Err(bad("bad block flag")),
-                };
-                blocks.push(SnapBlock { block, version, data });
+                blocks.push(BlockNeed { block: get_u64(&mut buf)?, need: Index(get_u64(&mut buf)?) });
             }
             if buf.has_remaining() {
                 return Err(bad("trailing bytes"));
             }
-            Body::SnapData { snapshot, blocks }
+            Body::RepairAsk { blocks }
+        }
+        8 => {
+            let applied = Index(get_u64(&mut buf)?);
+            Body::RepairData { applied, blocks: decode_blocks(&mut buf)? }
         }
         4 => {
             let snapshot = get_u64(&mut buf)?;
@@ -380,6 +438,14 @@ mod tests {
             snapshot: 1,
             blocks: 2,
             message: Message::PreVoteResponse { term: Term(1), granted: false },
+        });
+        round_trip(Body::RepairAsk {
+            blocks: vec![BlockNeed { block: 9, need: Index(4) }, BlockNeed { block: 10, need: Index(0) }],
+        });
+        round_trip(Body::RepairAsk { blocks: vec![] });
+        round_trip(Body::RepairData {
+            applied: Index(12),
+            blocks: vec![SnapBlock { block: 9, version: Index(5), data: Some(Bytes::from(vec![2u8; 4096])) }],
         });
         round_trip(Body::Request {
             id,

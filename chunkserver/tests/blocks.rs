@@ -5,10 +5,10 @@ mod common;
 
 use std::path::Path;
 
-use chunkserver::storage::blocks::BlockStore;
+use chunkserver::storage::blocks::{BlockStore, ImageBlock};
 use chunkserver::storage::io::{CrashEngine, CrashPolicy};
 use chunkserver::storage::meta::{load_checkpoint, load_hard_state, save_checkpoint, save_hard_state};
-use chunkserver::storage::StorageError;
+use chunkserver::storage::{BadBlock, StorageError};
 use parallelraft::rng::Rng;
 use parallelraft::table::ClientTable;
 use parallelraft::{CheckpointState, ClientId, Entry, HardState, Index, Op, ReplicaId, RequestId, Term};
@@ -53,13 +53,17 @@ fn a_flipped_bit_in_a_data_block_is_an_error_never_data() {
     store.write(5 * 4096, &pattern(9, 4096), Index(1)).unwrap();
     store.sync().unwrap();
     engine.flip_bit(&dir.join("blocks.dat"), 5 * 4096 + 77, 0);
-    match store.read(5 * 4096, 4096) {
-        Err(StorageError::Corrupt { what }) => assert!(what.contains("block 5"), "{what}"),
+    match store.read(4 * 4096, 3 * 4096) {
+        Err(StorageError::BadBlocks(bad)) => {
+            assert_eq!(bad, vec![BadBlock { block: 5, version: Some(Index(1)) }])
+        }
         other => panic!("corrupt block served: {other:?}"),
     }
+    assert!(store.is_bad(5).unwrap());
+    assert!(!store.is_bad(4).unwrap());
     // A read-modify-write over the bad block fails rather than sealing bad bytes with a fresh
     // checksum; a whole-block rewrite (the repair from a peer) heals it.
-    assert!(matches!(store.write(5 * 4096, &[1; 512], Index(2)), Err(StorageError::Corrupt { .. })));
+    assert!(matches!(store.write(5 * 4096, &[1; 512], Index(2)), Err(StorageError::BadBlocks(_))));
     store.write(5 * 4096, &pattern(3, 4096), Index(3)).unwrap();
     assert_eq!(store.read(5 * 4096, 4096).unwrap(), pattern(3, 4096));
     // Neighbours were never affected.
@@ -91,7 +95,7 @@ fn synced_blocks_survive_a_crash_and_unsynced_ones_never_read_as_garbage() {
                     "{policy:?}: block {b} reads neither version"
                 ),
                 // Data and checksum from different versions: detected, repaired by log replay.
-                Err(StorageError::Corrupt { .. }) => {}
+                Err(StorageError::BadBlocks(_)) => {}
                 Err(e) => panic!("{policy:?}: {e}"),
             }
         }
@@ -157,4 +161,84 @@ fn hard_state_and_checkpoint_are_replaced_atomically() {
     // Bit rot is an error, not a default.
     engine.flip_bit(&dir.join("hardstate"), 14, 2);
     assert!(matches!(load_hard_state(e.as_mut(), dir), Err(StorageError::Corrupt { .. })));
+}
+
+#[test]
+fn a_damaged_metadata_slot_makes_the_block_lost_not_trusted() {
+    let engine = CrashEngine::new();
+    let dir = Path::new("/chunk");
+    let mut store = BlockStore::open(Box::new(engine.clone()), dir, 64 * 4096, true).unwrap();
+    store.write(3 * 4096, &pattern(3, 4096), Index(7)).unwrap();
+    store.write(4 * 4096, &pattern(4, 4096), Index(8)).unwrap();
+    store.sync().unwrap();
+    // Slot 3 is bytes 48..64 of the metadata file; flip a bit of its version field.
+    engine.flip_bit(&dir.join("blocks.meta"), 3 * 16 + 9, 2);
+    let mut store = BlockStore::open(Box::new(engine.clone()), dir, 64 * 4096, true).unwrap();
+    match store.read(3 * 4096, 2 * 4096) {
+        Err(StorageError::BadBlocks(bad)) => assert_eq!(bad, vec![BadBlock { block: 3, version: None }]),
+        other => panic!("a block with a damaged version was served: {other:?}"),
+    }
+    assert_eq!(store.read(4 * 4096, 4096).unwrap(), pattern(4, 4096));
+    // Lost survives a sync and a reopen until the block is repaired.
+    store.sync().unwrap();
+    let mut store = BlockStore::open(Box::new(engine.clone()), dir, 64 * 4096, true).unwrap();
+    assert!(store.is_bad(3).unwrap());
+    let copy = ImageBlock { block: 3, version: Index(7), data: Some(pattern(3, 4096)) };
+    assert!(store.repair(&copy).unwrap());
+    assert!(!store.repair(&copy).unwrap(), "a good block is not replaced");
+    assert_eq!(store.read(3 * 4096, 4096).unwrap(), pattern(3, 4096));
+}
+
+fn write_entry(index: u64, offset: u64, data: Vec<u8>) -> Entry {
+    Entry {
+        index: Index(index),
+        term: Term(1),
+        ballot: Term(1),
+        op: Op::Write { offset, data: bytes::Bytes::from(data) },
+        request: None,
+        floor: 0,
+        look_behind: lbb::LookBehind::unknown(2),
+    }
+}
+
+#[test]
+fn apply_leaves_blocks_already_past_the_entry_alone() {
+    let mut store = BlockStore::open(Box::new(CrashEngine::new()), Path::new("/c"), 16 * 4096, true).unwrap();
+    // Blocks 1 and 2 come from a newer image (version 9), block 3 is older.
+    store.put_block(1, Index(9), Some(&pattern(9, 4096))).unwrap();
+    store.put_block(2, Index(9), Some(&pattern(19, 4096))).unwrap();
+    store.put_block(3, Index(2), Some(&pattern(2, 4096))).unwrap();
+    // Entry 5 spans blocks 1..=3 and ends mid-block 3: only block 3 takes it.
+    store.apply(&write_entry(5, 4096, pattern(5, 2 * 4096 + 512))).unwrap();
+    assert_eq!(store.read(4096, 4096).unwrap(), pattern(9, 4096));
+    assert_eq!(store.read(2 * 4096, 4096).unwrap(), pattern(19, 4096));
+    let mut block3 = pattern(2, 4096);
+    block3[..512].copy_from_slice(&pattern(5, 2 * 4096 + 512)[2 * 4096..]);
+    assert_eq!(store.read(3 * 4096, 4096).unwrap(), block3);
+    // A direct write (repair, image) is not gated.
+    store.write(4096, &pattern(1, 4096), Index(1)).unwrap();
+    assert_eq!(store.read(4096, 4096).unwrap(), pattern(1, 4096));
+}
+
+#[test]
+fn a_partial_apply_into_a_bad_block_fails_and_succeeds_after_the_repair() {
+    let engine = CrashEngine::new();
+    let dir = Path::new("/chunk");
+    let mut store = BlockStore::open(Box::new(engine.clone()), dir, 16 * 4096, true).unwrap();
+    store.write(2 * 4096, &pattern(2, 4096), Index(3)).unwrap();
+    store.sync().unwrap();
+    engine.flip_bit(&dir.join("blocks.dat"), 2 * 4096 + 5, 1);
+    // Entry 6 writes the whole of block 1 and the first sector of block 2.
+    let entry = write_entry(6, 4096, pattern(6, 4096 + 512));
+    match store.apply(&entry) {
+        Err(StorageError::BadBlocks(bad)) => assert_eq!(bad, vec![BadBlock { block: 2, version: Some(Index(3)) }]),
+        other => panic!("{other:?}"),
+    }
+    // A peer's copy at version 4 (it applied entry 4 to the block as well).
+    let peer = ImageBlock { block: 2, version: Index(4), data: Some(pattern(4, 4096)) };
+    assert!(store.repair(&peer).unwrap());
+    store.apply(&entry).unwrap();
+    let mut block2 = pattern(4, 4096);
+    block2[..512].copy_from_slice(&pattern(6, 4096 + 512)[4096..]);
+    assert_eq!(store.read(4096, 2 * 4096).unwrap(), [pattern(6, 4096 + 512)[..4096].to_vec(), block2].concat());
 }

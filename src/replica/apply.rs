@@ -1,9 +1,9 @@
 //! LBB-gated apply, leader reads, checkpoints and streaming catch-up.
 
-use lbb::{Range, RangeSet};
+use lbb::RangeSet;
 
 use super::{PendingRead, Replica, Role};
-use crate::entry::{Entry, Op};
+use crate::entry::{granule_range, Entry, Op};
 use crate::io::{ClientError, Command};
 use crate::message::Message;
 use crate::table::ClientTable;
@@ -86,7 +86,7 @@ impl Replica {
             self.reply(id, Err(ClientError::Busy));
             return;
         }
-        let ranges = RangeSet::single(Range::new(offset, len_bytes));
+        let ranges = RangeSet::single(granule_range(offset, len_bytes));
         let seq = l.read_seq + 1;
         l.reads.push(PendingRead { id, offset, len_bytes, ranges, fence, seq });
         if quorum == 1 || self.cfg.naive.unsafe_reads {

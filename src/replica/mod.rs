@@ -207,6 +207,12 @@ impl Replica {
         Index(self.gate.applied_watermark())
     }
 
+    /// The highest index this replica knows committed (committed out of order above the
+    /// watermark included): nothing above it can have been applied here.
+    pub fn highest_committed(&self) -> Index {
+        self.committed_above.last().copied().unwrap_or(self.committed).max(self.committed)
+    }
+
     pub fn last_index(&self) -> Index {
         self.log.last_index()
     }

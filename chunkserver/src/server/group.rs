@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use parallelraft::table::ClientTable;
 use parallelraft::{
-    CheckpointState, ClientError, ClientRequest, Command, Config, Event, Index, Message, Op, Replica, ReplicaId,
+    CheckpointState, ClientError, ClientRequest, Command, Config, Entry, Event, Index, Message, Op, Replica, ReplicaId,
     RequestId,
 };
 use tracing::{info, warn};
@@ -27,10 +27,11 @@ use crate::storage::blocks::{BlockStore, ImageBlock};
 use crate::storage::io::{open_engine, EngineKind, IoEngine};
 use crate::storage::meta;
 use crate::storage::wal::{Wal, WalOptions, WalRecord};
-use crate::storage::StorageError;
-use crate::wire::{Body, Outcome, RequestOp, SnapBlock};
+use crate::storage::{BadBlock, StorageError};
+use crate::wire::{BlockNeed, Body, Outcome, RequestOp, SnapBlock};
 
 use super::outbox::{ConnId, Outbox};
+use super::repair::{can_serve, Repairs};
 
 /// Blocks per snapshot data frame (1 MiB of data at most).
 const SNAPSHOT_FRAME_BLOCKS: u64 = 256;
@@ -80,6 +81,8 @@ pub struct Group {
     incoming: Option<Staging>,
     events: VecDeque<Event>,
     next_snapshot_id: u64,
+    /// Blocks that failed their checksum and the work waiting for their repair.
+    repairs: Repairs,
     /// Set when storage failed: the replica stopped (fail-stop) and ignores everything.
     pub failed: Option<String>,
 }
@@ -166,6 +169,7 @@ impl Group {
             incoming: None,
             events: VecDeque::new(),
             next_snapshot_id: 1,
+            repairs: Repairs::default(),
             failed: None,
         })
     }
@@ -190,10 +194,21 @@ impl Group {
             return;
         }
         self.events.push_back(event);
+        self.drain(out);
+    }
+
+    /// Steps the queued events and runs the commands they lead to.
+    fn drain(&mut self, out: &mut Outbox) {
         while let Some(event) = self.events.pop_front() {
+            if self.failed.is_some() {
+                return;
+            }
             self.replica.step(event);
             #[cfg(debug_assertions)]
-            self.replica.check_invariants();
+            {
+                self.replica.check_invariants();
+                self.repairs.check_invariants();
+            }
             for command in self.replica.take_commands() {
                 if self.failed.is_some() {
                     return;
@@ -257,24 +272,8 @@ impl Group {
                 }
             }
             Command::Send { to, message } => out.peer(to, self.chunk, Body::Peer { message }),
-            Command::Apply { entry } => match self.blocks.apply(&entry) {
-                Ok(()) => self.events.push_back(Event::Applied { index: entry.index }),
-                Err(e) => self.fail("applying an entry", e),
-            },
-            Command::Read { id, offset, len_bytes } => {
-                let outcome = match self.blocks.read(offset, len_bytes) {
-                    Ok(data) => Outcome::Data(Bytes::from(data)),
-                    // A checksum mismatch is never served; the frontend asks again.
-                    Err(e @ StorageError::Corrupt { .. }) => Outcome::Failed(e.to_string()),
-                    Err(e @ StorageError::Invalid(_)) => Outcome::Failed(e.to_string()),
-                    Err(e) => {
-                        self.fail("reading blocks", e);
-                        return;
-                    }
-                };
-                self.respond(id, outcome, out);
-                self.events.push_back(Event::ReadDone { id });
-            }
+            Command::Apply { entry } => self.apply(entry, out),
+            Command::Read { id, offset, len_bytes } => self.read(id, offset, len_bytes, out),
             Command::Reply { id, result } => {
                 let outcome = match result {
                     Ok(()) => Outcome::Done,
@@ -310,6 +309,131 @@ impl Group {
                     self.fail("installing a snapshot", e);
                 }
             }
+        }
+    }
+
+    fn apply(&mut self, entry: Entry, out: &mut Outbox) {
+        match self.blocks.apply(&entry) {
+            Ok(()) => self.events.push_back(Event::Applied { index: entry.index }),
+            Err(StorageError::BadBlocks(bad)) => {
+                self.want_repair(&bad, out);
+                self.repairs.park_apply(entry);
+            }
+            Err(e) => self.fail("applying an entry", e),
+        }
+    }
+
+    fn read(&mut self, id: RequestId, offset: u64, len_bytes: u64, out: &mut Outbox) {
+        let outcome = match self.blocks.read(offset, len_bytes) {
+            Ok(data) => Outcome::Data(Bytes::from(data)),
+            Err(StorageError::BadBlocks(bad)) => {
+                // Never served: the read waits for the repair (ReadDone is held back, so no
+                // write overlapping it is applied meanwhile).
+                self.want_repair(&bad, out);
+                self.repairs.park_read(id, offset, len_bytes);
+                return;
+            }
+            Err(e @ StorageError::Invalid(_)) => Outcome::Failed(e.to_string()),
+            Err(e) => {
+                self.fail("reading blocks", e);
+                return;
+            }
+        };
+        self.respond(id, outcome, out);
+        self.events.push_back(Event::ReadDone { id });
+    }
+
+    fn peers(&self) -> Vec<ReplicaId> {
+        let me = self.replica.id();
+        self.replica.config().voters.iter().copied().filter(|r| *r != me).collect()
+    }
+
+    fn want_repair(&mut self, bad: &[BadBlock], out: &mut Outbox) {
+        for b in bad {
+            warn!(chunk = self.chunk, block = b.block, version = ?b.version.map(|v| v.0), "block failed its checksum; asking the peers for a copy");
+        }
+        let asks = self.repairs.add(bad, self.replica.highest_committed());
+        self.ask(asks, out);
+    }
+
+    fn ask(&self, asks: Vec<BlockNeed>, out: &mut Outbox) {
+        if asks.is_empty() {
+            return;
+        }
+        for peer in self.peers() {
+            out.peer(peer, self.chunk, Body::RepairAsk { blocks: asks.clone() });
+        }
+    }
+
+    /// A peer asks for copies of its bad blocks: send each one we hold verified and new enough.
+    pub fn repair_ask(&mut self, from: ReplicaId, asks: Vec<BlockNeed>, out: &mut Outbox) {
+        if self.failed.is_some() {
+            return;
+        }
+        let applied = self.replica.applied_watermark();
+        let mut copies = Vec::new();
+        let mut ours_bad = Vec::new();
+        for ask in asks {
+            match self.blocks.block_image(ask.block) {
+                Ok(image) if can_serve(image.version, applied, ask.need) => copies.push(SnapBlock {
+                    block: image.block,
+                    version: image.version,
+                    data: image.data.map(Bytes::from),
+                }),
+                Ok(_) => {} // behind the asker: it asks again later
+                Err(StorageError::BadBlocks(bad)) => ours_bad.extend(bad),
+                Err(StorageError::Invalid(why)) => warn!(chunk = self.chunk, from = from.0, "bad repair ask: {why}"),
+                Err(e) => return self.fail("reading a block for a peer", e),
+            }
+        }
+        if !ours_bad.is_empty() {
+            // The same block is bad here too: repair ours from the third replica.
+            self.want_repair(&ours_bad, out);
+        }
+        if !copies.is_empty() {
+            out.peer(from, self.chunk, Body::RepairData { applied, blocks: copies });
+        }
+    }
+
+    /// Copies of our bad blocks from a peer: install the acceptable ones, then retry the work
+    /// that waited for them.
+    pub fn repair_data(&mut self, from: ReplicaId, applied: Index, copies: Vec<SnapBlock>, out: &mut Outbox) {
+        if self.failed.is_some() {
+            return;
+        }
+        let mut progress = false;
+        for copy in copies {
+            if !self.repairs.acceptable(&copy, applied) {
+                continue;
+            }
+            let image = ImageBlock { block: copy.block, version: copy.version, data: copy.data.map(|d| d.to_vec()) };
+            match self.blocks.repair(&image) {
+                Ok(repaired) => {
+                    if repaired {
+                        info!(
+                            chunk = self.chunk,
+                            block = copy.block,
+                            version = copy.version.0,
+                            from = from.0,
+                            "repaired a block from a peer"
+                        );
+                    }
+                    self.repairs.resolved(copy.block, repaired);
+                    progress = true;
+                }
+                Err(StorageError::Invalid(why)) => warn!(chunk = self.chunk, from = from.0, "bad repair copy: {why}"),
+                Err(e) => return self.fail("repairing a block", e),
+            }
+        }
+        if progress {
+            let (reads, applies) = self.repairs.take_parked();
+            for entry in applies {
+                self.apply(entry, out);
+            }
+            for r in reads {
+                self.read(r.id, r.offset, r.len_bytes, out);
+            }
+            self.drain(out);
         }
     }
 
@@ -362,7 +486,22 @@ impl Group {
     }
 
     pub fn tick(&mut self, out: &mut Outbox) {
+        if self.failed.is_some() {
+            return;
+        }
+        let (asks, expired) = self.repairs.tick();
+        self.ask(asks, out);
+        for r in expired {
+            let why = "a block of the range failed its checksum and no peer had a good copy yet";
+            self.respond(r.id, Outcome::Failed(why.into()), out);
+            self.events.push_back(Event::ReadDone { id: r.id });
+        }
         self.step(Event::Tick, out);
+    }
+
+    /// Blocks found bad and not yet repaired, and blocks repaired since start.
+    pub fn repair_counts(&self) -> (usize, u64) {
+        (self.repairs.wanted(), self.repairs.repaired)
     }
 
     pub fn receive(&mut self, from: ReplicaId, message: Message, out: &mut Outbox) {
@@ -436,6 +575,7 @@ impl Group {
     /// Streams the next slices of outgoing snapshot images, as far as the peers' queues allow.
     pub fn pump_snapshots(&mut self, out: &mut Outbox) {
         let block_count = self.blocks.block_count();
+        let mut bad_blocks = Vec::new();
         let mut k = 0;
         while k < self.outgoing.len() {
             let s = &mut self.outgoing[k];
@@ -450,6 +590,13 @@ impl Group {
                 let count = SNAPSHOT_FRAME_BLOCKS.min(block_count - s.next_block);
                 let image = match self.blocks.image(s.next_block, count) {
                     Ok(image) => image,
+                    Err(StorageError::BadBlocks(bad)) => {
+                        // Not sent with a hole: repair first; the leader asks for a snapshot again.
+                        warn!(chunk = self.chunk, "cannot send a snapshot before repairing {} block(s)", bad.len());
+                        bad_blocks.extend(bad);
+                        done = true;
+                        break;
+                    }
                     Err(e) => {
                         // A corrupt local block: this replica cannot serve the image.
                         warn!(chunk = self.chunk, "cannot send a snapshot: {e}");
@@ -473,6 +620,9 @@ impl Group {
             } else {
                 k += 1;
             }
+        }
+        if !bad_blocks.is_empty() {
+            self.want_repair(&bad_blocks, out);
         }
     }
 

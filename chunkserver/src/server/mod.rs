@@ -11,6 +11,7 @@
 
 pub mod group;
 pub mod outbox;
+pub mod repair;
 pub mod transport;
 
 use std::collections::BTreeMap;
@@ -34,8 +35,9 @@ use transport::{Inbound, Shared};
 /// How often the core thread logs its groups' progress.
 const REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
-/// How often `status` (one line per chunk: chunk, role, term, committed) is rewritten in
-/// the data directory, for operators and tests.
+/// How often `status` is rewritten in the data directory, for operators and tests. One line
+/// per chunk: chunk, role, term, committed watermark, applied watermark, blocks awaiting
+/// repair, blocks repaired since start.
 const STATUS_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Items the core thread's inbox holds before connection tasks wait.
@@ -212,6 +214,8 @@ fn core_loop(opts: &ServerOptions, groups: &mut BTreeMap<u32, Group>, outbox: &m
                             group.snapshot_end(from, snapshot, blocks, message, outbox)
                         }
                         Body::Request { id, floor, op } => group.request(conn, id, floor, op, outbox),
+                        Body::RepairAsk { blocks } => group.repair_ask(from, blocks, outbox),
+                        Body::RepairData { applied, blocks } => group.repair_data(from, applied, blocks, outbox),
                         Body::Hello { .. } | Body::Response { .. } => {
                             warn!(conn, "unexpected frame kind from a connection; ignored")
                         }
@@ -274,7 +278,17 @@ fn write_status(dir: &std::path::Path, groups: &BTreeMap<u32, Group>) {
     for g in groups.values() {
         let r = g.replica();
         let role = if g.failed.is_some() { "Failed".to_string() } else { format!("{:?}", r.role()) };
-        text.push_str(&format!("{} {} {} {}\n", g.chunk, role, r.term().0, r.committed_watermark().0));
+        let (bad, repaired) = g.repair_counts();
+        text.push_str(&format!(
+            "{} {} {} {} {} {} {}\n",
+            g.chunk,
+            role,
+            r.term().0,
+            r.committed_watermark().0,
+            r.applied_watermark().0,
+            bad,
+            repaired
+        ));
     }
     let tmp = dir.join("status.tmp");
     if std::fs::write(&tmp, text).is_ok() {

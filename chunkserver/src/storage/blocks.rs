@@ -5,7 +5,12 @@
 //! which writes the dirty metadata pages and fdatasyncs both files. Between checkpoints a crash
 //! may leave any mix of old and new blocks and metadata; the protocol re-applies every entry
 //! above the checkpoint after a restart, and a block whose data and checksum disagree meanwhile
-//! reads as [`StorageError::Corrupt`], never as data.
+//! reads as [`StorageError::BadBlocks`], never as data; the server repairs it from a peer.
+//!
+//! Versions: a block's version is the index of the entry that last wrote it. The protocol
+//! applies the entries touching one block in index order (its conflict granule is the block),
+//! so a block at version `v` holds the effect of every entry up to `v` that touches it.
+//! [`BlockStore::apply`] relies on that to skip blocks already past an entry.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -13,7 +18,7 @@ use std::path::Path;
 use parallelraft::{Entry, Index, Op};
 
 use super::io::{check_batch, AlignedBuf, FileId, IoEngine, IoOp, OpenMode, ALIGN};
-use super::{Result, StorageError};
+use super::{BadBlock, Result, StorageError};
 
 pub const BLOCK_BYTES: u64 = 4096;
 /// Smallest write unit accepted (the NBD minimum block size).
@@ -23,41 +28,79 @@ const META_PER_PAGE: u64 = (ALIGN / META_BYTES) as u64;
 
 /// State of one block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u32)]
+#[repr(u8)]
 enum BlockState {
     /// Never written, or trimmed / zeroed: reads as zeroes, nothing stored.
     Zero = 0,
     Data = 1,
+    /// Its metadata slot was damaged: content and version unknown until the block is repaired
+    /// from a peer or overwritten whole. Reads fail; partial writes fail.
+    Lost = 2,
 }
 
+/// Metadata slot (16 bytes): data crc32 (4) | state (1) | check (3) | version (8). `check` is
+/// the low 24 bits of a crc32 over the other fields, so a damaged slot is detected instead of
+/// being trusted (a wrong version would make a repair accept a stale copy). An all-zero slot
+/// is a never-written block, so a freshly allocated metadata file needs no initialisation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct BlockMeta {
     crc: u32,
     state: BlockState,
-    /// Index of the log entry that last wrote the block.
+    /// Index of the log entry that last wrote the block (0 when `Lost`: unknown).
     version: Index,
 }
 
 impl BlockMeta {
     const ZERO: BlockMeta = BlockMeta { crc: 0, state: BlockState::Zero, version: Index(0) };
+    const LOST: BlockMeta = BlockMeta { crc: 0, state: BlockState::Lost, version: Index(0) };
 
-    fn encode(&self, out: &mut [u8]) {
-        out[0..4].copy_from_slice(&self.crc.to_le_bytes());
-        out[4..8].copy_from_slice(&(self.state as u32).to_le_bytes());
-        out[8..16].copy_from_slice(&self.version.0.to_le_bytes());
+    fn check(raw: &[u8]) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&raw[0..5]);
+        h.update(&raw[8..16]);
+        h.finalize() & 0x00ff_ffff
     }
 
-    fn decode(buf: &[u8]) -> Option<BlockMeta> {
-        let state = match u32::from_le_bytes(buf[4..8].try_into().unwrap()) {
+    fn encode(&self, out: &mut [u8]) {
+        if *self == BlockMeta::ZERO {
+            out[..META_BYTES].fill(0);
+            return;
+        }
+        out[0..4].copy_from_slice(&self.crc.to_le_bytes());
+        out[4] = self.state as u8;
+        out[8..16].copy_from_slice(&self.version.0.to_le_bytes());
+        let check = BlockMeta::check(out);
+        out[5..8].copy_from_slice(&check.to_le_bytes()[..3]);
+    }
+
+    /// `None`: the slot is damaged.
+    fn decode(raw: &[u8]) -> Option<BlockMeta> {
+        if raw[..META_BYTES].iter().all(|b| *b == 0) {
+            return Some(BlockMeta::ZERO);
+        }
+        let mut check = [0u8; 4];
+        check[..3].copy_from_slice(&raw[5..8]);
+        if u32::from_le_bytes(check) != BlockMeta::check(raw) {
+            return None;
+        }
+        let state = match raw[4] {
             0 => BlockState::Zero,
             1 => BlockState::Data,
+            2 => BlockState::Lost,
             _ => return None,
         };
         Some(BlockMeta {
-            crc: u32::from_le_bytes(buf[0..4].try_into().unwrap()),
+            crc: u32::from_le_bytes(raw[0..4].try_into().unwrap()),
             state,
-            version: Index(u64::from_le_bytes(buf[8..16].try_into().unwrap())),
+            version: Index(u64::from_le_bytes(raw[8..16].try_into().unwrap())),
         })
+    }
+
+    /// Whether the block already holds the effect of the entry at `index`: entries touching a
+    /// block are applied in index order (conflict granules are whole blocks), so a block at a
+    /// version at or past `index` contains that entry's write and every earlier one.
+    fn covers(&self, index: Index) -> bool {
+        self.state != BlockState::Lost && self.version >= index
     }
 }
 
@@ -104,13 +147,8 @@ impl BlockStore {
         check_batch(&results, &[meta_len as usize])?;
         let mut meta = Vec::with_capacity(blocks as usize);
         for b in 0..blocks as usize {
-            // A metadata slot that does not decode is corrupt: keep the block unreadable (a
-            // Data state with an impossible checksum) until it is rewritten.
-            let m = BlockMeta::decode(&raw[b * META_BYTES..(b + 1) * META_BYTES]).unwrap_or(BlockMeta {
-                crc: 0,
-                state: BlockState::Data,
-                version: Index(u64::MAX),
-            });
+            // A damaged slot: the block is unreadable, version unknown, until repaired.
+            let m = BlockMeta::decode(&raw[b * META_BYTES..(b + 1) * META_BYTES]).unwrap_or(BlockMeta::LOST);
             meta.push(m);
         }
         Ok(BlockStore { engine, data, meta_file, blocks, meta, dirty_pages: BTreeSet::new() })
@@ -138,28 +176,33 @@ impl BlockStore {
         self.dirty_pages.insert(block / META_PER_PAGE);
     }
 
-    /// Reads whole blocks `first..first + count` into `out`, verifying each checksum.
+    /// Reads whole blocks `first..first + count` into `out`, verifying each checksum. Every
+    /// bad block of the range is reported ([`StorageError::BadBlocks`]).
     fn read_blocks(&mut self, first: u64, count: u64, out: &mut [u8]) -> Result<()> {
         let bytes = (count * BLOCK_BYTES) as usize;
         let mut buf = AlignedBuf::zeroed(bytes);
         let results =
             self.engine.submit(&mut [IoOp::Read { file: self.data, offset: first * BLOCK_BYTES, buf: &mut buf }]);
         check_batch(&results, &[bytes])?;
+        let mut bad = Vec::new();
         for k in 0..count {
             let m = self.meta[(first + k) as usize];
             let block = &mut out[(k * BLOCK_BYTES) as usize..((k + 1) * BLOCK_BYTES) as usize];
             match m.state {
                 BlockState::Zero => block.fill(0),
+                BlockState::Lost => bad.push(BadBlock { block: first + k, version: None }),
                 BlockState::Data => {
                     let stored = &buf[(k * BLOCK_BYTES) as usize..((k + 1) * BLOCK_BYTES) as usize];
                     if crc32fast::hash(stored) != m.crc {
-                        return Err(StorageError::Corrupt {
-                            what: format!("block {} (version {}) fails its checksum", first + k, m.version.0),
-                        });
+                        bad.push(BadBlock { block: first + k, version: Some(m.version) });
+                    } else {
+                        block.copy_from_slice(stored);
                     }
-                    block.copy_from_slice(stored);
                 }
             }
+        }
+        if !bad.is_empty() {
+            return Err(StorageError::BadBlocks(bad));
         }
         Ok(())
     }
@@ -182,15 +225,18 @@ impl BlockStore {
     /// Writes `data` at `offset` (512-byte aligned); partial blocks are read, patched and
     /// written whole. `version` is the log index of the write.
     pub fn write(&mut self, offset: u64, data: &[u8], version: Index) -> Result<()> {
-        self.write_inner(offset, data.len() as u64, Some(data), version)
+        self.write_inner(offset, data.len() as u64, Some(data), version, false)
     }
 
     /// Zeroes `len` bytes at `offset`: whole blocks are marked zero without writing data.
     pub fn write_zeroes(&mut self, offset: u64, len: u64, version: Index) -> Result<()> {
-        self.write_inner(offset, len, None, version)
+        self.write_inner(offset, len, None, version, false)
     }
 
-    fn write_inner(&mut self, offset: u64, len: u64, data: Option<&[u8]>, version: Index) -> Result<()> {
+    /// With `gated`, blocks already at `version` or later are left alone (see
+    /// [`BlockMeta::covers`]): re-applying an entry after a crash, after installing a
+    /// snapshot image or after a repair brought the block past it must not roll it back.
+    fn write_inner(&mut self, offset: u64, len: u64, data: Option<&[u8]>, version: Index, gated: bool) -> Result<()> {
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(());
@@ -198,16 +244,35 @@ impl BlockStore {
         let first = offset / BLOCK_BYTES;
         let last = (offset + len - 1) / BLOCK_BYTES;
         let count = last - first + 1;
+        let skip: Vec<bool> = (first..=last).map(|b| gated && self.meta[b as usize].covers(version)).collect();
+        if skip.iter().all(|s| *s) {
+            return Ok(());
+        }
         let mut buf = AlignedBuf::zeroed((count * BLOCK_BYTES) as usize);
-        let head_partial = !offset.is_multiple_of(BLOCK_BYTES);
-        let tail_partial = !(offset + len).is_multiple_of(BLOCK_BYTES);
-        // Read-modify-write for partial first/last blocks.
+        let head_partial = !offset.is_multiple_of(BLOCK_BYTES) && !skip[0];
+        let tail_partial = !(offset + len).is_multiple_of(BLOCK_BYTES) && !skip[(count - 1) as usize];
+        // Read-modify-write for partial first/last blocks; both are read before failing so
+        // that every bad block is reported at once.
+        let mut bad = Vec::new();
         if head_partial {
-            self.read_blocks(first, 1, &mut buf[..BLOCK_BYTES as usize])?;
+            if let Err(e) = self.read_blocks(first, 1, &mut buf[..BLOCK_BYTES as usize]) {
+                match e {
+                    StorageError::BadBlocks(b) => bad.extend(b),
+                    e => return Err(e),
+                }
+            }
         }
         if tail_partial && (last != first || !head_partial) {
             let at = ((last - first) * BLOCK_BYTES) as usize;
-            self.read_blocks(last, 1, &mut buf[at..at + BLOCK_BYTES as usize])?;
+            if let Err(e) = self.read_blocks(last, 1, &mut buf[at..at + BLOCK_BYTES as usize]) {
+                match e {
+                    StorageError::BadBlocks(b) => bad.extend(b),
+                    e => return Err(e),
+                }
+            }
+        }
+        if !bad.is_empty() {
+            return Err(StorageError::BadBlocks(bad));
         }
         let start = (offset - first * BLOCK_BYTES) as usize;
         match data {
@@ -217,6 +282,9 @@ impl BlockStore {
         // Blocks that end up all zero are stored as Zero (no data write needed for them).
         let mut writes: Vec<(u64, u64)> = Vec::new(); // runs of blocks with data
         for k in 0..count {
+            if skip[k as usize] {
+                continue;
+            }
             let block = &buf[(k * BLOCK_BYTES) as usize..((k + 1) * BLOCK_BYTES) as usize];
             let zero = data.is_none() && block.iter().all(|b| *b == 0);
             if zero {
@@ -241,15 +309,51 @@ impl BlockStore {
         Ok(())
     }
 
-    /// Executes a committed entry's operation.
+    /// Executes a committed entry's operation on every block not already past it. A partial
+    /// write into a bad block fails with [`StorageError::BadBlocks`] and changes nothing that
+    /// matters: blocks it did write are at the entry's version, so applying the entry again
+    /// after the repair skips them.
     pub fn apply(&mut self, entry: &Entry) -> Result<()> {
         match &entry.op {
             Op::Noop => Ok(()),
-            Op::Write { offset, data } => self.write(*offset, data, entry.index),
+            Op::Write { offset, data } => self.write_inner(*offset, data.len() as u64, Some(data), entry.index, true),
             Op::Trim { offset, len_bytes } | Op::WriteZeroes { offset, len_bytes } => {
-                self.write_zeroes(*offset, *len_bytes, entry.index)
+                self.write_inner(*offset, *len_bytes, None, entry.index, true)
             }
         }
+    }
+
+    /// One block, verified, whatever its state (a never-written block is a zero block at
+    /// version 0): what a peer sends to repair its copy.
+    pub fn block_image(&mut self, block: u64) -> Result<ImageBlock> {
+        if block >= self.blocks {
+            return Err(StorageError::Invalid(format!("block {block} beyond {}", self.blocks)));
+        }
+        let mut data = vec![0u8; BLOCK_BYTES as usize];
+        self.read_blocks(block, 1, &mut data)?;
+        let m = self.meta[block as usize];
+        let data = (m.state == BlockState::Data).then_some(data);
+        Ok(ImageBlock { block, version: m.version, data })
+    }
+
+    /// Whether `block` currently fails its checksum (or lost its metadata).
+    pub fn is_bad(&mut self, block: u64) -> Result<bool> {
+        match self.block_image(block) {
+            Ok(_) => Ok(false),
+            Err(StorageError::BadBlocks(_)) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces a bad block by a peer's copy. The caller checked that the copy is at least as
+    /// new as everything this replica applied to the block. Returns `false` (and changes
+    /// nothing) when the block is no longer bad: a whole-block write repaired it meanwhile.
+    pub fn repair(&mut self, image: &ImageBlock) -> Result<bool> {
+        if !self.is_bad(image.block)? {
+            return Ok(false);
+        }
+        self.put_block(image.block, image.version, image.data.as_deref())?;
+        Ok(true)
     }
 
     pub fn block_count(&self) -> u64 {
@@ -273,10 +377,9 @@ impl BlockStore {
             if m.version == Index(0) && m.state == BlockState::Zero {
                 continue;
             }
-            let bytes = match m.state {
-                BlockState::Zero => None,
-                BlockState::Data => Some(data[(k * BLOCK_BYTES) as usize..((k + 1) * BLOCK_BYTES) as usize].to_vec()),
-            };
+            // read_blocks succeeded, so no block of the range is Lost.
+            let bytes = (m.state == BlockState::Data)
+                .then(|| data[(k * BLOCK_BYTES) as usize..((k + 1) * BLOCK_BYTES) as usize].to_vec());
             out.push(ImageBlock { block: first + k, version: m.version, data: bytes });
         }
         Ok(out)

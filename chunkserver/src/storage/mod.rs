@@ -14,13 +14,27 @@ pub mod wal;
 
 use std::fmt;
 
+use parallelraft::Index;
+
+/// A block whose data failed its checksum, or whose metadata slot was damaged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadBlock {
+    pub block: u64,
+    /// The version the metadata records (the index of the entry that last wrote the block);
+    /// `None` when the metadata itself was damaged and the version is unknown.
+    pub version: Option<Index>,
+}
+
 /// Errors of the storage layer.
 #[derive(Debug)]
 pub enum StorageError {
     /// The disk failed (EIO, ENOSPC on a preallocated file, a failed sync). Fail-stop.
     Fatal(std::io::Error),
-    /// Stored bytes failed their checksum. Never served; the protocol repairs from a peer.
+    /// Stored bytes failed their checksum. Never served.
     Corrupt { what: String },
+    /// Blocks of the block store failed their checksum (every bad block of the request is
+    /// listed). Never served; the server repairs them from a peer (see `server::repair`).
+    BadBlocks(Vec<BadBlock>),
     /// A caller passed a request the store cannot execute (misaligned, out of range).
     Invalid(String),
 }
@@ -30,6 +44,17 @@ impl fmt::Display for StorageError {
         match self {
             StorageError::Fatal(e) => write!(f, "disk failure (replica must stop): {e}"),
             StorageError::Corrupt { what } => write!(f, "checksum mismatch: {what}"),
+            StorageError::BadBlocks(blocks) => {
+                write!(f, "checksum mismatch in block")?;
+                for (k, b) in blocks.iter().enumerate() {
+                    let sep = if k == 0 { " " } else { ", " };
+                    match b.version {
+                        Some(v) => write!(f, "{sep}{} (version {})", b.block, v.0)?,
+                        None => write!(f, "{sep}{} (metadata lost)", b.block)?,
+                    }
+                }
+                Ok(())
+            }
             StorageError::Invalid(why) => write!(f, "invalid storage request: {why}"),
         }
     }

@@ -13,6 +13,18 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_chunkserver");
 /// Real clusters are heavy on a 2-core machine: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// One line of a server's `status` file.
+#[derive(Clone, Debug)]
+pub struct ChunkStatus {
+    pub chunk: u32,
+    pub role: String,
+    pub term: u64,
+    pub committed: u64,
+    pub applied: u64,
+    pub bad_blocks: u64,
+    pub repaired: u64,
+}
+
 pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -113,12 +125,26 @@ impl LocalCluster {
     }
 
     fn status(&self, server: u32) -> Vec<(u32, String, u64)> {
+        self.chunk_status(server).into_iter().map(|s| (s.chunk, s.role, s.term)).collect()
+    }
+
+    /// The chunk lines of a server's `status` file (empty while it is down).
+    pub fn chunk_status(&self, server: u32) -> Vec<ChunkStatus> {
         let path = self.data().join(format!("server-{server}")).join("status");
         let text = std::fs::read_to_string(path).unwrap_or_default();
         text.lines()
             .filter_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                Some((f.first()?.parse().ok()?, f.get(1)?.to_string(), f.get(2)?.parse().ok()?))
+                let num = |k: usize| f.get(k)?.parse::<u64>().ok();
+                Some(ChunkStatus {
+                    chunk: f.first()?.parse().ok()?,
+                    role: f.get(1)?.to_string(),
+                    term: num(2)?,
+                    committed: num(3)?,
+                    applied: num(4)?,
+                    bad_blocks: num(5)?,
+                    repaired: num(6)?,
+                })
             })
             .collect()
     }

@@ -1,4 +1,9 @@
-//! The benchmark harness comparing the engine with its anchors.
-//!
-//! Not built yet: this crate is filled by issue 5. It exists now only so the workspace has its
-//! fixed layout; it exports nothing. The look-behind buffer's criterion benches live in `lbb`.
+//! The benchmark harness: runs the jobs of `fio-configs/` against the engine (ParallelRaft and
+//! classic Raft mode, with and without message jitter) and against the anchors (`nbdkit
+//! memory`, `nbdkit file`, the local disk) in one interleaved run, then reports medians,
+//! ratios and plots. `cargo run --release -p bench -- compare --help`.
+
+pub mod fio;
+pub mod plot;
+pub mod report;
+pub mod targets;

@@ -24,6 +24,8 @@ pub struct LocalOptions {
     pub mode: Option<String>,
     pub io_engine: String,
     pub peer_base_port: u16,
+    pub lbb_span: usize,
+    pub jitter_us: u64,
 }
 
 pub const DEFAULT_SIZE: &str = "1G";
@@ -89,7 +91,11 @@ fn spawn_server(opts: &LocalOptions, id: u32) -> Result<Child, String> {
         .arg("--data-dir")
         .arg(&dir)
         .arg("--io-engine")
-        .arg(&opts.io_engine);
+        .arg(&opts.io_engine)
+        .arg("--lbb-span")
+        .arg(opts.lbb_span.to_string())
+        .arg("--jitter-us")
+        .arg(opts.jitter_us.to_string());
     // The servers die with this process, whatever kills it.
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.

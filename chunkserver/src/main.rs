@@ -10,7 +10,7 @@ use chunkserver::config::Cluster;
 use chunkserver::local::{self, LocalOptions};
 use chunkserver::nbd::{self, Export};
 use chunkserver::server::group::StorageOptions;
-use chunkserver::server::{self, ServerOptions};
+use chunkserver::server::{self, ServerOptions, DEFAULT_LBB_SPAN};
 use chunkserver::storage::io::EngineKind;
 use chunkserver::volume::Volume;
 
@@ -46,6 +46,13 @@ enum Cmd {
         /// First of the three chunk servers' ports.
         #[arg(long, default_value_t = 20101)]
         peer_base_port: u16,
+        /// Look-behind span N of the chunk servers (see `serve --help`).
+        #[arg(long, default_value_t = DEFAULT_LBB_SPAN)]
+        lbb_span: usize,
+        /// Benchmarks only: delay every message between chunk servers by a random 0..=N µs
+        /// (1 ms resolution), which reorders them.
+        #[arg(long, default_value_t = 0)]
+        jitter_us: u64,
     },
     /// Run one chunk server of a cluster.
     Serve {
@@ -61,9 +68,14 @@ enum Cmd {
         /// Protocol tick (heartbeats every 2 ticks, elections after 10 to 20).
         #[arg(long, default_value_t = 20)]
         tick_ms: u64,
-        /// Look-behind span N.
-        #[arg(long, default_value_t = 2)]
+        /// Look-behind span N: each entry carries the ranges of its N predecessors, and a
+        /// chunk has up to N + 1 writes in flight past its committed watermark.
+        #[arg(long, default_value_t = DEFAULT_LBB_SPAN)]
         lbb_span: usize,
+        /// Benchmarks only: delay every message from a peer by a random 0..=N µs (1 ms
+        /// resolution), which reorders them.
+        #[arg(long, default_value_t = 0)]
+        jitter_us: u64,
     },
     /// Serve a cluster's volume over NBD (the frontend alone, for a multi-machine cluster).
     Nbd {
@@ -96,14 +108,28 @@ fn engine(text: &str) -> Result<EngineKind, String> {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Cmd::Local { data_dir, bind, port, size, chunk_size, mode, io_engine, peer_base_port } => {
+        Cmd::Local { data_dir, bind, port, size, chunk_size, mode, io_engine, peer_base_port, lbb_span, jitter_us } => {
             engine(&io_engine)?;
             if let Some(m) = &mode {
                 m.parse::<parallelraft::Mode>()?;
             }
-            local::run(LocalOptions { data_dir, bind, port, size, chunk_size, mode, io_engine, peer_base_port })
+            if lbb_span == 0 {
+                return Err("--lbb-span must be positive".into());
+            }
+            local::run(LocalOptions {
+                data_dir,
+                bind,
+                port,
+                size,
+                chunk_size,
+                mode,
+                io_engine,
+                peer_base_port,
+                lbb_span,
+                jitter_us,
+            })
         }
-        Cmd::Serve { config, id, data_dir, io_engine, tick_ms, lbb_span } => {
+        Cmd::Serve { config, id, data_dir, io_engine, tick_ms, lbb_span, jitter_us } => {
             let cluster = Cluster::load(&config)?;
             if !data_dir.is_dir() {
                 return Err(format!("data directory {} does not exist", data_dir.display()));
@@ -120,6 +146,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     storage,
                     tick: Duration::from_millis(tick_ms),
                     lbb_span,
+                    jitter: Duration::from_micros(jitter_us),
                     listen: None,
                 },
                 None,

@@ -43,6 +43,9 @@ const STATUS_INTERVAL: Duration = Duration::from_millis(200);
 /// Items the core thread's inbox holds before connection tasks wait.
 const INBOX_CAPACITY: usize = 8192;
 
+/// Look-behind span N of a chunk server unless told otherwise (`--lbb-span`).
+pub const DEFAULT_LBB_SPAN: usize = 2;
+
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
     pub id: ReplicaId,
@@ -52,6 +55,8 @@ pub struct ServerOptions {
     pub storage: StorageOptions,
     pub tick: Duration,
     pub lbb_span: usize,
+    /// Benchmark option: random delay of up to this much on every frame between servers.
+    pub jitter: Duration,
     /// Override of the listen address (default: this server's address in the cluster file).
     pub listen: Option<SocketAddr>,
 }
@@ -108,7 +113,14 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
     let (inbox_tx, inbox) = sync_channel::<Inbound>(INBOX_CAPACITY);
-    let shared = Shared { cluster_id: cluster.cluster_id, me, inbox: inbox_tx, next_conn: Arc::new(AtomicU64::new(1)) };
+    let shared = Shared {
+        cluster_id: cluster.cluster_id,
+        me,
+        inbox: inbox_tx,
+        next_conn: Arc::new(AtomicU64::new(1)),
+        jitter: opts.jitter,
+        delayed: Arc::new(AtomicU64::new(0)),
+    };
     let mut outbox = Outbox::new(cluster.cluster_id, me);
     let mut accept_from = Vec::new();
     {

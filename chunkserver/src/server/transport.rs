@@ -41,7 +41,16 @@ pub struct Shared {
     pub me: ReplicaId,
     pub inbox: SyncSender<Inbound>,
     pub next_conn: Arc<AtomicU64>,
+    /// Benchmark option: each frame from a peer is held for a random delay in `0..=jitter`
+    /// before the core sees it, so frames overtake each other (the reordering the paper's
+    /// Figure 7 measures). Zero in production. Resolution is tokio's timer (1 ms).
+    pub jitter: Duration,
+    /// Frames being held back by the jitter, across all links (bounded by [`MAX_DELAYED`]).
+    pub delayed: Arc<AtomicU64>,
 }
+
+/// Frames held back by the jitter at once; beyond it frames are delivered at once.
+const MAX_DELAYED: u64 = 8192;
 
 impl Shared {
     /// Queues for the core thread, waiting (asynchronously) while its inbox is full: that is
@@ -57,6 +66,10 @@ impl Shared {
                 Err(TrySendError::Disconnected(_)) => return false,
             }
         }
+    }
+
+    fn delivered_late(&self) {
+        self.delayed.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn hello(&self) -> Bytes {
@@ -97,12 +110,26 @@ async fn write_batches(
 
 /// Reads frames from a peer connection into the core thread until it fails.
 async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, mut reader: tokio::net::tcp::OwnedReadHalf) {
+    let mut rng = parallelraft::rng::Rng::new(crate::process_entropy(conn));
+    let jitter_us = shared.jitter.as_micros() as u64;
     loop {
         match read_frame(&mut reader).await {
             Ok(Some(frame)) => {
                 if frame.cluster_id != shared.cluster_id || frame.sender != peer.0 {
                     warn!(peer = peer.0, "frame from a foreign cluster or sender; dropping the connection");
                     return;
+                }
+                if jitter_us > 0 && shared.delayed.fetch_add(1, Ordering::Relaxed) < MAX_DELAYED {
+                    let delay = Duration::from_micros(rng.range(0, jitter_us + 1));
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        shared.delivered_late();
+                        shared.deliver(Inbound::Frame { conn, frame }).await;
+                    });
+                    continue;
+                } else if jitter_us > 0 {
+                    shared.delivered_late();
                 }
                 if !shared.deliver(Inbound::Frame { conn, frame }).await {
                     return;

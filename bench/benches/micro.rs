@@ -1,0 +1,128 @@
+//! Criterion micro-benchmarks that CI runs once with `--test` so they cannot rot: the core's
+//! step throughput (a write proposed, persisted, committed and applied), the peer codec of an
+//! Append of 4 KiB entries, and the NBD request parse / reply encode. (The look-behind
+//! buffer's conflict check is `cargo bench -p lbb`.)
+
+use bytes::{Bytes, BytesMut};
+use chunkserver::nbd::proto::{structured_data, Request};
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use parallelraft::codec::{decode_message, encode_message};
+use parallelraft::{
+    ClientId, ClientRequest, Command, CommitNotice, Config, Entry, Event, Index, Message, Mode, Op, Replica,
+    ReplicaId, RequestId, RoleKind, Term,
+};
+
+/// Runs every command a step produced as an instant, perfect disk would.
+fn drive(replica: &mut Replica) {
+    let mut events = Vec::new();
+    loop {
+        for command in replica.take_commands() {
+            match command {
+                Command::PersistEntries { token, .. } | Command::TruncateLog { token, .. } => {
+                    events.push(Event::Persisted { token })
+                }
+                Command::Apply { entry } => events.push(Event::Applied { index: entry.index }),
+                Command::Checkpoint { index, .. } => events.push(Event::CheckpointDone { index }),
+                _ => {}
+            }
+        }
+        if events.is_empty() {
+            return;
+        }
+        for e in events.drain(..) {
+            replica.step(e);
+        }
+    }
+}
+
+/// A single-voter group that has elected itself.
+fn leader(mode: Mode) -> Replica {
+    let mut r = Replica::new(Config::new(ReplicaId(1), vec![ReplicaId(1)], mode, 7));
+    for _ in 0..1000 {
+        r.step(Event::Tick);
+        drive(&mut r);
+        if r.role() == RoleKind::Leader {
+            return r;
+        }
+    }
+    panic!("a single voter did not elect itself");
+}
+
+fn bench_step(c: &mut Criterion) {
+    let mut group = c.benchmark_group("core_write_path");
+    group.throughput(Throughput::Elements(1));
+    for mode in [Mode::Parallel, Mode::Raft] {
+        let mut r = leader(mode);
+        let data = Bytes::from(vec![7u8; 4096]);
+        let mut seq = 0u64;
+        group.bench_function(BenchmarkId::from_parameter(format!("{mode:?}")), |b| {
+            b.iter(|| {
+                seq += 1;
+                let op = Op::Write { offset: (seq % 4096) * 4096, data: data.clone() };
+                r.step(Event::Propose(ClientRequest { id: RequestId { client: ClientId(1), seq }, floor: seq, op }));
+                drive(&mut r);
+            })
+        });
+        assert!(r.applied_watermark().0 > 0, "writes were applied");
+    }
+    group.finish();
+}
+
+fn append(entries: usize) -> Message {
+    let entries = (1..=entries as u64)
+        .map(|i| Entry {
+            index: Index(i),
+            term: Term(3),
+            ballot: Term(3),
+            op: Op::Write { offset: i * 4096, data: Bytes::from(vec![i as u8; 4096]) },
+            request: Some(RequestId { client: ClientId(9), seq: i }),
+            floor: i,
+            look_behind: lbb::LookBehind::unknown(2),
+        })
+        .collect();
+    Message::Append { term: Term(3), entries, commit: CommitNotice { watermark: Index(0), above: vec![] } }
+}
+
+fn bench_codec(c: &mut Criterion) {
+    let mut group = c.benchmark_group("peer_codec_append");
+    for n in [1usize, 16] {
+        let message = append(n);
+        let mut buf = BytesMut::new();
+        encode_message(&message, &mut buf);
+        let encoded = buf.freeze();
+        assert_eq!(decode_message(&encoded).unwrap(), message);
+        group.throughput(Throughput::Bytes(encoded.len() as u64));
+        group.bench_with_input(BenchmarkId::new("encode", n), &message, |b, m| {
+            let mut out = BytesMut::with_capacity(encoded.len());
+            b.iter(|| {
+                out.clear();
+                encode_message(black_box(m), &mut out);
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("decode", n), &encoded, |b, e| {
+            b.iter(|| decode_message(black_box(e)).unwrap())
+        });
+    }
+    group.finish();
+}
+
+fn bench_nbd(c: &mut Criterion) {
+    let mut header = [0u8; 28];
+    header[0..4].copy_from_slice(&0x2560_9513u32.to_be_bytes());
+    header[6..8].copy_from_slice(&1u16.to_be_bytes());
+    header[8..16].copy_from_slice(&42u64.to_be_bytes());
+    header[24..28].copy_from_slice(&4096u32.to_be_bytes());
+    assert!(Request::parse(&header).is_ok());
+    c.bench_function("nbd_request_parse", |b| b.iter(|| Request::parse(black_box(&header)).unwrap()));
+    let data = vec![5u8; 4096];
+    let mut out = BytesMut::with_capacity(8192);
+    c.bench_function("nbd_structured_read_reply_4k", |b| {
+        b.iter(|| {
+            out.clear();
+            structured_data(&mut out, 42, 0, black_box(&data));
+        })
+    });
+}
+
+criterion_group!(benches, bench_step, bench_codec, bench_nbd);
+criterion_main!(benches);

@@ -1,0 +1,270 @@
+//! `bench compare`: the engine against its anchors, in one interleaved run.
+//!
+//! ```text
+//! cargo run --release -p bench -- compare [--quick] [--out DIR]
+//! ```
+//! Every run starts each target afresh, fills the measured range once (reads never read
+//! holes), runs every job on it, and stops it; runs are interleaved (run 1 of every target,
+//! then run 2, ...) so that a noisy minute of the shared host does not land on one target.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use bench::fio::{self, JobSettings, Measure};
+use bench::plot::{self, Series};
+use bench::report::{self, Results};
+use bench::targets::{Kind, Running, Target};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks of the ParallelRaft engine against its anchors")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the fio jobs against the engine (ParallelRaft and Raft mode, with and without
+    /// jitter), nbdkit memory, nbdkit file and the local disk; print and save the comparison.
+    Compare {
+        /// A few minutes: one run of 3 s per job over 128 MiB, iodepths 1/4/16/32.
+        #[arg(long)]
+        quick: bool,
+        /// Where fio's JSON, summary.json, table.txt and the plots go.
+        #[arg(long, default_value = "bench-out")]
+        out: PathBuf,
+        /// Runs per job (medians are reported); default 3, 1 with --quick.
+        #[arg(long)]
+        runs: Option<usize>,
+        /// Seconds per time-based job; default 10, 3 with --quick.
+        #[arg(long)]
+        runtime: Option<u32>,
+        /// Message jitter of the `-jitter` engine targets, µs.
+        #[arg(long, default_value_t = 2000)]
+        jitter_us: u64,
+        /// Look-behind span N of the engine targets.
+        #[arg(long, default_value_t = chunkserver::server::DEFAULT_LBB_SPAN)]
+        lbb_span: usize,
+        /// Only these targets (comma-separated): parallel, raft, parallel-jitter, raft-jitter,
+        /// nbdkit-memory, nbdkit-file, local-disk.
+        #[arg(long, value_delimiter = ',')]
+        targets: Vec<String>,
+        /// Directory for the targets' data (the local-disk file lives here).
+        #[arg(long)]
+        work: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// One fio job of the plan: a job file, optionally at another iodepth.
+#[derive(Clone, Debug)]
+struct Job {
+    /// Name in the results (the file name, or `randwrite-4k-qdN` for the sweep).
+    name: String,
+    file: &'static str,
+    iodepth: Option<u32>,
+}
+
+impl Job {
+    fn file(name: &'static str) -> Job {
+        Job { name: name.into(), file: name, iodepth: None }
+    }
+
+    fn sweep(depth: u32) -> Job {
+        match depth {
+            1 => Job::file("randwrite-4k-qd1"),
+            32 => Job::file("randwrite-4k-qd32"),
+            d => Job { name: format!("randwrite-4k-qd{d}"), file: "randwrite-4k-qd1", iodepth: Some(d) },
+        }
+    }
+
+    fn reads(&self) -> bool {
+        self.file.contains("read") || self.file.contains("mixed")
+    }
+}
+
+fn all_targets(jitter_us: u64, lbb_span: usize) -> Vec<Target> {
+    let engine = |name: &str, mode: &str, jitter_us: u64| Target {
+        name: name.into(),
+        kind: Kind::Engine { mode: mode.into(), jitter_us, lbb_span },
+    };
+    vec![
+        engine("parallel", "parallel", 0),
+        engine("raft", "raft", 0),
+        engine("parallel-jitter", "parallel", jitter_us),
+        engine("raft-jitter", "raft", jitter_us),
+        Target { name: "nbdkit-memory".into(), kind: Kind::NbdkitMemory },
+        Target { name: "nbdkit-file".into(), kind: Kind::NbdkitFile },
+        Target { name: "local-disk".into(), kind: Kind::LocalDisk },
+    ]
+}
+
+/// The jobs each target runs: the jitter targets only the iodepth sweep; the other engine
+/// targets the common jobs and the sweep; the anchors the common jobs.
+fn plan(target: &Target, quick: bool) -> Vec<Job> {
+    let depths: &[u32] = if quick { &[1, 4, 16, 32] } else { &[1, 2, 4, 8, 16, 32] };
+    let mut common: Vec<Job> =
+        ["randwrite-4k-qd1", "randwrite-4k-qd32", "randread-4k-qd32", "seqwrite-128k-qd16"].map(Job::file).to_vec();
+    if !quick {
+        common.extend(["randread-4k-qd1", "seqread-128k-qd16", "mixed-70-30", "multi-conn-4"].map(Job::file));
+    }
+    let sweep = || depths.iter().map(|d| Job::sweep(*d));
+    let mut jobs = match (&target.kind, target.name.ends_with("-jitter")) {
+        (Kind::Engine { .. }, true) => sweep().collect(),
+        (Kind::Engine { .. }, false) => common.into_iter().chain(sweep()).collect::<Vec<Job>>(),
+        _ => common,
+    };
+    let mut seen = std::collections::HashSet::new();
+    jobs.retain(|j| seen.insert(j.name.clone()));
+    jobs
+}
+
+/// Builds the engine binary (when run through cargo) and returns its path.
+fn chunkserver_binary() -> Result<PathBuf, String> {
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let status = Command::new(cargo)
+            .args(["build", "--release", "-q", "-p", "chunkserver", "--bin", "chunkserver"])
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err("building chunkserver failed".into());
+        }
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let bin = exe.with_file_name("chunkserver");
+    if !bin.exists() {
+        return Err(format!("{} not found: cargo build --release -p chunkserver", bin.display()));
+    }
+    Ok(bin)
+}
+
+fn require(tool: &str, package: &str) -> Result<(), String> {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map_err(|e| e.to_string())?;
+    if !found.status.success() {
+        return Err(format!("{tool} not found (apt install {package})"));
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(cli: Cli) -> Result<(), String> {
+    let Cmd::Compare { quick, out, runs, runtime, jitter_us, lbb_span, targets, work } = cli.command;
+    require("fio", "fio")?;
+    require("nbdkit", "nbdkit")?;
+    require("nbdinfo", "libnbd-bin")?;
+    let runs = runs.unwrap_or(if quick { 1 } else { 3 }).max(1);
+    let settings = |iodepth| JobSettings {
+        runtime_s: runtime.unwrap_or(if quick { 3 } else { 10 }),
+        ramp_s: if quick { 1 } else { 2 },
+        size: if quick { "128m".into() } else { "512m".into() },
+        iodepth,
+    };
+    let mut chosen = all_targets(jitter_us, lbb_span);
+    if !targets.is_empty() {
+        for t in &targets {
+            if !chosen.iter().any(|c| &c.name == t) {
+                return Err(format!("unknown target {t}"));
+            }
+        }
+        chosen.retain(|c| targets.contains(&c.name));
+    }
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fio-configs");
+    let chunkserver = chunkserver_binary()?;
+    let work = work.unwrap_or_else(std::env::temp_dir);
+    for dir in [out.join("raw"), out.join("jobs")] {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let started = Instant::now();
+    let mut measured: BTreeMap<(String, String), Vec<Measure>> = BTreeMap::new();
+    for r in 1..=runs {
+        for target in &chosen {
+            let jobs = plan(target, quick);
+            eprintln!("run {r}/{runs}: {} ({} jobs) at {:.0} s", target.name, jobs.len(), started.elapsed().as_secs_f64());
+            let running = Running::start(target, &work, &chunkserver)?;
+            if jobs.iter().any(Job::reads) {
+                let text = fio::job_text(&configs, "prep-fill", &running.endpoint, &settings(None))?;
+                let path = out.join("jobs").join(format!("{}-prep-fill.fio", target.name));
+                std::fs::write(&path, text).map_err(|e| e.to_string())?;
+                fio::run(&path, &out.join("raw").join(format!("{}-prep-fill-r{r}.json", target.name)))?;
+            }
+            for job in jobs {
+                let text = fio::job_text(&configs, job.file, &running.endpoint, &settings(job.iodepth))?;
+                let path = out.join("jobs").join(format!("{}-{}.fio", target.name, job.name));
+                std::fs::write(&path, text).map_err(|e| e.to_string())?;
+                let doc = fio::run(&path, &out.join("raw").join(format!("{}-{}-r{r}.json", target.name, job.name)))?;
+                let m = fio::measure(&doc).map_err(|e| format!("{} {}: {e}", target.name, job.name))?;
+                eprintln!(
+                    "  {:<22} {:>9.0} IOPS {:>8.1} MiB/s  p50 {:>7.0} µs  p99 {:>7.0} µs",
+                    job.name, m.iops, m.mib_s, m.p50_us, m.p99_us
+                );
+                measured.entry((job.name.clone(), target.name.clone())).or_default().push(m);
+            }
+            drop(running);
+        }
+    }
+    let results: Results = measured.iter().map(|(k, v)| (k.clone(), fio::median(v))).collect();
+    let table = report::table(&results, runs);
+    let goals = report::goals(&results);
+    let goals_text = report::goals_text(&goals);
+    println!("{table}\n{goals_text}");
+    let write = |name: &str, text: String| {
+        std::fs::write(out.join(name), text).map_err(|e| format!("cannot write {name}: {e}"))
+    };
+    write("table.txt", format!("{table}\n{goals_text}"))?;
+    let summary = report::summary_json(&results, &goals, runs);
+    write("summary.json", serde_json::to_string_pretty(&summary).unwrap())?;
+    // Figure 7 of the paper: 4k random writes against iodepth, both modes.
+    let depth_of = |job: &str| job.strip_prefix("randwrite-4k-qd").and_then(|d| d.parse::<f64>().ok());
+    let series = |value: fn(&Measure) -> f64| -> Vec<Series> {
+        chosen
+            .iter()
+            .filter(|t| t.is_engine())
+            .map(|t| {
+                let mut points: Vec<(f64, f64)> = results
+                    .iter()
+                    .filter(|((_, target), _)| *target == t.name)
+                    .filter_map(|((job, _), m)| Some((depth_of(job)?, value(m))))
+                    .collect();
+                points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                Series { name: t.name.clone(), points }
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect()
+    };
+    write("iops-vs-iodepth.svg", plot::svg("4 KiB random writes: IOPS", "iodepth", "IOPS", &series(|m| m.iops)))?;
+    write(
+        "latency-vs-iodepth.svg",
+        plot::svg("4 KiB random writes: p50 latency", "iodepth", "p50 latency (µs)", &series(|m| m.p50_us)),
+    )?;
+    eprintln!("wrote {} in {:.0} s", out.display(), started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_cover_the_sweep_once_and_only_engines_sweep() {
+        let targets = all_targets(2000, 2);
+        let names = |t: &Target, quick| plan(t, quick).into_iter().map(|j| j.name).collect::<Vec<_>>();
+        let parallel = names(&targets[0], true);
+        assert_eq!(
+            parallel,
+            ["randwrite-4k-qd1", "randwrite-4k-qd32", "randread-4k-qd32", "seqwrite-128k-qd16", "randwrite-4k-qd4", "randwrite-4k-qd16"]
+        );
+        assert_eq!(names(&targets[2], true), ["randwrite-4k-qd1", "randwrite-4k-qd4", "randwrite-4k-qd16", "randwrite-4k-qd32"]);
+        assert_eq!(names(&targets[4], true).len(), 4, "anchors run the common jobs only");
+        assert_eq!(names(&targets[6], false).len(), 8);
+        assert!(plan(&targets[0], false).iter().any(|j| j.name == "randwrite-4k-qd8" && j.iodepth == Some(8)));
+    }
+}

@@ -8,8 +8,8 @@ use chunkserver::nbd::proto::{structured_data, Request};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use parallelraft::codec::{decode_message, encode_message};
 use parallelraft::{
-    ClientId, ClientRequest, Command, CommitNotice, Config, Entry, Event, Index, Message, Mode, Op, Replica,
-    ReplicaId, RequestId, RoleKind, Term,
+    ClientId, ClientRequest, Command, CommitNotice, Config, Entry, Event, Index, Message, Mode, Op, Replica, ReplicaId,
+    RequestId, RoleKind, Term,
 };
 
 /// Runs every command a step produced as an instant, perfect disk would.

@@ -155,7 +155,6 @@ fn require(tool: &str, package: &str) -> Result<(), String> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn run(cli: Cli) -> Result<(), String> {
     let Cmd::Compare { quick, out, runs, runtime, jitter_us, lbb_span, targets, work } = cli.command;
     require("fio", "fio")?;
@@ -188,7 +187,12 @@ fn run(cli: Cli) -> Result<(), String> {
     for r in 1..=runs {
         for target in &chosen {
             let jobs = plan(target, quick);
-            eprintln!("run {r}/{runs}: {} ({} jobs) at {:.0} s", target.name, jobs.len(), started.elapsed().as_secs_f64());
+            eprintln!(
+                "run {r}/{runs}: {} ({} jobs) at {:.0} s",
+                target.name,
+                jobs.len(),
+                started.elapsed().as_secs_f64()
+            );
             let running = Running::start(target, &work, &chunkserver)?;
             if jobs.iter().any(Job::reads) {
                 let text = fio::job_text(&configs, "prep-fill", &running.endpoint, &settings(None))?;
@@ -207,6 +211,9 @@ fn run(cli: Cli) -> Result<(), String> {
                     job.name, m.iops, m.mib_s, m.p50_us, m.p99_us
                 );
                 measured.entry((job.name.clone(), target.name.clone())).or_default().push(m);
+            }
+            if !running.metrics.is_empty() {
+                save_profile(&running, &out, &format!("{}-r{r}", target.name));
             }
             drop(running);
         }
@@ -249,6 +256,30 @@ fn run(cli: Cli) -> Result<(), String> {
     Ok(())
 }
 
+/// Saves the engine's `/metrics` and its stage breakdown (table and picture) after a target's
+/// jobs: where the time of its writes went during this run.
+fn save_profile(running: &Running, out: &Path, tag: &str) {
+    let dir = out.join("profile");
+    let _ = std::fs::create_dir_all(&dir);
+    // The text is rendered every 500 ms: let it include the last job.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let mut all = Vec::new();
+    for (k, addr) in running.metrics.iter().enumerate() {
+        let who = if k == 0 { "frontend".to_string() } else { format!("server-{k}") };
+        match chunkserver::profile::fetch(addr) {
+            Ok(text) => {
+                let _ = std::fs::write(dir.join(format!("{tag}-{who}.metrics.txt")), &text);
+                all.push((who, chunkserver::metrics::parse_stages(&text)));
+            }
+            Err(e) => eprintln!("  no metrics from {who}: {e}"),
+        }
+    }
+    if !all.is_empty() {
+        let _ = std::fs::write(dir.join(format!("{tag}.txt")), chunkserver::profile::table(&all));
+        let _ = std::fs::write(dir.join(format!("{tag}.svg")), chunkserver::profile::svg(&all));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,9 +291,19 @@ mod tests {
         let parallel = names(&targets[0], true);
         assert_eq!(
             parallel,
-            ["randwrite-4k-qd1", "randwrite-4k-qd32", "randread-4k-qd32", "seqwrite-128k-qd16", "randwrite-4k-qd4", "randwrite-4k-qd16"]
+            [
+                "randwrite-4k-qd1",
+                "randwrite-4k-qd32",
+                "randread-4k-qd32",
+                "seqwrite-128k-qd16",
+                "randwrite-4k-qd4",
+                "randwrite-4k-qd16"
+            ]
         );
-        assert_eq!(names(&targets[2], true), ["randwrite-4k-qd1", "randwrite-4k-qd4", "randwrite-4k-qd16", "randwrite-4k-qd32"]);
+        assert_eq!(
+            names(&targets[2], true),
+            ["randwrite-4k-qd1", "randwrite-4k-qd4", "randwrite-4k-qd16", "randwrite-4k-qd32"]
+        );
         assert_eq!(names(&targets[4], true).len(), 4, "anchors run the common jobs only");
         assert_eq!(names(&targets[6], false).len(), 8);
         assert!(plan(&targets[0], false).iter().any(|j| j.name == "randwrite-4k-qd8" && j.iodepth == Some(8)));

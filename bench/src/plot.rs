@@ -28,11 +28,20 @@ pub fn svg(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Stri
     let px = |x: f64| LEFT + (x.log2() - lx_min) / span * (W - LEFT - RIGHT);
     let py = |y: f64| H - BOTTOM - y / y_max * (H - TOP - BOTTOM);
     let mut s = String::new();
-    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(s, r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#, (W - RIGHT + LEFT) / 2.0, esc(title));
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
+        (W - RIGHT + LEFT) / 2.0,
+        esc(title)
+    );
     // Axes, ticks at each x present and five y steps.
-    let _ = writeln!(s, r#"<line x1="{LEFT}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#, H - BOTTOM, W - RIGHT, H - BOTTOM);
+    let _ =
+        writeln!(s, r#"<line x1="{LEFT}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#, H - BOTTOM, W - RIGHT, H - BOTTOM);
     let _ = writeln!(s, r#"<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{}" stroke="black"/>"#, H - BOTTOM);
     let mut ticks = xs.clone();
     ticks.sort_by(|a, b| a.total_cmp(b));
@@ -52,7 +61,13 @@ pub fn svg(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Stri
             human(y)
         );
     }
-    let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, (W - RIGHT + LEFT) / 2.0, H - 12.0, esc(x_label));
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+        (W - RIGHT + LEFT) / 2.0,
+        H - 12.0,
+        esc(x_label)
+    );
     let _ = writeln!(
         s,
         r#"<text x="16" y="{0}" text-anchor="middle" transform="rotate(-90 16 {0})">{1}</text>"#,

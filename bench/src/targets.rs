@@ -11,7 +11,11 @@ use crate::fio::Endpoint;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// `chunkserver local` in `mode` (parallel | raft), messages delayed by 0..=jitter_us.
-    Engine { mode: String, jitter_us: u64, lbb_span: usize },
+    Engine {
+        mode: String,
+        jitter_us: u64,
+        lbb_span: usize,
+    },
     NbdkitMemory,
     NbdkitFile,
     LocalDisk,
@@ -36,15 +40,18 @@ const VOLUME_BYTES: u64 = 1 << 30;
 /// A started target; stopped on drop.
 pub struct Running {
     pub endpoint: Endpoint,
+    /// The engine's `/metrics` addresses (frontend, then servers 1..=3); empty for anchors.
+    pub metrics: Vec<String>,
     child: Option<Child>,
     _dir: tempfile::TempDir,
 }
 
 fn free_port() -> Result<u16, String> {
-    // Bind 0, then a run of 4 consecutive ports above it must be free too (engine: NBD + 3 peers).
+    // Bind 0, then a run of 8 consecutive ports from it must be free too (engine: NBD, 3 peers,
+    // 4 metrics endpoints).
     for _ in 0..50 {
         let p = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?.local_addr().unwrap().port();
-        if p < 60000 && (1..4).all(|k| TcpListener::bind(("127.0.0.1", p + k)).is_ok()) {
+        if p < 60000 && (1..8).all(|k| TcpListener::bind(("127.0.0.1", p + k)).is_ok()) {
             return Ok(p);
         }
     }
@@ -85,6 +92,7 @@ impl Running {
                     .args(["--port", &port.to_string(), "--peer-base-port", &(port + 1).to_string()])
                     .args(["--size", VOLUME, "--mode", mode])
                     .args(["--jitter-us", &jitter_us.to_string(), "--lbb-span", &lbb_span.to_string()])
+                    .args(["--metrics-port", &(port + 4).to_string()])
                     .env("RUST_LOG", "warn")
                     .stdout(Stdio::null())
                     .stderr(std::fs::File::create(dir.path().join("engine.log")).map_err(|e| e.to_string())?)
@@ -123,7 +131,9 @@ impl Running {
                 return Err(format!("{}: {e}\n{log}", target.name));
             }
         }
-        Ok(Running { endpoint, child, _dir: dir })
+        let metrics =
+            if target.is_engine() { (4..8).map(|k| format!("127.0.0.1:{}", port + k)).collect() } else { Vec::new() };
+        Ok(Running { endpoint, metrics, child, _dir: dir })
     }
 }
 

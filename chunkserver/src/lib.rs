@@ -11,7 +11,9 @@
 
 pub mod config;
 pub mod local;
+pub mod metrics;
 pub mod nbd;
+pub mod profile;
 pub mod server;
 pub mod storage;
 pub mod volume;

@@ -26,6 +26,8 @@ pub struct LocalOptions {
     pub peer_base_port: u16,
     pub lbb_span: usize,
     pub jitter_us: u64,
+    /// `/metrics` of the frontend on this port of `bind`, of server N on port + N; 0: none.
+    pub metrics_port: u16,
 }
 
 pub const DEFAULT_SIZE: &str = "1G";
@@ -96,6 +98,9 @@ fn spawn_server(opts: &LocalOptions, id: u32) -> Result<Child, String> {
         .arg(opts.lbb_span.to_string())
         .arg("--jitter-us")
         .arg(opts.jitter_us.to_string());
+    if opts.metrics_port != 0 {
+        cmd.arg("--metrics").arg(format!("{}:{}", opts.bind, opts.metrics_port as u32 + id));
+    }
     // The servers die with this process, whatever kills it.
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
@@ -141,6 +146,12 @@ pub fn run(opts: LocalOptions) -> Result<(), String> {
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
         let volume = Volume::new(cluster);
+        if opts.metrics_port != 0 {
+            match format!("{}:{}", opts.bind, opts.metrics_port).parse() {
+                Ok(a) => volume.serve_metrics(a),
+                Err(_) => warn!("bad metrics address {}:{}", opts.bind, opts.metrics_port),
+            }
+        }
         let export = Export { name: name.clone(), description: format!("parallelraft volume ({mode:?} mode)"), volume };
         info!(data_dir = %opts.data_dir.display(), size, ?mode, "local cluster: 3 chunk servers started");
         println!("{}", nbd::uri(addr, &name));

@@ -53,6 +53,10 @@ enum Cmd {
         /// (1 ms resolution), which reorders them.
         #[arg(long, default_value_t = 0)]
         jitter_us: u64,
+        /// `/metrics` of the NBD frontend on this port, of chunk server N on this port + N
+        /// (0: no metrics). `chunkserver profile` reads them.
+        #[arg(long, default_value_t = DEFAULT_METRICS_PORT)]
+        metrics_port: u16,
     },
     /// Run one chunk server of a cluster.
     Serve {
@@ -76,6 +80,9 @@ enum Cmd {
         /// resolution), which reorders them.
         #[arg(long, default_value_t = 0)]
         jitter_us: u64,
+        /// Serve Prometheus `/metrics` on this address (e.g. 127.0.0.1:9181).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Serve a cluster's volume over NBD (the frontend alone, for a multi-machine cluster).
     Nbd {
@@ -85,7 +92,26 @@ enum Cmd {
         bind: String,
         #[arg(short = 'p', long, default_value_t = 10809)]
         port: u16,
+        /// Serve Prometheus `/metrics` on this address (e.g. 127.0.0.1:9180).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
     },
+    /// Print where a write's time goes (p50 / p99 per stage) from the `/metrics` of a running
+    /// cluster, and draw it as an SVG picture.
+    Profile {
+        /// The `/metrics` addresses (default: a `local` cluster's frontend and three servers).
+        #[arg(long, value_delimiter = ',', default_values_t = default_profile_targets())]
+        metrics: Vec<String>,
+        /// Write the picture here.
+        #[arg(long, default_value = "profile.svg")]
+        svg: PathBuf,
+    },
+}
+
+const DEFAULT_METRICS_PORT: u16 = 9180;
+
+fn default_profile_targets() -> Vec<String> {
+    (0..=3).map(|k| format!("127.0.0.1:{}", DEFAULT_METRICS_PORT + k)).collect()
 }
 
 fn main() {
@@ -108,7 +134,19 @@ fn engine(text: &str) -> Result<EngineKind, String> {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Cmd::Local { data_dir, bind, port, size, chunk_size, mode, io_engine, peer_base_port, lbb_span, jitter_us } => {
+        Cmd::Local {
+            data_dir,
+            bind,
+            port,
+            size,
+            chunk_size,
+            mode,
+            io_engine,
+            peer_base_port,
+            lbb_span,
+            jitter_us,
+            metrics_port,
+        } => {
             engine(&io_engine)?;
             if let Some(m) = &mode {
                 m.parse::<parallelraft::Mode>()?;
@@ -127,9 +165,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 peer_base_port,
                 lbb_span,
                 jitter_us,
+                metrics_port,
             })
         }
-        Cmd::Serve { config, id, data_dir, io_engine, tick_ms, lbb_span, jitter_us } => {
+        Cmd::Serve { config, id, data_dir, io_engine, tick_ms, lbb_span, jitter_us, metrics } => {
             let cluster = Cluster::load(&config)?;
             if !data_dir.is_dir() {
                 return Err(format!("data directory {} does not exist", data_dir.display()));
@@ -137,7 +176,12 @@ fn run(cli: Cli) -> Result<(), String> {
             if lbb_span == 0 || tick_ms == 0 {
                 return Err("--lbb-span and --tick-ms must be positive".into());
             }
-            let storage = StorageOptions { engine: engine(&io_engine)?, wal_segment_bytes: 32 << 20, direct: true };
+            let storage = StorageOptions {
+                engine: engine(&io_engine)?,
+                wal_segment_bytes: 32 << 20,
+                wal_direct: true,
+                blocks_direct: false,
+            };
             server::run(
                 ServerOptions {
                     id: ReplicaId(id),
@@ -147,12 +191,14 @@ fn run(cli: Cli) -> Result<(), String> {
                     tick: Duration::from_millis(tick_ms),
                     lbb_span,
                     jitter: Duration::from_micros(jitter_us),
+                    metrics,
                     listen: None,
                 },
                 None,
             )
         }
-        Cmd::Nbd { config, bind, port } => {
+        Cmd::Profile { metrics, svg } => chunkserver::profile::run(&metrics, &svg),
+        Cmd::Nbd { config, bind, port, metrics } => {
             let cluster = Cluster::load(&config)?;
             let addr: std::net::SocketAddr =
                 format!("{bind}:{port}").parse().map_err(|_| format!("bad bind address {bind}:{port}"))?;
@@ -165,6 +211,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 let listener = nbd::bind(addr).await?;
                 let name = cluster.volume_name.clone();
                 let volume = Volume::new(cluster);
+                if let Some(a) = metrics {
+                    volume.serve_metrics(a);
+                }
                 println!("{}", nbd::uri(addr, &name));
                 nbd::log_ready(addr, &name);
                 let export = Export { name, description: "parallelraft volume".into(), volume };

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::config::Cluster;
+use crate::metrics::{Published, Stage, Stages, Totals};
 use crate::wire::{encode, read_frame, Body, Frame, Outcome, RequestOp, Role};
 
 /// Largest single request to a group: bounds entry and message sizes.
@@ -71,6 +72,8 @@ struct Inner {
     leaders: Mutex<Vec<Option<ReplicaId>>>,
     links: HashMap<ReplicaId, ServerLink>,
     pub retries: AtomicU64,
+    /// Stage latencies of the frontend (`route`, and the NBD edge's `nbd_*`).
+    stages: Mutex<Stages>,
 }
 
 #[derive(Clone)]
@@ -105,6 +108,7 @@ impl Volume {
                 leaders: Mutex::new(vec![None; chunks]),
                 links,
                 retries: AtomicU64::new(0),
+                stages: Mutex::new(Stages::default()),
                 cluster,
             }),
         }
@@ -181,9 +185,40 @@ impl Volume {
         let inner = &self.inner;
         let seq = inner.next_seq.fetch_add(1, Ordering::Relaxed);
         inner.outstanding.lock().unwrap().insert(seq);
+        let start = Instant::now();
         let result = self.piece_inner(chunk, seq, op).await;
+        self.record(Stage::Route, start.elapsed());
         inner.outstanding.lock().unwrap().remove(&seq);
         result
+    }
+
+    /// Records a frontend stage latency.
+    pub fn record(&self, stage: Stage, d: Duration) {
+        self.inner.stages.lock().unwrap().record(stage, d);
+    }
+
+    /// The frontend's `/metrics` text.
+    pub fn render_metrics(&self) -> String {
+        let stages = self.inner.stages.lock().unwrap().clone();
+        let totals = Totals {
+            counters: vec![("frontend_retries", "Pieces sent again (redirect, busy, failure)", self.retries())],
+            chunk_gauges: vec![],
+        };
+        crate::metrics::render(&stages, &totals)
+    }
+
+    /// Publishes [`Volume::render_metrics`] at `addr` (refreshed every 500 ms). Call inside a
+    /// tokio runtime.
+    pub fn serve_metrics(&self, addr: std::net::SocketAddr) {
+        let published: Published = Arc::new(Mutex::new(String::new()));
+        crate::metrics::spawn(addr, published.clone());
+        let volume = self.clone();
+        tokio::spawn(async move {
+            loop {
+                *published.lock().unwrap() = volume.render_metrics();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
     }
 
     async fn piece_inner(&self, chunk: u32, seq: u64, op: RequestOp) -> Result<Option<Bytes>, VolumeError> {

@@ -229,6 +229,12 @@ impl Replica {
         self.log.entry(index)
     }
 
+    /// Indexes between the checkpoint and the last index that this replica does not hold.
+    pub fn holes(&self) -> u64 {
+        let span = self.log.last_index().0 - self.log.checkpoint().0;
+        span.saturating_sub(self.log.len() as u64)
+    }
+
     pub fn pending_list_len(&self) -> usize {
         self.gate.pending(&RangeSet::new()).len()
     }

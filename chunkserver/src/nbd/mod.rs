@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
 
+use crate::metrics::Stage;
 use crate::volume::{Volume, VolumeOp};
 use proto::*;
 
@@ -332,6 +333,17 @@ fn error_reply(req: &Request, structured: bool, errno: u32) -> Reply {
 }
 
 async fn execute(volume: &Volume, req: Request, payload: Option<Bytes>, structured: bool) -> Reply {
+    let start = std::time::Instant::now();
+    let reply = execute_inner(volume, req, payload, structured).await;
+    match req.kind {
+        CMD_READ => volume.record(Stage::NbdRead, start.elapsed()),
+        CMD_WRITE => volume.record(Stage::NbdWrite, start.elapsed()),
+        _ => {}
+    }
+    reply
+}
+
+async fn execute_inner(volume: &Volume, req: Request, payload: Option<Bytes>, structured: bool) -> Reply {
     let (offset, len) = (req.offset, req.len as u64);
     let op = match req.kind {
         CMD_READ => VolumeOp::Read { offset, len_bytes: len },

@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use bytes::Bytes;
 use parallelraft::table::ClientTable;
@@ -23,6 +24,7 @@ use parallelraft::{
 };
 use tracing::{info, warn};
 
+use crate::metrics::{Stage, Stages};
 use crate::storage::blocks::{BlockStore, ImageBlock};
 use crate::storage::io::{open_engine, EngineKind, IoEngine};
 use crate::storage::meta;
@@ -36,12 +38,38 @@ use super::repair::{can_serve, Repairs};
 /// Blocks per snapshot data frame (1 MiB of data at most).
 const SNAPSHOT_FRAME_BLOCKS: u64 = 256;
 
+/// Timestamps of a request this replica serves as leader (see `crate::metrics`).
+struct Trace {
+    arrived: Instant,
+    durable: Option<Instant>,
+    write: bool,
+    len_bytes: u64,
+}
+
+/// What a group counts for `/metrics`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GroupCounters {
+    pub writes: u64,
+    pub reads: u64,
+    pub bytes_written: u64,
+    pub bytes_read: u64,
+    pub leader_changes: u64,
+    pub catchup_bytes_sent: u64,
+    pub catchup_bytes_received: u64,
+}
+
 /// Storage settings shared by all groups of a server.
 #[derive(Clone, Copy, Debug)]
 pub struct StorageOptions {
     pub engine: EngineKind,
     pub wal_segment_bytes: u64,
-    pub direct: bool,
+    /// O_DIRECT for the WAL: its appends are synced at once, so the page cache only costs a copy.
+    pub wal_direct: bool,
+    /// O_DIRECT for the block store. Off by default: applies land in the page cache (a copy,
+    /// no device round trip on the core thread) and become durable at the checkpoint's
+    /// fdatasync, which is the block store's durability contract anyway; reads of hot blocks
+    /// are served from memory.
+    pub blocks_direct: bool,
 }
 
 /// A snapshot image being streamed to a peer, a slice per driver iteration.
@@ -83,6 +111,12 @@ pub struct Group {
     next_snapshot_id: u64,
     /// Blocks that failed their checksum and the work waiting for their repair.
     repairs: Repairs,
+    /// Stage timing of the requests served as leader, and the WAL tokens that carry them.
+    traces: HashMap<RequestId, Trace>,
+    token_requests: HashMap<u64, Vec<RequestId>>,
+    pub stages: Stages,
+    pub counters: GroupCounters,
+    was_leader: bool,
     /// Set when storage failed: the replica stopped (fail-stop) and ignores everything.
     pub failed: Option<String>,
 }
@@ -137,9 +171,9 @@ impl Group {
         let mut meta = engine()?;
         let hard = meta::load_hard_state(meta.as_mut(), &dir).map_err(|e| ctx(&e))?;
         let checkpoint = meta::load_checkpoint(meta.as_mut(), &blocks_dir(&dir)).map_err(|e| ctx(&e))?;
-        let blocks =
-            BlockStore::open(engine()?, &blocks_dir(&dir), capacity_bytes, options.direct).map_err(|e| ctx(&e))?;
-        let wal_options = WalOptions { segment_bytes: options.wal_segment_bytes, direct: options.direct };
+        let blocks = BlockStore::open(engine()?, &blocks_dir(&dir), capacity_bytes, options.blocks_direct)
+            .map_err(|e| ctx(&e))?;
+        let wal_options = WalOptions { segment_bytes: options.wal_segment_bytes, direct: options.wal_direct };
         let (wal, recovery) = Wal::open(engine()?, &dir, chunk as u64, wal_options).map_err(|e| ctx(&e))?;
         for c in &recovery.corruptions {
             // The entry is left out of the recovered log: the replica holds a hole there, which
@@ -170,6 +204,11 @@ impl Group {
             events: VecDeque::new(),
             next_snapshot_id: 1,
             repairs: Repairs::default(),
+            traces: HashMap::new(),
+            token_requests: HashMap::new(),
+            stages: Stages::default(),
+            counters: GroupCounters::default(),
+            was_leader: false,
             failed: None,
         })
     }
@@ -225,6 +264,12 @@ impl Group {
             return;
         }
         self.waiting.insert(id, conn);
+        let (write, len_bytes) = match &op {
+            RequestOp::Read { len_bytes, .. } => (false, *len_bytes),
+            RequestOp::Write { data, .. } => (true, data.len() as u64),
+            RequestOp::Trim { len_bytes, .. } | RequestOp::WriteZeroes { len_bytes, .. } => (true, *len_bytes),
+        };
+        self.traces.insert(id, Trace { arrived: Instant::now(), durable: None, write, len_bytes });
         let event = match op {
             RequestOp::Read { offset, len_bytes } => Event::Read { id, offset, len_bytes },
             RequestOp::Write { offset, data } => {
@@ -243,9 +288,27 @@ impl Group {
     /// Forgets the requests of a closed frontend connection.
     pub fn forget_conn(&mut self, conn: ConnId) {
         self.waiting.retain(|_, c| *c != conn);
+        let waiting = &self.waiting;
+        self.traces.retain(|id, _| waiting.contains_key(id));
     }
 
     fn respond(&mut self, id: RequestId, outcome: Outcome, out: &mut Outbox) {
+        if let Some(t) = self.traces.remove(&id) {
+            let c = &mut self.counters;
+            match (&outcome, t.write) {
+                (Outcome::Done, true) => {
+                    self.stages.record(Stage::LeaderWrite, t.arrived.elapsed());
+                    c.writes += 1;
+                    c.bytes_written += t.len_bytes;
+                }
+                (Outcome::Data(_), false) => {
+                    self.stages.record(Stage::LeaderRead, t.arrived.elapsed());
+                    c.reads += 1;
+                    c.bytes_read += t.len_bytes;
+                }
+                _ => {}
+            }
+        }
         if let Some(conn) = self.waiting.remove(&id) {
             out.frontend(conn, self.chunk, Body::Response { id, outcome });
         }
@@ -259,6 +322,11 @@ impl Group {
                 }
             }
             Command::PersistEntries { token, entries } => {
+                let traced: Vec<RequestId> =
+                    entries.iter().filter_map(|e| e.request).filter(|id| self.traces.contains_key(id)).collect();
+                if !traced.is_empty() {
+                    self.token_requests.insert(token, traced);
+                }
                 self.wal_batch.extend(entries.into_iter().map(WalRecord::Entry));
                 self.wal_tokens.push(token);
             }
@@ -313,7 +381,13 @@ impl Group {
     }
 
     fn apply(&mut self, entry: Entry, out: &mut Outbox) {
-        match self.blocks.apply(&entry) {
+        let start = Instant::now();
+        if let Some(t) = entry.request.and_then(|id| self.traces.get(&id)) {
+            self.stages.record(Stage::CommitWait, start - t.durable.unwrap_or(t.arrived));
+        }
+        let result = self.blocks.apply(&entry);
+        self.stages.record(Stage::Apply, start.elapsed());
+        match result {
             Ok(()) => self.events.push_back(Event::Applied { index: entry.index }),
             Err(StorageError::BadBlocks(bad)) => {
                 self.want_repair(&bad, out);
@@ -457,7 +531,7 @@ impl Group {
         fsync_dir(&self.dir)?;
         std::fs::remove_dir_all(&old)?;
         let engine = open_engine(self.options.engine)?;
-        self.blocks = BlockStore::open(engine, &blocks, self.capacity_bytes, self.options.direct)?;
+        self.blocks = BlockStore::open(engine, &blocks, self.capacity_bytes, self.options.blocks_direct)?;
         info!(chunk = self.chunk, from = from.0, checkpoint = checkpoint.0, "installed a snapshot image");
         Ok(())
     }
@@ -470,10 +544,21 @@ impl Group {
         }
         let records = std::mem::take(&mut self.wal_batch);
         let tokens = std::mem::take(&mut self.wal_tokens);
+        let start = Instant::now();
         if let Err(e) = self.wal.append(&records) {
             // Nothing of this batch may be acknowledged: no Persisted event is delivered.
             self.fail("WAL append", e);
             return true;
+        }
+        let now = Instant::now();
+        self.stages.record(Stage::WalSync, now - start);
+        for token in &tokens {
+            for id in self.token_requests.remove(token).unwrap_or_default() {
+                if let Some(t) = self.traces.get_mut(&id) {
+                    t.durable = Some(now);
+                    self.stages.record(Stage::LeaderDurable, now - t.arrived);
+                }
+            }
         }
         for token in tokens {
             self.step(Event::Persisted { token }, out);
@@ -489,6 +574,16 @@ impl Group {
         if self.failed.is_some() {
             return;
         }
+        let leader = self.replica.role() == parallelraft::RoleKind::Leader;
+        if leader && !self.was_leader {
+            self.counters.leader_changes += 1;
+        }
+        self.was_leader = leader;
+        if self.token_requests.len() > 4 * self.waiting.len() + 1024 {
+            // Tokens of requests that were answered another way (NotLeader after a step-down).
+            let traces = &self.traces;
+            self.token_requests.retain(|_, ids| ids.iter().any(|id| traces.contains_key(id)));
+        }
         let (asks, expired) = self.repairs.tick();
         self.ask(asks, out);
         for r in expired {
@@ -497,6 +592,11 @@ impl Group {
             self.events.push_back(Event::ReadDone { id: r.id });
         }
         self.step(Event::Tick, out);
+    }
+
+    /// Requests in progress from frontends.
+    pub fn in_flight(&self) -> usize {
+        self.waiting.len()
     }
 
     /// Blocks found bad and not yet repaired, and blocks repaired since start.
@@ -529,7 +629,7 @@ impl Group {
             }
             std::fs::create_dir_all(&dir)?;
             let engine = open_engine(self.options.engine)?;
-            let store = BlockStore::open(engine, &dir, self.capacity_bytes, self.options.direct)?;
+            let store = BlockStore::open(engine, &dir, self.capacity_bytes, self.options.blocks_direct)?;
             self.staging = Some(Staging { from, id, blocks: store, received: 0 });
         }
         let staging = self.staging.as_mut().unwrap();
@@ -538,6 +638,8 @@ impl Group {
             .map(|b| ImageBlock { block: b.block, version: b.version, data: b.data.map(|d| d.to_vec()) })
             .collect();
         staging.blocks.put_image(&image)?;
+        self.counters.catchup_bytes_received +=
+            image.iter().map(|b| b.data.as_ref().map_or(0, |d| d.len() as u64)).sum::<u64>();
         staging.received += image.len() as u64;
         Ok(())
     }
@@ -609,6 +711,8 @@ impl Group {
                     continue;
                 }
                 s.sent += image.len() as u64;
+                self.counters.catchup_bytes_sent +=
+                    image.iter().map(|b| b.data.as_ref().map_or(0, |d| d.len() as u64)).sum::<u64>();
                 let blocks = image
                     .into_iter()
                     .map(|b| SnapBlock { block: b.block, version: b.version, data: b.data.map(Bytes::from) })

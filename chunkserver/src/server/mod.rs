@@ -22,13 +22,14 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parallelraft::{Config, ReplicaId};
+use parallelraft::{Config, ReplicaId, RoleKind};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::config::Cluster;
+use crate::metrics::{Published, Stage, Stages, Totals};
 use crate::wire::Body;
-use group::{Group, StorageOptions};
+use group::{Group, GroupCounters, StorageOptions};
 use outbox::{Outbox, PEER_QUEUE_BATCHES};
 use transport::{Inbound, Shared};
 
@@ -39,6 +40,9 @@ const REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// per chunk: chunk, role, term, committed watermark, applied watermark, blocks awaiting
 /// repair, blocks repaired since start.
 const STATUS_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How often the `/metrics` text is rendered.
+const METRICS_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Items the core thread's inbox holds before connection tasks wait.
 const INBOX_CAPACITY: usize = 8192;
@@ -57,6 +61,8 @@ pub struct ServerOptions {
     pub lbb_span: usize,
     /// Benchmark option: random delay of up to this much on every frame between servers.
     pub jitter: Duration,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics: Option<SocketAddr>,
     /// Override of the listen address (default: this server's address in the cluster file).
     pub listen: Option<SocketAddr>,
 }
@@ -148,7 +154,12 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
             shared_for_stop.deliver(Inbound::Shutdown).await;
         });
     }
-    core_loop(&opts, &mut groups, &mut outbox, inbox);
+    let published: Published = Arc::new(std::sync::Mutex::new(String::new()));
+    if let Some(addr) = opts.metrics {
+        let _guard = runtime.enter();
+        crate::metrics::spawn(addr, published.clone());
+    }
+    core_loop(&opts, &mut groups, &mut outbox, inbox, &published);
     info!(server = me.0, "chunk server stopping");
     runtime.shutdown_timeout(Duration::from_millis(200));
     Ok(())
@@ -164,7 +175,15 @@ async fn wait_for_signal() {
     }
 }
 
-fn core_loop(opts: &ServerOptions, groups: &mut BTreeMap<u32, Group>, outbox: &mut Outbox, inbox: Receiver<Inbound>) {
+fn core_loop(
+    opts: &ServerOptions,
+    groups: &mut BTreeMap<u32, Group>,
+    outbox: &mut Outbox,
+    inbox: Receiver<Inbound>,
+    published: &Published,
+) {
+    let mut stages = Stages::default();
+    let mut next_metrics = Instant::now();
     let mut next_tick = Instant::now() + opts.tick;
     let mut next_report = Instant::now() + REPORT_INTERVAL;
     let mut next_status = Instant::now();
@@ -172,6 +191,10 @@ fn core_loop(opts: &ServerOptions, groups: &mut BTreeMap<u32, Group>, outbox: &m
         if Instant::now() >= next_status {
             next_status = Instant::now() + STATUS_INTERVAL;
             write_status(&opts.data_dir, groups);
+        }
+        if opts.metrics.is_some() && Instant::now() >= next_metrics {
+            next_metrics = Instant::now() + METRICS_INTERVAL;
+            *published.lock().unwrap() = render_metrics(&stages, groups, outbox);
         }
         if Instant::now() >= next_report {
             next_report += REPORT_INTERVAL;
@@ -193,6 +216,7 @@ fn core_loop(opts: &ServerOptions, groups: &mut BTreeMap<u32, Group>, outbox: &m
                 Err(_) => break,
             }
         }
+        let round_start = Instant::now();
         for item in batch {
             match item {
                 Inbound::Shutdown => {
@@ -210,7 +234,8 @@ fn core_loop(opts: &ServerOptions, groups: &mut BTreeMap<u32, Group>, outbox: &m
                         g.forget_conn(conn);
                     }
                 }
-                Inbound::Frame { conn, frame } => {
+                Inbound::Frame { conn, frame, at } => {
+                    stages.record(Stage::Queue, at.elapsed());
                     let Some(group) = groups.get_mut(&frame.group) else {
                         if let Body::Request { id, .. } = frame.body {
                             let outcome = crate::wire::Outcome::Failed(format!("no chunk {} here", frame.group));
@@ -262,7 +287,74 @@ fn core_loop(opts: &ServerOptions, groups: &mut BTreeMap<u32, Group>, outbox: &m
             }
         }
         outbox.flush();
+        stages.record(Stage::CoreRound, round_start.elapsed());
     }
+}
+
+/// The server's `/metrics` text: its own stages and every group's, merged, plus per-chunk
+/// gauges and totals.
+fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox) -> String {
+    let mut stages = own.clone();
+    let mut c = GroupCounters::default();
+    let mut repaired = 0;
+    for g in groups.values() {
+        stages.merge(&g.stages);
+        let k = g.counters;
+        c.writes += k.writes;
+        c.reads += k.reads;
+        c.bytes_written += k.bytes_written;
+        c.bytes_read += k.bytes_read;
+        c.leader_changes += k.leader_changes;
+        c.catchup_bytes_sent += k.catchup_bytes_sent;
+        c.catchup_bytes_received += k.catchup_bytes_received;
+        repaired += g.repair_counts().1;
+    }
+    let per_chunk = |f: &dyn Fn(&Group) -> i64| groups.values().map(|g| (g.chunk, f(g))).collect::<Vec<_>>();
+    let totals = Totals {
+        counters: vec![
+            ("writes", "Writes served as leader", c.writes),
+            ("reads", "Reads served as leader", c.reads),
+            ("written_bytes", "Bytes written as leader", c.bytes_written),
+            ("read_bytes", "Bytes read as leader", c.bytes_read),
+            ("leader_changes", "Times a replica here became leader", c.leader_changes),
+            ("catchup_sent_bytes", "Block bytes streamed to lagging replicas", c.catchup_bytes_sent),
+            ("catchup_received_bytes", "Block bytes received by streaming catch-up", c.catchup_bytes_received),
+            ("blocks_repaired", "Blocks repaired from a peer after a checksum failure", repaired),
+            ("dropped_batches", "Outgoing batches dropped on full queues", outbox.dropped_batches),
+        ],
+        chunk_gauges: vec![
+            ("in_flight", "Frontend requests in progress", per_chunk(&|g| g.in_flight() as i64)),
+            (
+                "commit_lag",
+                "Entries held above the committed watermark",
+                per_chunk(&|g| (g.replica().last_index().0 - g.replica().committed_watermark().0) as i64),
+            ),
+            (
+                "apply_lag",
+                "Committed entries not yet applied",
+                per_chunk(&|g| {
+                    g.replica().committed_watermark().0.saturating_sub(g.replica().applied_watermark().0) as i64
+                }),
+            ),
+            (
+                "pending_list",
+                "Entries the look-behind gate holds back",
+                per_chunk(&|g| g.replica().pending_list_len() as i64),
+            ),
+            (
+                "holes",
+                "Indexes below the last one that this replica does not hold",
+                per_chunk(&|g| g.replica().holes() as i64),
+            ),
+            (
+                "is_leader",
+                "1 where this replica leads",
+                per_chunk(&|g| (g.replica().role() == RoleKind::Leader) as i64),
+            ),
+            ("bad_blocks", "Blocks awaiting repair", per_chunk(&|g| g.repair_counts().0 as i64)),
+        ],
+    };
+    crate::metrics::render(&stages, &totals)
 }
 
 fn report(groups: &BTreeMap<u32, Group>, outbox: &Outbox) {

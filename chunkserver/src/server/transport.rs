@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parallelraft::ReplicaId;
@@ -26,9 +26,19 @@ use crate::wire::{encode, read_frame, Body, Frame, Role};
 
 /// What the connection tasks hand to the core thread.
 pub enum Inbound {
-    Frame { conn: ConnId, frame: Frame },
-    FrontendConnected { conn: ConnId, tx: mpsc::Sender<Bytes> },
-    FrontendGone { conn: ConnId },
+    /// `at`: when the frame was read off the socket (for the `queue` stage).
+    Frame {
+        conn: ConnId,
+        frame: Frame,
+        at: Instant,
+    },
+    FrontendConnected {
+        conn: ConnId,
+        tx: mpsc::Sender<Bytes>,
+    },
+    FrontendGone {
+        conn: ConnId,
+    },
     Shutdown,
 }
 
@@ -125,13 +135,13 @@ async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, mut reader: to
                     tokio::spawn(async move {
                         tokio::time::sleep(delay).await;
                         shared.delivered_late();
-                        shared.deliver(Inbound::Frame { conn, frame }).await;
+                        shared.deliver(Inbound::Frame { conn, frame, at: Instant::now() }).await;
                     });
                     continue;
                 } else if jitter_us > 0 {
                     shared.delivered_late();
                 }
-                if !shared.deliver(Inbound::Frame { conn, frame }).await {
+                if !shared.deliver(Inbound::Frame { conn, frame, at: Instant::now() }).await {
                     return;
                 }
             }
@@ -285,7 +295,7 @@ async fn frontend(shared: Shared, mut reader: tokio::net::tcp::OwnedReadHalf, mu
                     warn!("frontend sent a non-request frame; closing");
                     break;
                 }
-                if !shared.deliver(Inbound::Frame { conn, frame }).await {
+                if !shared.deliver(Inbound::Frame { conn, frame, at: Instant::now() }).await {
                     break;
                 }
             }

@@ -61,7 +61,7 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     pub fn start(mode: &str, size: &str) -> LocalCluster {
-        let base = free_ports(4);
+        let base = free_ports(8);
         let mut c = LocalCluster {
             dir: tempfile::tempdir().unwrap(),
             port: base,
@@ -79,6 +79,11 @@ impl LocalCluster {
         format!("nbd://127.0.0.1:{}/vol0", self.port)
     }
 
+    /// `/metrics` of the frontend; server N's is at this port + N.
+    pub fn metrics_port(&self) -> u16 {
+        self.port + 4
+    }
+
     pub fn data(&self) -> &Path {
         self.dir.path()
     }
@@ -90,6 +95,7 @@ impl LocalCluster {
             .arg(self.data())
             .args(["--port", &self.port.to_string(), "--peer-base-port", &self.peer_base.to_string()])
             .args(["--size", &self.size, "--chunk-size", "64M", "--mode", &self.mode])
+            .args(["--metrics-port", &self.metrics_port().to_string()])
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(log)

@@ -14,7 +14,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parallelraft::table::ClientTable;
@@ -32,6 +34,7 @@ use crate::storage::wal::{Wal, WalOptions, WalRecord};
 use crate::storage::{BadBlock, StorageError};
 use crate::wire::{BlockNeed, Body, Outcome, RequestOp, SnapBlock};
 
+use super::disk::WalJob;
 use super::outbox::{ConnId, Outbox};
 use super::repair::{can_serve, Repairs};
 
@@ -95,7 +98,10 @@ pub struct Group {
     dir: PathBuf,
     capacity_bytes: u64,
     options: StorageOptions,
-    wal: Wal,
+    /// Shared with the WAL thread, which holds it during an append (see `super::disk`).
+    wal: Arc<Mutex<Wal>>,
+    /// An append of this group is running on the WAL thread.
+    wal_in_flight: bool,
     blocks: BlockStore,
     meta: Box<dyn IoEngine>,
     /// Records of the current group commit and the tokens they complete.
@@ -192,7 +198,8 @@ impl Group {
             dir,
             capacity_bytes,
             options,
-            wal,
+            wal: Arc::new(Mutex::new(wal)),
+            wal_in_flight: false,
             blocks,
             meta,
             wal_batch: Vec::new(),
@@ -227,7 +234,7 @@ impl Group {
     }
 
     /// Feeds an event in, then runs every command it leads to (except the WAL group commit,
-    /// which [`Group::flush_wal`] makes durable).
+    /// which [`Group::submit_wal`] hands to the WAL thread).
     pub fn step(&mut self, event: Event, out: &mut Outbox) {
         if self.failed.is_some() {
             return;
@@ -335,7 +342,8 @@ impl Group {
                 self.wal_tokens.push(token);
             }
             Command::PruneLog { through } => {
-                if let Err(e) = self.wal.prune(through) {
+                let pruned = self.wal.lock().unwrap_or_else(|e| e.into_inner()).prune(through);
+                if let Err(e) = pruned {
                     self.fail("pruning the WAL", e);
                 }
             }
@@ -536,22 +544,43 @@ impl Group {
         Ok(())
     }
 
-    /// Makes the pending WAL records durable in one append (one fdatasync), then reports every
-    /// token it covered. Returns whether there was anything to write.
-    pub fn flush_wal(&mut self, out: &mut Outbox) -> bool {
-        if self.failed.is_some() || self.wal_tokens.is_empty() {
+    /// Hands the pending WAL records to the WAL thread as one append (one fdatasync), unless
+    /// an append of this group is still running. Returns whether a job was sent.
+    pub fn submit_wal(&mut self, disk: &Sender<WalJob>) -> bool {
+        if self.failed.is_some() || self.wal_in_flight || self.wal_tokens.is_empty() {
             return false;
         }
-        let records = std::mem::take(&mut self.wal_batch);
-        let tokens = std::mem::take(&mut self.wal_tokens);
-        let start = Instant::now();
-        if let Err(e) = self.wal.append(&records) {
-            // Nothing of this batch may be acknowledged: no Persisted event is delivered.
-            self.fail("WAL append", e);
-            return true;
+        let job = WalJob {
+            chunk: self.chunk,
+            wal: self.wal.clone(),
+            records: std::mem::take(&mut self.wal_batch),
+            tokens: std::mem::take(&mut self.wal_tokens),
+        };
+        self.wal_in_flight = true;
+        if disk.send(job).is_err() {
+            self.fail("WAL append", StorageError::Invalid("the WAL thread is gone".into()));
+        }
+        true
+    }
+
+    /// An append finished: report every token it covered, or fail-stop if it failed (nothing
+    /// of that batch may be acknowledged: no Persisted event is delivered).
+    pub fn wal_done(&mut self, tokens: Vec<u64>, error: Option<String>, took: Duration, out: &mut Outbox) {
+        self.wal_in_flight = false;
+        if self.failed.is_some() {
+            return;
+        }
+        if let Some(why) = error {
+            let why = format!("WAL append: {why}");
+            tracing::error!(chunk = self.chunk, "replica stopped (fail-stop): {why}");
+            self.failed = Some(why);
+            self.wal_batch.clear();
+            self.wal_tokens.clear();
+            self.events.clear();
+            return;
         }
         let now = Instant::now();
-        self.stages.record(Stage::WalSync, now - start);
+        self.stages.record(Stage::WalSync, took);
         for token in &tokens {
             for id in self.token_requests.remove(token).unwrap_or_default() {
                 if let Some(t) = self.traces.get_mut(&id) {
@@ -563,11 +592,6 @@ impl Group {
         for token in tokens {
             self.step(Event::Persisted { token }, out);
         }
-        true
-    }
-
-    pub fn has_pending_wal(&self) -> bool {
-        !self.wal_tokens.is_empty()
     }
 
     pub fn tick(&mut self, out: &mut Outbox) {

@@ -9,6 +9,7 @@
 //! the connection tasks. Messages to peers leave before the local fdatasync starts, so the
 //! leader's own log write overlaps the followers'.
 
+pub mod disk;
 pub mod group;
 pub mod outbox;
 pub mod repair;
@@ -159,7 +160,8 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
         let _guard = runtime.enter();
         crate::metrics::spawn(addr, published.clone());
     }
-    core_loop(&opts, &mut groups, &mut outbox, inbox, &published);
+    let disk = disk::spawn(shared.inbox.clone()).map_err(|e| format!("cannot start the WAL thread: {e}"))?;
+    core_loop(&opts, &mut groups, &mut outbox, inbox, &published, &disk);
     info!(server = me.0, "chunk server stopping");
     runtime.shutdown_timeout(Duration::from_millis(200));
     Ok(())
@@ -181,6 +183,7 @@ fn core_loop(
     outbox: &mut Outbox,
     inbox: Receiver<Inbound>,
     published: &Published,
+    disk: &std::sync::mpsc::Sender<disk::WalJob>,
 ) {
     let mut stages = Stages::default();
     let mut next_metrics = Instant::now();
@@ -220,12 +223,15 @@ fn core_loop(
         for item in batch {
             match item {
                 Inbound::Shutdown => {
-                    // Durable what was asked to be durable; nothing more is acknowledged.
-                    for g in groups.values_mut() {
-                        g.flush_wal(outbox);
-                    }
+                    // Records not yet durable were never acknowledged; an append in flight
+                    // finishes on the WAL thread and its completion is simply not stepped.
                     outbox.flush();
                     return;
+                }
+                Inbound::WalDone(done) => {
+                    if let Some(g) = groups.get_mut(&done.chunk) {
+                        g.wal_done(done.tokens, done.error, done.took, outbox);
+                    }
                 }
                 Inbound::FrontendConnected { conn, tx } => outbox.add_frontend(conn, tx),
                 Inbound::FrontendGone { conn } => {
@@ -271,22 +277,15 @@ fn core_loop(
                 next_tick = now + opts.tick;
             }
         }
-        // Send what the steps produced before the local fdatasync, then group-commit; the
-        // completions produce acks and replies, which go out right after.
-        loop {
-            for g in groups.values_mut() {
-                g.pump_snapshots(outbox);
-            }
-            outbox.flush();
-            let mut wrote = false;
-            for g in groups.values_mut() {
-                wrote |= g.flush_wal(outbox);
-            }
-            if !wrote {
-                break;
-            }
+        // Send what the steps produced, then start the group commits on the WAL thread; their
+        // completions come back through the inbox and produce acks and replies.
+        for g in groups.values_mut() {
+            g.pump_snapshots(outbox);
         }
         outbox.flush();
+        for g in groups.values_mut() {
+            g.submit_wal(disk);
+        }
         stages.record(Stage::CoreRound, round_start.elapsed());
     }
 }

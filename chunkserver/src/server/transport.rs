@@ -39,6 +39,8 @@ pub enum Inbound {
     FrontendGone {
         conn: ConnId,
     },
+    /// A group commit finished on the WAL thread.
+    WalDone(super::disk::WalDone),
     Shutdown,
 }
 

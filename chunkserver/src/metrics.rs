@@ -9,7 +9,8 @@
 //! - a chunk group, for the requests it serves as leader: `leader_durable` (request arrived →
 //!   its entry durable in the local WAL), `commit_wait` (durable → apply starts: replication,
 //!   follower fdatasync, ack, commit, look-behind gate), `apply`, `leader_write` (arrival →
-//!   reply) and `leader_read`; and for every group commit `wal_sync` (WAL write + fdatasync).
+//!   reply) and `leader_read`; for every group commit `wal_sync` (WAL write + fdatasync), and
+//!   `checkpoint` (block store sync + checkpoint file, on the core thread).
 //!
 //! Hot paths only record into histograms owned by their thread; text is rendered a few
 //! times a second and handed to the HTTP task, which never touches the histograms.
@@ -41,11 +42,12 @@ pub enum Stage {
     LeaderWrite,
     LeaderRead,
     WalSync,
+    Checkpoint,
     CoreRound,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 11] = [
+    pub const ALL: [Stage; 12] = [
         Stage::NbdWrite,
         Stage::NbdRead,
         Stage::Route,
@@ -56,6 +58,7 @@ impl Stage {
         Stage::LeaderWrite,
         Stage::LeaderRead,
         Stage::WalSync,
+        Stage::Checkpoint,
         Stage::CoreRound,
     ];
 
@@ -71,6 +74,7 @@ impl Stage {
             Stage::LeaderWrite => "leader_write",
             Stage::LeaderRead => "leader_read",
             Stage::WalSync => "wal_sync",
+            Stage::Checkpoint => "checkpoint",
             Stage::CoreRound => "core_round",
         }
     }

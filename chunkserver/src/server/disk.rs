@@ -1,15 +1,24 @@
-//! The WAL thread of a chunk server: group commits run here, off the core thread, so the core
-//! keeps stepping messages (acks, requests, applies) while a batch is being made durable.
-//!
-//! Contract: a group has at most one append in flight (the group holds the next batch until
-//! the completion arrives), so records reach the WAL in the order the core issued them. The
-//! completion goes back through the core's inbox as [`Inbound::WalDone`]; only then are the
-//! batch's tokens reported `Persisted` (never before the fdatasync returned).
+//! The disk threads of a chunk server, so the core thread keeps stepping messages (acks,
+//! requests, applies) while data is made durable:
+//! - the WAL thread runs group commits. A group has at most one append in flight (it holds
+//!   the next batch until the completion arrives), so records reach the WAL in the order the
+//!   core issued them. The completion comes back through the core's inbox as
+//!   [`Inbound::WalDone`]; only then are the batch's tokens reported `Persisted`.
+//! - the checkpoint thread syncs a block store and then writes the checkpoint that describes
+//!   it (a checkpoint syncs every block written since the last one, which can take a while;
+//!   on its own thread it delays no group commit). The core issues at most one checkpoint per
+//!   group at a time and refuses snapshot installs meanwhile; `CheckpointDone` is stepped only
+//!   after both syncs and the checkpoint file are durable.
 
 use std::sync::mpsc::{channel, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use parallelraft::{CheckpointState, Index};
+
+use crate::storage::blocks::SyncWork;
+use crate::storage::io::{open_engine, EngineKind};
+use crate::storage::meta;
 use crate::storage::wal::{Wal, WalRecord};
 
 use super::transport::Inbound;
@@ -29,9 +38,52 @@ pub struct WalDone {
     pub took: Duration,
 }
 
-/// Starts the WAL thread; it ends when every sender is dropped or the core's inbox closes.
-/// The queue is unbounded in type but bounded in fact: one job per group at most.
-pub fn spawn(inbox: SyncSender<Inbound>) -> std::io::Result<Sender<WalJob>> {
+pub struct CheckpointJob {
+    pub chunk: u32,
+    pub work: SyncWork,
+    /// Where the checkpoint file goes (beside the blocks it describes).
+    pub dir: std::path::PathBuf,
+    pub state: CheckpointState,
+}
+
+pub struct CheckpointDone {
+    pub chunk: u32,
+    pub index: Index,
+    pub error: Option<String>,
+    pub took: Duration,
+}
+
+/// The job queues of a server's disk threads. Unbounded in type, bounded in fact: one job
+/// of each kind per group at most.
+#[derive(Clone)]
+pub struct Disk {
+    pub wal: Sender<WalJob>,
+    pub checkpoint: Sender<CheckpointJob>,
+}
+
+/// Starts the disk threads; they end when every sender is dropped or the core's inbox closes.
+pub fn spawn(inbox: SyncSender<Inbound>, engine: EngineKind) -> std::io::Result<Disk> {
+    let (ctx, crx) = channel::<CheckpointJob>();
+    let mut checkpoint_engine = open_engine(engine)?;
+    let checkpoint_inbox = inbox.clone();
+    std::thread::Builder::new().name("checkpoint".into()).spawn(move || {
+        while let Ok(job) = crx.recv() {
+            let start = Instant::now();
+            let result = job
+                .work
+                .run(checkpoint_engine.as_mut())
+                .and_then(|()| meta::save_checkpoint(checkpoint_engine.as_mut(), &job.dir, &job.state));
+            let done = CheckpointDone {
+                chunk: job.chunk,
+                index: job.state.index,
+                error: result.err().map(|e| e.to_string()),
+                took: start.elapsed(),
+            };
+            if checkpoint_inbox.send(Inbound::CheckpointDone(done)).is_err() {
+                return;
+            }
+        }
+    })?;
     let (tx, rx) = channel::<WalJob>();
     std::thread::Builder::new().name("wal".into()).spawn(move || {
         while let Ok(job) = rx.recv() {
@@ -48,5 +100,5 @@ pub fn spawn(inbox: SyncSender<Inbound>) -> std::io::Result<Sender<WalJob>> {
             }
         }
     })?;
-    Ok(tx)
+    Ok(Disk { wal: tx, checkpoint: ctx })
 }

@@ -34,7 +34,7 @@ use crate::storage::wal::{Wal, WalOptions, WalRecord};
 use crate::storage::{BadBlock, StorageError};
 use crate::wire::{BlockNeed, Body, Outcome, RequestOp, SnapBlock};
 
-use super::disk::WalJob;
+use super::disk::{CheckpointJob, Disk, WalJob};
 use super::outbox::{ConnId, Outbox};
 use super::repair::{can_serve, Repairs};
 
@@ -102,6 +102,9 @@ pub struct Group {
     wal: Arc<Mutex<Wal>>,
     /// An append of this group is running on the WAL thread.
     wal_in_flight: bool,
+    /// The server's disk threads (set once the server runs; until then, or without them,
+    /// checkpoints run inline).
+    disk: Option<Disk>,
     blocks: BlockStore,
     meta: Box<dyn IoEngine>,
     /// Records of the current group commit and the tokens they complete.
@@ -200,6 +203,7 @@ impl Group {
             options,
             wal: Arc::new(Mutex::new(wal)),
             wal_in_flight: false,
+            disk: None,
             blocks,
             meta,
             wal_batch: Vec::new(),
@@ -359,9 +363,26 @@ impl Group {
                 self.respond(id, outcome, out);
             }
             Command::Checkpoint { index, table } => {
+                if let Some(disk) = &self.disk {
+                    let job = CheckpointJob {
+                        chunk: self.chunk,
+                        work: self.blocks.take_sync_work(),
+                        dir: blocks_dir(&self.dir),
+                        state: CheckpointState { index, table },
+                    };
+                    if disk.checkpoint.send(job).is_err() {
+                        self.fail(
+                            "checkpoint",
+                            StorageError::Fatal(std::io::Error::other("the checkpoint thread is gone")),
+                        );
+                    }
+                    return;
+                }
+                let start = Instant::now();
                 let result = self.blocks.sync().and_then(|()| {
                     meta::save_checkpoint(self.meta.as_mut(), &blocks_dir(&self.dir), &CheckpointState { index, table })
                 });
+                self.stages.record(Stage::Checkpoint, start.elapsed());
                 match result {
                     Ok(()) => self.events.push_back(Event::CheckpointDone { index }),
                     Err(e) => self.fail("checkpoint", e),
@@ -544,6 +565,22 @@ impl Group {
         Ok(())
     }
 
+    pub fn attach_disk(&mut self, disk: Disk) {
+        self.disk = Some(disk);
+    }
+
+    /// A checkpoint finished on the checkpoint thread.
+    pub fn checkpoint_done(&mut self, index: Index, error: Option<String>, took: Duration, out: &mut Outbox) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.stages.record(Stage::Checkpoint, took);
+        match error {
+            None => self.step(Event::CheckpointDone { index }, out),
+            Some(why) => self.fail("checkpoint", StorageError::Fatal(std::io::Error::other(why))),
+        }
+    }
+
     /// Hands the pending WAL records to the WAL thread as one append (one fdatasync), unless
     /// an append of this group is still running. Returns whether a job was sent.
     pub fn submit_wal(&mut self, disk: &Sender<WalJob>) -> bool {
@@ -558,7 +595,7 @@ impl Group {
         };
         self.wal_in_flight = true;
         if disk.send(job).is_err() {
-            self.fail("WAL append", StorageError::Invalid("the WAL thread is gone".into()));
+            self.fail("WAL append", StorageError::Fatal(std::io::Error::other("the WAL thread is gone")));
         }
         true
     }

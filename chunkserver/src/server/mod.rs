@@ -160,8 +160,12 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
         let _guard = runtime.enter();
         crate::metrics::spawn(addr, published.clone());
     }
-    let disk = disk::spawn(shared.inbox.clone()).map_err(|e| format!("cannot start the WAL thread: {e}"))?;
-    core_loop(&opts, &mut groups, &mut outbox, inbox, &published, &disk);
+    let disk = disk::spawn(shared.inbox.clone(), opts.storage.engine)
+        .map_err(|e| format!("cannot start the disk threads: {e}"))?;
+    for g in groups.values_mut() {
+        g.attach_disk(disk.clone());
+    }
+    core_loop(&opts, &mut groups, &mut outbox, inbox, &published, &disk.wal);
     info!(server = me.0, "chunk server stopping");
     runtime.shutdown_timeout(Duration::from_millis(200));
     Ok(())
@@ -231,6 +235,11 @@ fn core_loop(
                 Inbound::WalDone(done) => {
                     if let Some(g) = groups.get_mut(&done.chunk) {
                         g.wal_done(done.tokens, done.error, done.took, outbox);
+                    }
+                }
+                Inbound::CheckpointDone(done) => {
+                    if let Some(g) = groups.get_mut(&done.chunk) {
+                        g.checkpoint_done(done.index, done.error, done.took, outbox);
                     }
                 }
                 Inbound::FrontendConnected { conn, tx } => outbox.add_frontend(conn, tx),

@@ -41,6 +41,8 @@ pub enum Inbound {
     },
     /// A group commit finished on the WAL thread.
     WalDone(super::disk::WalDone),
+    /// A checkpoint finished on the checkpoint thread.
+    CheckpointDone(super::disk::CheckpointDone),
     Shutdown,
 }
 

@@ -13,7 +13,7 @@
 //! [`BlockStore::apply`] relies on that to skip blocks already past an entry.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use parallelraft::{Entry, Index, Op};
 
@@ -121,6 +121,45 @@ pub struct BlockStore {
     meta: Vec<BlockMeta>,
     /// Metadata pages changed since the last sync.
     dirty_pages: BTreeSet<u64>,
+    dir: PathBuf,
+}
+
+/// What making the store durable takes, prepared on the thread that owns the store and run on
+/// another ([`SyncWork::run`]): the changed metadata pages as they are now, then fdatasync of
+/// both files. Writes made after the work was taken may or may not be covered; their metadata
+/// pages stay dirty for the next sync.
+pub struct SyncWork {
+    data_path: PathBuf,
+    meta_path: PathBuf,
+    pages: Vec<(u64, AlignedBuf)>,
+}
+
+impl SyncWork {
+    /// Writes the pages and syncs both files through `engine` (its own file handles: the page
+    /// cache and the device are per file, not per handle).
+    pub fn run(self, engine: &mut dyn IoEngine) -> Result<()> {
+        let data = engine.open(&self.data_path, OpenMode { create: false, direct: false })?;
+        let meta = match engine.open(&self.meta_path, OpenMode { create: false, direct: true }) {
+            Ok(m) => m,
+            Err(e) => {
+                engine.close(data);
+                return Err(e.into());
+            }
+        };
+        let mut ops: Vec<IoOp<'_>> = Vec::new();
+        let mut expected = Vec::new();
+        for (page, buf) in &self.pages {
+            ops.push(IoOp::Write { file: meta, offset: page * ALIGN as u64, buf });
+            expected.push(ALIGN);
+        }
+        ops.extend([IoOp::Sync { file: data }, IoOp::Sync { file: meta }]);
+        expected.extend([0, 0]);
+        let results = engine.submit(&mut ops);
+        engine.close(data);
+        engine.close(meta);
+        check_batch(&results, &expected)?;
+        Ok(())
+    }
 }
 
 impl BlockStore {
@@ -151,7 +190,7 @@ impl BlockStore {
             let m = BlockMeta::decode(&raw[b * META_BYTES..(b + 1) * META_BYTES]).unwrap_or(BlockMeta::LOST);
             meta.push(m);
         }
-        Ok(BlockStore { engine, data, meta_file, blocks, meta, dirty_pages: BTreeSet::new() })
+        Ok(BlockStore { engine, data, meta_file, blocks, meta, dirty_pages: BTreeSet::new(), dir: dir.to_path_buf() })
     }
 
     pub fn capacity_bytes(&self) -> u64 {
@@ -440,19 +479,33 @@ impl BlockStore {
         Ok(())
     }
 
-    /// Makes every write so far durable: dirty metadata pages, then fdatasync of both files.
-    pub fn sync(&mut self) -> Result<()> {
+    /// The work of a sync, to run elsewhere (see [`SyncWork`]).
+    pub fn take_sync_work(&mut self) -> SyncWork {
+        SyncWork {
+            data_path: self.dir.join("blocks.dat"),
+            meta_path: self.dir.join("blocks.meta"),
+            pages: self.take_dirty_pages(),
+        }
+    }
+
+    fn take_dirty_pages(&mut self) -> Vec<(u64, AlignedBuf)> {
         let pages: Vec<u64> = std::mem::take(&mut self.dirty_pages).into_iter().collect();
-        let mut bufs = Vec::with_capacity(pages.len());
-        for page in &pages {
+        let mut out = Vec::with_capacity(pages.len());
+        for page in pages {
             let mut buf = AlignedBuf::zeroed(ALIGN);
             let first = page * META_PER_PAGE;
             for k in 0..META_PER_PAGE.min(self.blocks - first) {
                 self.meta[(first + k) as usize]
                     .encode(&mut buf[k as usize * META_BYTES..(k as usize + 1) * META_BYTES]);
             }
-            bufs.push(buf);
+            out.push((page, buf));
         }
+        out
+    }
+
+    /// Makes every write so far durable: dirty metadata pages, then fdatasync of both files.
+    pub fn sync(&mut self) -> Result<()> {
+        let (pages, bufs): (Vec<u64>, Vec<AlignedBuf>) = self.take_dirty_pages().into_iter().unzip();
         let mut ops: Vec<IoOp<'_>> = Vec::new();
         let mut expected = Vec::new();
         for (page, buf) in pages.iter().zip(&bufs) {

@@ -14,16 +14,32 @@ pub struct LogSlot {
 
 /// Entries above `checkpoint`, possibly with holes.
 ///
-/// Invariant: every key is above `checkpoint`, and `slots[i].entry.index == i`.
+/// Invariants: every key is above `checkpoint`, `slots[i].entry.index == i`, and
+/// `durable_upto` is the highest `d` such that every index in `(checkpoint, d]` is held and
+/// durable (kept incrementally: acks report it on every message, and a scan of a long log
+/// per message was the core's largest cost).
 #[derive(Clone, Debug, Default)]
 pub struct Log {
     checkpoint: Index,
     slots: BTreeMap<Index, LogSlot>,
+    durable_upto: Index,
 }
 
 impl Log {
     pub fn new(checkpoint: Index) -> Log {
-        Log { checkpoint, slots: BTreeMap::new() }
+        Log { checkpoint, slots: BTreeMap::new(), durable_upto: checkpoint }
+    }
+
+    /// Moves `durable_upto` forward over held, durable slots.
+    fn advance_durable(&mut self) {
+        let mut d = self.durable_upto.max(self.checkpoint);
+        for (i, slot) in self.slots.range(d.next()..) {
+            if *i != d.next() || !slot.durable {
+                break;
+            }
+            d = *i;
+        }
+        self.durable_upto = d;
     }
 
     pub fn checkpoint(&self) -> Index {
@@ -50,7 +66,12 @@ impl Log {
     /// Stores `entry`, replacing any copy at its index.
     pub fn put(&mut self, entry: Entry, durable: bool) {
         assert!(entry.index > self.checkpoint, "put at or below the checkpoint");
-        self.slots.insert(entry.index, LogSlot { entry, durable });
+        let index = entry.index;
+        self.slots.insert(index, LogSlot { entry, durable });
+        if !durable && index <= self.durable_upto {
+            self.durable_upto = Index(index.0 - 1);
+        }
+        self.advance_durable();
     }
 
     /// Marks the copy at `index` durable if it is still the copy with `ballot` and `term`.
@@ -58,6 +79,9 @@ impl Log {
         match self.slots.get_mut(&index) {
             Some(slot) if slot.entry.ballot == ballot && slot.entry.term == term && !slot.durable => {
                 slot.durable = true;
+                if index == self.durable_upto.next() {
+                    self.advance_durable();
+                }
                 true
             }
             _ => false,
@@ -67,6 +91,7 @@ impl Log {
     /// Drops every entry above `after`; returns the dropped indices.
     pub fn truncate_after(&mut self, after: Index) -> Vec<Index> {
         let dropped = self.slots.split_off(&after.next());
+        self.durable_upto = self.durable_upto.min(after).max(self.checkpoint);
         dropped.into_keys().collect()
     }
 
@@ -77,10 +102,16 @@ impl Log {
         }
         self.slots = self.slots.split_off(&through.next());
         self.checkpoint = through;
+        self.advance_durable();
     }
 
     /// Highest `d` such that every index in `(checkpoint, d]` is held and durable.
     pub fn durable_prefix(&self) -> Index {
+        self.durable_upto
+    }
+
+    /// [`Log::durable_prefix`] computed by a scan (for invariant checks).
+    pub fn durable_prefix_scan(&self) -> Index {
         let mut d = self.checkpoint;
         for (i, slot) in &self.slots {
             if *i != d.next() || !slot.durable {
@@ -93,6 +124,11 @@ impl Log {
 
     pub fn iter_from(&self, after: Index) -> impl Iterator<Item = &LogSlot> {
         self.slots.range(after.next()..).map(|(_, s)| s)
+    }
+
+    /// Held indices in `from..=to`.
+    pub fn indices_in(&self, from: Index, to: Index) -> impl Iterator<Item = Index> + '_ {
+        (from <= to).then(|| self.slots.range(from..=to).map(|(i, _)| *i)).into_iter().flatten()
     }
 
     pub fn indices(&self) -> impl Iterator<Item = Index> + '_ {
@@ -115,5 +151,6 @@ impl Log {
             assert_eq!(*i, slot.entry.index, "log slot keyed at the wrong index");
             assert!(slot.entry.ballot >= slot.entry.term, "entry ballot below its term");
         }
+        assert_eq!(self.durable_upto, self.durable_prefix_scan(), "durable prefix kept wrong");
     }
 }

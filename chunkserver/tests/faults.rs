@@ -55,16 +55,6 @@ fn leader_kill_during_verifying_fio_run() {
     );
 }
 
-fn qemu_io(uri: &str, script: &[&str]) -> Command {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for s in script {
-        cmd.arg("-c").arg(s);
-    }
-    cmd.arg(uri);
-    cmd
-}
-
 #[test]
 fn one_follower_down_io_continues_two_down_writes_stall_then_resume() {
     let _g = serial();

@@ -8,20 +8,9 @@ mod support;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::*;
-
-fn qemu_io(uri: &str, script: &[&str]) -> Command {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for s in script {
-        cmd.arg("-c").arg(s);
-    }
-    cmd.arg(uri);
-    cmd
-}
 
 fn blocks_file(c: &LocalCluster, server: u32) -> PathBuf {
     c.data().join(format!("server-{server}")).join("chunk-00000000").join("blocks").join("blocks.dat")

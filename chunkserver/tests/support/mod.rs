@@ -43,6 +43,17 @@ pub fn free_ports(n: u16) -> u16 {
     panic!("no free ports");
 }
 
+/// `qemu-io -f raw -c CMD ... URI`.
+pub fn qemu_io(uri: &str, script: &[&str]) -> Command {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for s in script {
+        cmd.arg("-c").arg(s);
+    }
+    cmd.arg(uri);
+    cmd
+}
+
 pub fn require_tool(name: &str) {
     let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().unwrap().status.success();
     assert!(found, "{name} is required (bash .ci/run installs it)");

@@ -21,6 +21,19 @@ struct Cli {
     command: Cmd,
 }
 
+/// Protocol and benchmark settings of the chunk servers (`serve`, and `local` passes them on).
+#[derive(clap::Args)]
+struct Tuning {
+    /// Look-behind span N: each entry carries the ranges of its N predecessors, and a chunk
+    /// has up to N + 1 writes in flight past its committed watermark.
+    #[arg(long, default_value_t = DEFAULT_LBB_SPAN)]
+    lbb_span: usize,
+    /// Benchmarks only: delay every message between chunk servers by a random 0..=N µs (1 ms
+    /// resolution), which reorders them.
+    #[arg(long, default_value_t = 0)]
+    jitter_us: u64,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Start a local three-replica cluster and serve its volume over NBD (Ctrl-C stops it).
@@ -46,13 +59,8 @@ enum Cmd {
         /// First of the three chunk servers' ports.
         #[arg(long, default_value_t = 20101)]
         peer_base_port: u16,
-        /// Look-behind span N of the chunk servers (see `serve --help`).
-        #[arg(long, default_value_t = DEFAULT_LBB_SPAN)]
-        lbb_span: usize,
-        /// Benchmarks only: delay every message between chunk servers by a random 0..=N µs
-        /// (1 ms resolution), which reorders them.
-        #[arg(long, default_value_t = 0)]
-        jitter_us: u64,
+        #[command(flatten)]
+        tuning: Tuning,
         /// `/metrics` of the NBD frontend on this port, of chunk server N on this port + N
         /// (0: no metrics). `chunkserver profile` reads them.
         #[arg(long, default_value_t = DEFAULT_METRICS_PORT)]
@@ -72,14 +80,8 @@ enum Cmd {
         /// Protocol tick (heartbeats every 2 ticks, elections after 10 to 20).
         #[arg(long, default_value_t = 20)]
         tick_ms: u64,
-        /// Look-behind span N: each entry carries the ranges of its N predecessors, and a
-        /// chunk has up to N + 1 writes in flight past its committed watermark.
-        #[arg(long, default_value_t = DEFAULT_LBB_SPAN)]
-        lbb_span: usize,
-        /// Benchmarks only: delay every message from a peer by a random 0..=N µs (1 ms
-        /// resolution), which reorders them.
-        #[arg(long, default_value_t = 0)]
-        jitter_us: u64,
+        #[command(flatten)]
+        tuning: Tuning,
         /// Serve Prometheus `/metrics` on this address (e.g. 127.0.0.1:9181).
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
@@ -143,8 +145,7 @@ fn run(cli: Cli) -> Result<(), String> {
             mode,
             io_engine,
             peer_base_port,
-            lbb_span,
-            jitter_us,
+            tuning: Tuning { lbb_span, jitter_us },
             metrics_port,
         } => {
             engine(&io_engine)?;
@@ -168,7 +169,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 metrics_port,
             })
         }
-        Cmd::Serve { config, id, data_dir, io_engine, tick_ms, lbb_span, jitter_us, metrics } => {
+        Cmd::Serve { config, id, data_dir, io_engine, tick_ms, tuning: Tuning { lbb_span, jitter_us }, metrics } => {
             let cluster = Cluster::load(&config)?;
             if !data_dir.is_dir() {
                 return Err(format!("data directory {} does not exist", data_dir.display()));

@@ -14,7 +14,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -102,9 +101,8 @@ pub struct Group {
     wal: Arc<Mutex<Wal>>,
     /// An append of this group is running on the WAL thread.
     wal_in_flight: bool,
-    /// The server's disk threads (set once the server runs; until then, or without them,
-    /// checkpoints run inline).
-    disk: Option<Disk>,
+    /// The server's disk threads: group commits and checkpoints run there.
+    disk: Disk,
     blocks: BlockStore,
     meta: Box<dyn IoEngine>,
     /// Records of the current group commit and the tokens they complete.
@@ -172,6 +170,7 @@ impl Group {
         capacity_bytes: u64,
         cfg: Config,
         options: StorageOptions,
+        disk: Disk,
     ) -> Result<Group, String> {
         let ctx = |e: &dyn std::fmt::Display| format!("chunk {chunk} in {}: {e}", dir.display());
         std::fs::create_dir_all(blocks_dir(&dir)).map_err(|e| ctx(&e))?;
@@ -203,7 +202,7 @@ impl Group {
             options,
             wal: Arc::new(Mutex::new(wal)),
             wal_in_flight: false,
-            disk: None,
+            disk,
             blocks,
             meta,
             wal_batch: Vec::new(),
@@ -363,29 +362,17 @@ impl Group {
                 self.respond(id, outcome, out);
             }
             Command::Checkpoint { index, table } => {
-                if let Some(disk) = &self.disk {
-                    let job = CheckpointJob {
-                        chunk: self.chunk,
-                        work: self.blocks.take_sync_work(),
-                        dir: blocks_dir(&self.dir),
-                        state: CheckpointState { index, table },
-                    };
-                    if disk.checkpoint.send(job).is_err() {
-                        self.fail(
-                            "checkpoint",
-                            StorageError::Fatal(std::io::Error::other("the checkpoint thread is gone")),
-                        );
-                    }
-                    return;
-                }
-                let start = Instant::now();
-                let result = self.blocks.sync().and_then(|()| {
-                    meta::save_checkpoint(self.meta.as_mut(), &blocks_dir(&self.dir), &CheckpointState { index, table })
-                });
-                self.stages.record(Stage::Checkpoint, start.elapsed());
-                match result {
-                    Ok(()) => self.events.push_back(Event::CheckpointDone { index }),
-                    Err(e) => self.fail("checkpoint", e),
+                let job = CheckpointJob {
+                    chunk: self.chunk,
+                    work: self.blocks.take_sync_work(),
+                    dir: blocks_dir(&self.dir),
+                    state: CheckpointState { index, table },
+                };
+                if self.disk.checkpoint.send(job).is_err() {
+                    self.fail(
+                        "checkpoint",
+                        StorageError::Fatal(std::io::Error::other("the checkpoint thread is gone")),
+                    );
                 }
             }
             Command::SendSnapshot { to, message } => {
@@ -565,10 +552,6 @@ impl Group {
         Ok(())
     }
 
-    pub fn attach_disk(&mut self, disk: Disk) {
-        self.disk = Some(disk);
-    }
-
     /// A checkpoint finished on the checkpoint thread.
     pub fn checkpoint_done(&mut self, index: Index, error: Option<String>, took: Duration, out: &mut Outbox) {
         if self.failed.is_some() {
@@ -583,7 +566,7 @@ impl Group {
 
     /// Hands the pending WAL records to the WAL thread as one append (one fdatasync), unless
     /// an append of this group is still running. Returns whether a job was sent.
-    pub fn submit_wal(&mut self, disk: &Sender<WalJob>) -> bool {
+    pub fn submit_wal(&mut self) -> bool {
         if self.failed.is_some() || self.wal_in_flight || self.wal_tokens.is_empty() {
             return false;
         }
@@ -594,7 +577,7 @@ impl Group {
             tokens: std::mem::take(&mut self.wal_tokens),
         };
         self.wal_in_flight = true;
-        if disk.send(job).is_err() {
+        if self.disk.wal.send(job).is_err() {
             self.fail("WAL append", StorageError::Fatal(std::io::Error::other("the WAL thread is gone")));
         }
         true
@@ -608,12 +591,7 @@ impl Group {
             return;
         }
         if let Some(why) = error {
-            let why = format!("WAL append: {why}");
-            tracing::error!(chunk = self.chunk, "replica stopped (fail-stop): {why}");
-            self.failed = Some(why);
-            self.wal_batch.clear();
-            self.wal_tokens.clear();
-            self.events.clear();
+            self.fail("WAL append", StorageError::Fatal(std::io::Error::other(why)));
             return;
         }
         let now = Instant::now();

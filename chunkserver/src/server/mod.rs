@@ -91,14 +91,14 @@ fn seed(chunk: u32) -> u64 {
 }
 
 /// Opens every chunk replica this server holds.
-pub fn open_groups(opts: &ServerOptions) -> Result<BTreeMap<u32, Group>, String> {
+pub fn open_groups(opts: &ServerOptions, disk: &disk::Disk) -> Result<BTreeMap<u32, Group>, String> {
     std::fs::create_dir_all(&opts.data_dir)
         .map_err(|e| format!("cannot create data directory {}: {e}", opts.data_dir.display()))?;
     let mut groups = BTreeMap::new();
     for chunk in opts.cluster.chunks_on(opts.id) {
         let dir = opts.data_dir.join(format!("chunk-{chunk:08}"));
         let cfg = group_config(opts, opts.cluster.replicas_of(chunk), chunk);
-        let group = Group::open(chunk, dir, opts.cluster.chunk_len(chunk), cfg, opts.storage)?;
+        let group = Group::open(chunk, dir, opts.cluster.chunk_len(chunk), cfg, opts.storage, disk.clone())?;
         groups.insert(chunk, group);
     }
     Ok(groups)
@@ -115,7 +115,10 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
     };
     let std_listener = std::net::TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     std_listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let mut groups = open_groups(&opts)?;
+    let (inbox_tx, inbox) = sync_channel::<Inbound>(INBOX_CAPACITY);
+    let disk = disk::spawn(inbox_tx.clone(), opts.storage.engine)
+        .map_err(|e| format!("cannot start the disk threads: {e}"))?;
+    let mut groups = open_groups(&opts, &disk)?;
     info!(server = me.0, %listen, chunks = groups.len(), mode = ?cluster.mode, "chunk server up");
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -124,7 +127,6 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
         .thread_name("net")
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
-    let (inbox_tx, inbox) = sync_channel::<Inbound>(INBOX_CAPACITY);
     let shared = Shared {
         cluster_id: cluster.cluster_id,
         me,
@@ -165,12 +167,7 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
         let _guard = runtime.enter();
         crate::metrics::spawn(addr, published.clone());
     }
-    let disk = disk::spawn(shared.inbox.clone(), opts.storage.engine)
-        .map_err(|e| format!("cannot start the disk threads: {e}"))?;
-    for g in groups.values_mut() {
-        g.attach_disk(disk.clone());
-    }
-    core_loop(&opts, &mut groups, &mut outbox, inbox, &published, &disk.wal);
+    core_loop(&opts, &mut groups, &mut outbox, inbox, &published);
     info!(server = me.0, "chunk server stopping");
     runtime.shutdown_timeout(Duration::from_millis(200));
     Ok(())
@@ -192,7 +189,6 @@ fn core_loop(
     outbox: &mut Outbox,
     inbox: Receiver<Inbound>,
     published: &Published,
-    disk: &std::sync::mpsc::Sender<disk::WalJob>,
 ) {
     let mut stages = Stages::default();
     let mut next_metrics = Instant::now();
@@ -298,7 +294,7 @@ fn core_loop(
         }
         outbox.flush();
         for g in groups.values_mut() {
-            g.submit_wal(disk);
+            g.submit_wal();
         }
         stages.record(Stage::CoreRound, round_start.elapsed());
     }

@@ -146,20 +146,31 @@ impl SyncWork {
                 return Err(e.into());
             }
         };
-        let mut ops: Vec<IoOp<'_>> = Vec::new();
-        let mut expected = Vec::new();
-        for (page, buf) in &self.pages {
-            ops.push(IoOp::Write { file: meta, offset: page * ALIGN as u64, buf });
-            expected.push(ALIGN);
-        }
-        ops.extend([IoOp::Sync { file: data }, IoOp::Sync { file: meta }]);
-        expected.extend([0, 0]);
-        let results = engine.submit(&mut ops);
+        let result = write_pages_and_sync(engine, data, meta, &self.pages);
         engine.close(data);
         engine.close(meta);
-        check_batch(&results, &expected)?;
-        Ok(())
+        result
     }
+}
+
+/// Writes metadata pages into `meta`, then fdatasyncs `data` and `meta`, as one batch.
+fn write_pages_and_sync(
+    engine: &mut dyn IoEngine,
+    data: FileId,
+    meta: FileId,
+    pages: &[(u64, AlignedBuf)],
+) -> Result<()> {
+    let mut ops: Vec<IoOp<'_>> = Vec::new();
+    let mut expected = Vec::new();
+    for (page, buf) in pages {
+        ops.push(IoOp::Write { file: meta, offset: page * ALIGN as u64, buf });
+        expected.push(ALIGN);
+    }
+    ops.extend([IoOp::Sync { file: data }, IoOp::Sync { file: meta }]);
+    expected.extend([0, 0]);
+    let results = engine.submit(&mut ops);
+    check_batch(&results, &expected)?;
+    Ok(())
 }
 
 impl BlockStore {
@@ -505,18 +516,7 @@ impl BlockStore {
 
     /// Makes every write so far durable: dirty metadata pages, then fdatasync of both files.
     pub fn sync(&mut self) -> Result<()> {
-        let (pages, bufs): (Vec<u64>, Vec<AlignedBuf>) = self.take_dirty_pages().into_iter().unzip();
-        let mut ops: Vec<IoOp<'_>> = Vec::new();
-        let mut expected = Vec::new();
-        for (page, buf) in pages.iter().zip(&bufs) {
-            ops.push(IoOp::Write { file: self.meta_file, offset: page * ALIGN as u64, buf });
-            expected.push(ALIGN);
-        }
-        ops.push(IoOp::Sync { file: self.data });
-        ops.push(IoOp::Sync { file: self.meta_file });
-        expected.extend([0, 0]);
-        let results = self.engine.submit(&mut ops);
-        check_batch(&results, &expected)?;
-        Ok(())
+        let pages = self.take_dirty_pages();
+        write_pages_and_sync(self.engine.as_mut(), self.data, self.meta_file, &pages)
     }
 }

@@ -4,13 +4,16 @@
 //! flag (u8) and (client, seq); floor (u64); look-behind span (u8) and per predecessor a flag
 //! (u8: 0 unknown, 1 known) with a range count (u16) and (offset, len) pairs.
 
+use std::collections::BTreeSet;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use lbb::{LookBehind, Range, RangeSet};
 
 use crate::entry::{Entry, Op};
+use crate::membership::{ConfigState, Membership};
 use crate::message::{CommitNotice, Message};
 use crate::table::ClientTable;
-use crate::types::{ClientId, Index, RequestId, Term};
+use crate::types::{ClientId, Index, ReplicaId, RequestId, Term};
 
 /// A decoding failure: the bytes are not an entry this code wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,6 +49,10 @@ pub fn encode_entry(entry: &Entry, out: &mut BytesMut) {
             out.put_u64_le(*offset);
             out.put_u64_le(*len_bytes);
         }
+        Op::Config(m) => {
+            out.put_u8(4);
+            put_membership(m, out);
+        }
     }
     match entry.request {
         None => out.put_u8(0),
@@ -78,6 +85,7 @@ pub fn encoded_len(entry: &Entry) -> usize {
     let op = match &entry.op {
         Op::Noop => 1,
         Op::Write { data, .. } => 1 + 8 + 4 + data.len(),
+        Op::Config(m) => 1 + membership_len(m),
         Op::Trim { .. } | Op::WriteZeroes { .. } => 1 + 16,
     };
     let request = if entry.request.is_some() { 17 } else { 1 };
@@ -142,6 +150,7 @@ pub fn decode_entry(buf: &[u8]) -> Result<Entry, DecodeError> {
             checked_range(offset, len_bytes)?;
             Op::WriteZeroes { offset, len_bytes }
         }
+        4 => Op::Config(r.membership()?),
         _ => return Err(DecodeError("unknown op")),
     };
     let request = match r.u8()? {
@@ -176,6 +185,33 @@ pub fn decode_entry(buf: &[u8]) -> Result<Entry, DecodeError> {
     Ok(Entry { index, term, ballot, op, request, floor, look_behind: LookBehind::new(previous) })
 }
 
+/// A membership: voter count (u16) and ids (u32 each), then the same for learners.
+fn put_membership(m: &Membership, out: &mut BytesMut) {
+    for set in [&m.voters, &m.learners] {
+        out.put_u16_le(set.len() as u16);
+        for id in set {
+            out.put_u32_le(id.0);
+        }
+    }
+}
+
+fn membership_len(m: &Membership) -> usize {
+    4 + 4 * (m.voters.len() + m.learners.len())
+}
+
+/// A configuration state: the index of its entry (u64), then the membership.
+pub fn encode_config(config: &ConfigState, out: &mut BytesMut) {
+    out.put_u64_le(config.index.0);
+    put_membership(&config.membership, out);
+}
+
+/// Decodes a configuration state at the start of `buf`; returns it and the bytes it took.
+pub fn decode_config(buf: &[u8]) -> Result<(ConfigState, usize), DecodeError> {
+    let mut r = Reader { buf };
+    let config = r.config()?;
+    Ok((config, buf.len() - r.buf.len()))
+}
+
 fn put_entries(entries: &[Entry], out: &mut BytesMut) {
     out.put_u32_le(entries.len() as u32);
     for e in entries {
@@ -196,9 +232,9 @@ fn put_commit(commit: &CommitNotice, out: &mut BytesMut) {
 /// entry lists are a count and length-prefixed entries.
 pub fn encode_message(message: &Message, out: &mut BytesMut) {
     match message {
-        Message::PreVote { term, sync, sync_end, committed } => {
+        Message::PreVote { term, sync, sync_end, committed, durable, config } => {
             out.put_u8(1);
-            for v in [term.0, sync.0, sync_end.0, committed.0] {
+            for v in [term.0, sync.0, sync_end.0, committed.0, durable.0, config.0] {
                 out.put_u64_le(v);
             }
         }
@@ -207,9 +243,9 @@ pub fn encode_message(message: &Message, out: &mut BytesMut) {
             out.put_u64_le(term.0);
             out.put_u8(*granted as u8);
         }
-        Message::Vote { term, sync, sync_end, committed } => {
+        Message::Vote { term, sync, sync_end, committed, durable, config } => {
             out.put_u8(3);
-            for v in [term.0, sync.0, sync_end.0, committed.0] {
+            for v in [term.0, sync.0, sync_end.0, committed.0, durable.0, config.0] {
                 out.put_u64_le(v);
             }
         }
@@ -253,7 +289,7 @@ pub fn encode_message(message: &Message, out: &mut BytesMut) {
             out.put_u8(*synced as u8);
             out.put_u64_le(*read_seq);
         }
-        Message::Snapshot { term, checkpoint, table, end, entries } => {
+        Message::Snapshot { term, checkpoint, table, config, end, entries } => {
             out.put_u8(9);
             out.put_u64_le(term.0);
             out.put_u64_le(checkpoint.0);
@@ -261,6 +297,7 @@ pub fn encode_message(message: &Message, out: &mut BytesMut) {
             table.encode(&mut t);
             out.put_u32_le(t.len() as u32);
             out.put_slice(&t);
+            encode_config(config, out);
             out.put_u64_le(end.0);
             put_entries(entries, out);
         }
@@ -306,15 +343,46 @@ impl Reader<'_> {
     fn commit(&mut self) -> Result<CommitNotice, DecodeError> {
         Ok(CommitNotice { watermark: self.index()?, above: self.indices()? })
     }
+    fn ids(&mut self) -> Result<BTreeSet<ReplicaId>, DecodeError> {
+        let n = self.u16()? as usize;
+        if n * 4 > self.buf.len() {
+            return Err(DecodeError("member count exceeds message"));
+        }
+        (0..n).map(|_| Ok(ReplicaId(self.u32()?))).collect()
+    }
+    fn membership(&mut self) -> Result<Membership, DecodeError> {
+        let m = Membership { voters: self.ids()?, learners: self.ids()? };
+        if !m.voters.is_disjoint(&m.learners) || (!m.is_known() && !m.learners.is_empty()) {
+            return Err(DecodeError("malformed membership"));
+        }
+        Ok(m)
+    }
+    fn config(&mut self) -> Result<ConfigState, DecodeError> {
+        Ok(ConfigState { index: self.index()?, membership: self.membership()? })
+    }
 }
 
 /// Decodes one message that fills `buf` exactly.
 pub fn decode_message(buf: &[u8]) -> Result<Message, DecodeError> {
     let mut r = Reader { buf };
     let message = match r.u8()? {
-        1 => Message::PreVote { term: r.term()?, sync: r.term()?, sync_end: r.index()?, committed: r.index()? },
+        1 => Message::PreVote {
+            term: r.term()?,
+            sync: r.term()?,
+            sync_end: r.index()?,
+            committed: r.index()?,
+            durable: r.index()?,
+            config: r.index()?,
+        },
         2 => Message::PreVoteResponse { term: r.term()?, granted: r.bool()? },
-        3 => Message::Vote { term: r.term()?, sync: r.term()?, sync_end: r.index()?, committed: r.index()? },
+        3 => Message::Vote {
+            term: r.term()?,
+            sync: r.term()?,
+            sync_end: r.index()?,
+            committed: r.index()?,
+            durable: r.index()?,
+            config: r.index()?,
+        },
         4 => Message::VoteResponse {
             term: r.term()?,
             granted: r.bool()?,
@@ -339,7 +407,8 @@ pub fn decode_message(buf: &[u8]) -> Result<Message, DecodeError> {
             let checkpoint = r.index()?;
             let len = r.u32()? as usize;
             let table = ClientTable::decode(r.take(len)?)?;
-            Message::Snapshot { term, checkpoint, table, end: r.index()?, entries: r.entries()? }
+            let config = r.config()?;
+            Message::Snapshot { term, checkpoint, table, config, end: r.index()?, entries: r.entries()? }
         }
         _ => return Err(DecodeError("unknown message tag")),
     };
@@ -365,12 +434,36 @@ mod tests {
             look_behind: LookBehind::unknown(2),
         };
         let commit = CommitNotice { watermark: Index(3), above: vec![Index(5)] };
+        let config = Membership {
+            voters: [1, 2, 4].map(ReplicaId).into_iter().collect(),
+            learners: [7].map(ReplicaId).into_iter().collect(),
+        };
+        let config_entry = Entry { index: Index(6), op: Op::Config(config.clone()), ..entry.clone() };
+        assert_eq!(encoded_len(&config_entry), {
+            let mut b = BytesMut::new();
+            encode_entry(&config_entry, &mut b);
+            b.len()
+        });
         let mut table = ClientTable::default();
         table.fold(&Entry { request: Some(RequestId { client: ClientId(4), seq: 1 }), ..entry.clone() });
         let messages = vec![
-            Message::PreVote { term: Term(1), sync: Term(2), sync_end: Index(3), committed: Index(4) },
+            Message::PreVote {
+                term: Term(1),
+                sync: Term(2),
+                sync_end: Index(3),
+                committed: Index(4),
+                durable: Index(5),
+                config: Index(2),
+            },
             Message::PreVoteResponse { term: Term(9), granted: true },
-            Message::Vote { term: Term(1), sync: Term(2), sync_end: Index(3), committed: Index(4) },
+            Message::Vote {
+                term: Term(1),
+                sync: Term(2),
+                sync_end: Index(3),
+                committed: Index(4),
+                durable: Index(6),
+                config: Index(0),
+            },
             Message::VoteResponse {
                 term: Term(1),
                 granted: false,
@@ -390,7 +483,14 @@ mod tests {
                 synced: true,
                 read_seq: 8,
             },
-            Message::Snapshot { term: Term(3), checkpoint: Index(2), table, end: Index(5), entries: vec![entry] },
+            Message::Snapshot {
+                term: Term(3),
+                checkpoint: Index(2),
+                table,
+                config: ConfigState { index: Index(1), membership: config.clone() },
+                end: Index(5),
+                entries: vec![entry, config_entry],
+            },
         ];
         for m in messages {
             let mut buf = BytesMut::new();

@@ -43,7 +43,9 @@ pub struct NaiveFlags {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub id: ReplicaId,
-    /// All voters of the group, including `id`.
+    /// The group's bootstrap voters, including `id`: the membership at index 0. Empty for a
+    /// replica created to join an existing group, which learns the membership from the leader.
+    /// Once the log or a checkpoint holds a configuration, that one is in force instead.
     pub voters: Vec<ReplicaId>,
     pub mode: Mode,
     /// Look-behind span N: each entry describes the ranges of its N predecessors.
@@ -79,10 +81,6 @@ impl Config {
         }
     }
 
-    pub fn quorum(&self) -> usize {
-        self.voters.len() / 2 + 1
-    }
-
     /// Leader in-flight window: new entries stay within `committed watermark + window`, so no
     /// hole above the committed prefix exceeds the look-behind span.
     pub fn window(&self) -> u64 {
@@ -90,7 +88,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        if !self.voters.contains(&self.id) {
+        if !self.voters.is_empty() && !self.voters.contains(&self.id) {
             return Err(format!("replica {:?} is not among the voters {:?}", self.id, self.voters));
         }
         if self.lbb_span == 0 {

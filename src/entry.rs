@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use lbb::{LookBehind, Range, RangeSet};
 
+use crate::membership::Membership;
 use crate::types::{Index, RequestId, Term};
 
 /// A block operation. Offsets and lengths are in bytes within the group's address space.
@@ -23,6 +24,8 @@ pub enum Op {
         offset: u64,
         len_bytes: u64,
     },
+    /// The group's new membership (see `membership`): touches no block.
+    Config(Membership),
 }
 
 /// Conflicts are detected in whole granules of this many bytes: the block size of the chunk
@@ -50,7 +53,7 @@ impl Op {
     /// The ranges the operation modifies, widened to conflict granules (empty for a no-op).
     pub fn ranges(&self) -> RangeSet {
         match self {
-            Op::Noop => RangeSet::new(),
+            Op::Noop | Op::Config(_) => RangeSet::new(),
             Op::Write { offset, data } => RangeSet::single(granule_range(*offset, data.len() as u64)),
             Op::Trim { offset, len_bytes } | Op::WriteZeroes { offset, len_bytes } => {
                 RangeSet::single(granule_range(*offset, *len_bytes))
@@ -112,6 +115,16 @@ impl Entry {
                 h.update(&[3]);
                 h.update(&offset.to_le_bytes());
                 h.update(&len_bytes.to_le_bytes());
+            }
+            Op::Config(m) => {
+                h.update(&[4]);
+                for id in &m.voters {
+                    h.update(&id.0.to_le_bytes());
+                }
+                h.update(&[0xfd]);
+                for id in &m.learners {
+                    h.update(&id.0.to_le_bytes());
+                }
             }
         }
         if let Some(r) = self.request {

@@ -3,6 +3,7 @@
 use bytes::Bytes;
 
 use crate::entry::{Entry, Op};
+use crate::membership::{ConfigState, MembershipChange, MembershipError};
 use crate::message::Message;
 use crate::table::ClientTable;
 use crate::types::{Index, ReplicaId, RequestId, Term};
@@ -23,11 +24,13 @@ pub struct HardState {
 }
 
 /// Durable checkpoint: every entry up to `index` is applied to durable blocks; `table` is the
-/// client table at `index`.
+/// client table at `index` and `config` the membership in force there (an unknown membership
+/// at index 0 means "the bootstrap voters of the replica's `Config`").
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CheckpointState {
     pub index: Index,
     pub table: ClientTable,
+    pub config: ConfigState,
 }
 
 /// A client write-like request, proposed at the leader.
@@ -39,13 +42,16 @@ pub struct ClientRequest {
     pub op: Op,
 }
 
-/// Why the group did not execute a request. All are retryable by the client.
+/// Why the group did not execute a request. All but a refused membership change are retryable
+/// by the client.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClientError {
     /// Not the serving leader (maybe a hint of who is).
     NotLeader { hint: Option<ReplicaId> },
-    /// The leader's proposal queue is full.
+    /// The leader's proposal queue is full, or a membership change is already under way.
     Busy,
+    /// A membership change was refused (only `LearnerBehind` is worth retrying).
+    Membership(MembershipError),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +63,11 @@ pub enum Event {
         message: Message,
     },
     Propose(ClientRequest),
+    /// An operator's single-server membership change, answered once it is applied.
+    ChangeMembership {
+        id: RequestId,
+        change: MembershipChange,
+    },
     Read {
         id: RequestId,
         offset: u64,
@@ -117,11 +128,10 @@ pub enum Command {
         id: RequestId,
         result: Result<(), ClientError>,
     },
-    /// Make every block write so far durable, then durably record `CheckpointState`;
-    /// completion is `Event::CheckpointDone`.
+    /// Make every block write so far durable, then durably record `state`; completion is
+    /// `Event::CheckpointDone { index: state.index }`.
     Checkpoint {
-        index: Index,
-        table: ClientTable,
+        state: CheckpointState,
     },
     /// Send `message` (a `Message::Snapshot`) together with the block image as of now.
     SendSnapshot {
@@ -129,11 +139,10 @@ pub enum Command {
         message: Message,
     },
     /// Synchronous: install the block image that came with the `Snapshot` from `from` being
-    /// processed, make it durable, and durably record `CheckpointState { checkpoint, table }`.
+    /// processed, make it durable, and durably record `state`.
     InstallSnapshot {
         from: ReplicaId,
-        checkpoint: Index,
-        table: ClientTable,
+        state: CheckpointState,
     },
 }
 

@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::entry::Entry;
+use crate::entry::{Entry, Op};
+use crate::membership::{ConfigState, Membership};
 use crate::types::{Index, Term};
 
 #[derive(Clone, Debug)]
@@ -18,16 +19,64 @@ pub struct LogSlot {
 /// `durable_upto` is the highest `d` such that every index in `(checkpoint, d]` is held and
 /// durable (kept incrementally: acks report it on every message, and a scan of a long log
 /// per message was the core's largest cost).
+///
+/// The log also answers "which membership is in force": the latest configuration entry in the
+/// hole-free prefix `(checkpoint, held_upto]`, else `base`, the configuration as of the
+/// checkpoint. (A configuration above a hole is not in force yet: the replica's log matches
+/// the leader's only up to its first hole; see `membership`.) `configs` mirrors the
+/// `Op::Config` entries among `slots`, and `held_upto` is kept incrementally like
+/// `durable_upto`.
 #[derive(Clone, Debug, Default)]
 pub struct Log {
     checkpoint: Index,
     slots: BTreeMap<Index, LogSlot>,
     durable_upto: Index,
+    held_upto: Index,
+    base: ConfigState,
+    configs: BTreeMap<Index, Membership>,
 }
 
 impl Log {
-    pub fn new(checkpoint: Index) -> Log {
-        Log { checkpoint, slots: BTreeMap::new(), durable_upto: checkpoint }
+    /// An empty log above `checkpoint`, whose membership there is `base`.
+    pub fn new(checkpoint: Index, base: ConfigState) -> Log {
+        assert!(base.index <= checkpoint, "configuration above the checkpoint");
+        let held_upto = checkpoint;
+        Log { checkpoint, slots: BTreeMap::new(), durable_upto: checkpoint, held_upto, base, configs: BTreeMap::new() }
+    }
+
+    /// The configuration in force: the latest configuration entry of the hole-free prefix,
+    /// else the base.
+    pub fn config(&self) -> ConfigState {
+        self.config_at(self.held_upto)
+    }
+
+    pub fn membership(&self) -> &Membership {
+        self.configs.range(..=self.held_upto).next_back().map_or(&self.base.membership, |(_, m)| m)
+    }
+
+    /// Index of the configuration entry in force (0: bootstrap).
+    pub fn config_index(&self) -> Index {
+        self.configs.range(..=self.held_upto).next_back().map_or(self.base.index, |(i, _)| *i)
+    }
+
+    /// Moves `held_upto` forward over held slots.
+    fn advance_held(&mut self) {
+        let mut h = self.held_upto.max(self.checkpoint);
+        for i in self.slots.range(h.next()..).map(|(i, _)| *i) {
+            if i != h.next() {
+                break;
+            }
+            h = i;
+        }
+        self.held_upto = h;
+    }
+
+    /// The configuration as of `index` (for a checkpoint or snapshot there).
+    pub fn config_at(&self, index: Index) -> ConfigState {
+        match self.configs.range(..=index).next_back() {
+            Some((i, membership)) => ConfigState { index: *i, membership: membership.clone() },
+            None => self.base.clone(),
+        }
     }
 
     /// Moves `durable_upto` forward over held, durable slots.
@@ -67,11 +116,22 @@ impl Log {
     pub fn put(&mut self, entry: Entry, durable: bool) {
         assert!(entry.index > self.checkpoint, "put at or below the checkpoint");
         let index = entry.index;
+        match &entry.op {
+            Op::Config(m) => {
+                self.configs.insert(index, m.clone());
+            }
+            _ => {
+                self.configs.remove(&index);
+            }
+        }
         self.slots.insert(index, LogSlot { entry, durable });
         if !durable && index <= self.durable_upto {
             self.durable_upto = Index(index.0 - 1);
         }
         self.advance_durable();
+        if index == self.held_upto.next() {
+            self.advance_held();
+        }
     }
 
     /// Marks the copy at `index` durable if it is still the copy with `ballot` and `term`.
@@ -91,7 +151,9 @@ impl Log {
     /// Drops every entry above `after`; returns the dropped indices.
     pub fn truncate_after(&mut self, after: Index) -> Vec<Index> {
         let dropped = self.slots.split_off(&after.next());
+        self.configs.split_off(&after.next());
         self.durable_upto = self.durable_upto.min(after).max(self.checkpoint);
+        self.held_upto = self.held_upto.min(after).max(self.checkpoint);
         dropped.into_keys().collect()
     }
 
@@ -100,9 +162,20 @@ impl Log {
         if through <= self.checkpoint {
             return;
         }
+        self.base = self.config_at(through);
         self.slots = self.slots.split_off(&through.next());
+        self.configs = self.configs.split_off(&through.next());
         self.checkpoint = through;
         self.advance_durable();
+        self.advance_held();
+    }
+
+    /// Forgets entries up to `through`, which a snapshot installed with membership `config`
+    /// (our own log may not hold the configuration entries below it).
+    pub fn install_checkpoint(&mut self, through: Index, config: ConfigState) {
+        assert!(through > self.checkpoint && config.index <= through, "snapshot checkpoint not above ours");
+        self.prune_through(through);
+        self.base = config;
     }
 
     /// Highest `d` such that every index in `(checkpoint, d]` is held and durable.
@@ -152,5 +225,21 @@ impl Log {
             assert!(slot.entry.ballot >= slot.entry.term, "entry ballot below its term");
         }
         assert_eq!(self.durable_upto, self.durable_prefix_scan(), "durable prefix kept wrong");
+        assert!(self.base.index <= self.checkpoint, "base configuration above the checkpoint");
+        let mut held = self.checkpoint;
+        while self.slots.contains_key(&held.next()) {
+            held = held.next();
+        }
+        assert_eq!(self.held_upto, held, "hole-free prefix kept wrong");
+        let held: BTreeMap<Index, &Membership> = self
+            .slots
+            .iter()
+            .filter_map(|(i, s)| match &s.entry.op {
+                Op::Config(m) => Some((*i, m)),
+                _ => None,
+            })
+            .collect();
+        assert!(held.len() == self.configs.len() && held.iter().all(|(i, m)| self.configs.get(i) == Some(*m)));
+        self.membership().check_invariants();
     }
 }

@@ -1,6 +1,7 @@
 //! Messages between replicas of one group.
 
 use crate::entry::Entry;
+use crate::membership::ConfigState;
 use crate::table::ClientTable;
 use crate::types::{Index, Term};
 
@@ -20,6 +21,10 @@ pub enum Message {
         sync: Term,
         sync_end: Index,
         committed: Index,
+        /// Every entry up to here is held and durable at the candidate.
+        durable: Index,
+        /// Index of the candidate's configuration entry in force.
+        config: Index,
     },
     PreVoteResponse {
         term: Term,
@@ -32,6 +37,8 @@ pub enum Message {
         sync: Term,
         sync_end: Index,
         committed: Index,
+        durable: Index,
+        config: Index,
     },
     VoteResponse {
         term: Term,
@@ -76,13 +83,14 @@ pub enum Message {
         read_seq: u64,
     },
     /// Streaming catch-up: the sender's block image (carried beside the message by the
-    /// driver) as of at least `checkpoint`, with the client table at `checkpoint`.
+    /// driver) as of at least `checkpoint`, with the client table and membership at `checkpoint`.
     /// A receiver not yet synced to `term` also adopts the decided log `(checkpoint, end]` in
     /// `entries`, exactly as from a `Sync` based at the checkpoint.
     Snapshot {
         term: Term,
         checkpoint: Index,
         table: ClientTable,
+        config: ConfigState,
         end: Index,
         entries: Vec<Entry>,
     },

@@ -98,7 +98,9 @@ impl Harness {
                     self.local.push_back((r, Event::Applied { index: entry.index }));
                 }
                 Command::Reply { id, result: Ok(()) } => self.acknowledged.push(id),
-                Command::Checkpoint { index, .. } => self.local.push_back((r, Event::CheckpointDone { index })),
+                Command::Checkpoint { state } => {
+                    self.local.push_back((r, Event::CheckpointDone { index: state.index }))
+                }
                 _ => {}
             }
         }

@@ -1,5 +1,6 @@
-//! The simulator's seed sweep as part of `cargo test`: every seed must pass, in both modes and
-//! with 3 and 5 replicas. (`.ci/run` also runs the `sim` command over 2,000 seeds per mode.)
+//! The simulator's seed sweep as part of `cargo test`: every seed must pass, in both modes,
+//! with 3 and 5 replicas, and with an operator changing the membership. (`.ci/run` also runs the
+//! `sim` command over 2,000 seeds per mode.)
 
 use std::thread;
 
@@ -8,6 +9,10 @@ use parallelraft::Mode;
 
 /// Runs `seeds` seeds on two threads (the machine has two cores) and returns the failures.
 fn sweep(start: u64, seeds: u64, replicas: usize, mode: Mode) -> Vec<String> {
+    sweep_with(start, seeds, replicas, mode, false)
+}
+
+fn sweep_with(start: u64, seeds: u64, replicas: usize, mode: Mode, membership: bool) -> Vec<String> {
     let half = seeds / 2;
     let ranges = [(start, start + half), (start + half, start + seeds)];
     let handles: Vec<_> = ranges
@@ -16,7 +21,9 @@ fn sweep(start: u64, seeds: u64, replicas: usize, mode: Mode) -> Vec<String> {
             thread::spawn(move || {
                 let mut failures = Vec::new();
                 for seed in a..b {
-                    let report = sim::run(&SimConfig::new(seed, replicas, mode));
+                    let mut cfg = SimConfig::new(seed, replicas, mode);
+                    cfg.membership = membership;
+                    let report = sim::run(&cfg);
                     if !report.passed() {
                         failures.push(format!("seed {seed}: {:?}", report.violations));
                     }
@@ -53,6 +60,34 @@ fn raft_mode_five_replicas() {
 }
 
 #[test]
+fn parallel_mode_membership_changes() {
+    let failures = sweep_with(5_000_000, 300, 3, Mode::Parallel, true);
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn raft_mode_membership_changes() {
+    let failures = sweep_with(6_000_000, 300, 3, Mode::Raft, true);
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn membership_runs_really_change_the_membership() {
+    // Without faults every run must pass, and the operator must complete changes (otherwise
+    // the membership sweeps would test nothing).
+    let mut changes = 0;
+    for seed in 0..30 {
+        let mut cfg = SimConfig::new(seed, 3, Mode::Parallel);
+        cfg.faults = false;
+        cfg.membership = true;
+        let report = sim::run(&cfg);
+        assert!(report.passed(), "seed {seed}: {:?}", report.violations);
+        changes += report.stats.membership_changes;
+    }
+    assert!(changes >= 30, "only {changes} membership changes in 30 runs");
+}
+
+#[test]
 fn fault_free_runs_apply_out_of_order() {
     // Without faults every run must pass, and ParallelRaft mode must really apply some entries
     // past unapplied predecessors (otherwise the feature would be dead code).
@@ -85,5 +120,43 @@ fn regression_seeds() {
         }
         let report = sim::run(&cfg);
         assert!(report.passed(), "regression seed {seed} ({bug}): {:?}", report.violations);
+    }
+}
+
+/// Seeds of the membership sweep that once failed (`sim --membership`).
+#[test]
+fn membership_regression_seeds() {
+    let cases: &[(u64, Mode, &str)] = &[
+        // A wiped server rejoining under its old identity granted votes again: two leaders.
+        (60, Mode::Parallel, "wiped server voted"),
+        (70, Mode::Parallel, "wiped server voted"),
+        (94, Mode::Parallel, "wiped server voted"),
+        // A voter lagging behind a change refused the rightful candidate as a non-voter.
+        (44, Mode::Parallel, "candidate membership check deadlock"),
+        // A non-member's stale leader hint sent the operator in a cycle.
+        (167, Mode::Parallel, "stale hint"),
+        // A deposed leader refused a change from its stale membership.
+        (623, Mode::Raft, "stale leader refusal"),
+        (787, Mode::Raft, "stale leader refusal"),
+        // The holder of a newer uncommitted configuration held the entries a voter had
+        // pruned, but the vote rule credited only its committed watermark: no leader.
+        (827, Mode::Parallel, "pruned entries vs configuration deadlock"),
+        (10998, Mode::Parallel, "pruned entries vs configuration deadlock"),
+        (11152, Mode::Parallel, "pruned entries vs configuration deadlock"),
+        (15422, Mode::Parallel, "pruned entries vs configuration deadlock"),
+        (12402, Mode::Raft, "pruned entries vs configuration deadlock"),
+        (15701, Mode::Raft, "pruned entries vs configuration deadlock"),
+        // A wiped removed server forgot its term, took a deposed leader of an old configuration
+        // for current, and its acknowledgements let that leader commit: two entries at index 71.
+        (108692, Mode::Raft, "wiped server forgot its term"),
+        // A configuration adopted above a hole: the only candidate of the new configuration
+        // lacked the entries a voter had pruned, and nobody could win.
+        (109502, Mode::Raft, "configuration above a hole"),
+    ];
+    for &(seed, mode, bug) in cases {
+        let mut cfg = SimConfig::new(seed, 3, mode);
+        cfg.membership = true;
+        let report = sim::run(&cfg);
+        assert!(report.passed(), "membership regression seed {seed} ({bug}): {:?}", report.violations);
     }
 }

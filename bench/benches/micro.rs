@@ -22,7 +22,7 @@ fn drive(replica: &mut Replica) {
                     events.push(Event::Persisted { token })
                 }
                 Command::Apply { entry } => events.push(Event::Applied { index: entry.index }),
-                Command::Checkpoint { index, .. } => events.push(Event::CheckpointDone { index }),
+                Command::Checkpoint { state } => events.push(Event::CheckpointDone { index: state.index }),
                 _ => {}
             }
         }

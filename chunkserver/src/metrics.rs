@@ -7,10 +7,13 @@
 //! - a chunk server's core thread: `queue` (frame read off a socket → stepped by the core),
 //!   `core_round` (busy time of one loop iteration);
 //! - a chunk group, for the requests it serves as leader: `leader_durable` (request arrived →
-//!   its entry durable in the local WAL), `commit_wait` (durable → apply starts: replication,
-//!   follower fdatasync, ack, commit, look-behind gate), `apply`, `leader_write` (arrival →
-//!   reply) and `leader_read`; for every group commit `wal_sync` (WAL write + fdatasync), and
-//!   `checkpoint` (block store sync + checkpoint file, on the core thread).
+//!   its entry durable in the local WAL), `replicate_send` (arrived → the Append carrying it
+//!   handed to the peer transport), `ack_received` (that send → the first follower
+//!   acknowledgement covering it), `commit_wait` (durable → apply starts: replication, follower
+//!   fdatasync, ack, commit, look-behind gate), `apply`, `leader_write` (arrival → reply) and
+//!   `leader_read`; as a follower `follower_durable` (a leader's entries handed to the WAL →
+//!   durable); for every group commit `wal_sync` (WAL write + fdatasync), and `checkpoint`
+//!   (block store sync + checkpoint file, on the checkpoint thread).
 //!
 //! Hot paths only record into histograms owned by their thread; text is rendered a few
 //! times a second and handed to the HTTP task, which never touches the histograms.
@@ -37,6 +40,9 @@ pub enum Stage {
     Route,
     Queue,
     LeaderDurable,
+    ReplicateSend,
+    AckReceived,
+    FollowerDurable,
     CommitWait,
     Apply,
     LeaderWrite,
@@ -47,12 +53,15 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 12] = [
+    pub const ALL: [Stage; 15] = [
         Stage::NbdWrite,
         Stage::NbdRead,
         Stage::Route,
         Stage::Queue,
         Stage::LeaderDurable,
+        Stage::ReplicateSend,
+        Stage::AckReceived,
+        Stage::FollowerDurable,
         Stage::CommitWait,
         Stage::Apply,
         Stage::LeaderWrite,
@@ -69,6 +78,9 @@ impl Stage {
             Stage::Route => "route",
             Stage::Queue => "queue",
             Stage::LeaderDurable => "leader_durable",
+            Stage::ReplicateSend => "replicate_send",
+            Stage::AckReceived => "ack_received",
+            Stage::FollowerDurable => "follower_durable",
             Stage::CommitWait => "commit_wait",
             Stage::Apply => "apply",
             Stage::LeaderWrite => "leader_write",

@@ -11,7 +11,9 @@ use chunkserver::storage::meta::{load_checkpoint, load_hard_state, save_checkpoi
 use chunkserver::storage::{BadBlock, StorageError};
 use parallelraft::rng::Rng;
 use parallelraft::table::ClientTable;
-use parallelraft::{CheckpointState, ClientId, Entry, HardState, Index, Op, ReplicaId, RequestId, Term};
+use parallelraft::{
+    CheckpointState, ClientId, ConfigState, Entry, HardState, Index, Membership, Op, ReplicaId, RequestId, Term,
+};
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
@@ -140,7 +142,13 @@ fn hard_state_and_checkpoint_are_replaced_atomically() {
         floor: 2,
         look_behind: lbb::LookBehind::unknown(2),
     });
-    let ckpt = CheckpointState { index: Index(33), table };
+    // The membership in force at the checkpoint survives with it (a learner included).
+    let membership = Membership {
+        voters: [1, 2, 4].map(ReplicaId).into_iter().collect(),
+        learners: [5].map(ReplicaId).into_iter().collect(),
+    };
+    let config = ConfigState { index: Index(30), membership };
+    let ckpt = CheckpointState { index: Index(33), table, config };
     save_checkpoint(e.as_mut(), dir, &ckpt).unwrap();
     // A crash at any point of a later save leaves the old or the new state, never neither.
     let hs2 = HardState { term: Term(8), voted_for: None, sync: Term(6), sync_end: Index(40) };

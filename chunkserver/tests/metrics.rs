@@ -37,7 +37,9 @@ fn metrics_report_each_stage_and_profile_draws_them() {
     let (front, lead) = loop {
         let front = fetch(&frontend_addr).unwrap();
         let lead = fetch(&leader_addr).unwrap();
+        // Each process renders on its own clock: wait until both texts include all the I/O.
         let done = counter(&lead, "parallelraft_writes_total").unwrap_or(0.0) >= 16.0
+            && counter(&lead, "parallelraft_reads_total").unwrap_or(0.0) >= 8.0
             && parse_stages(&front).get("nbd_read").is_some_and(|s| s.3 >= 8);
         if done {
             break (front, lead);
@@ -50,10 +52,28 @@ fn metrics_report_each_stage_and_profile_draws_them() {
     assert!(f["route"].3 >= 24, "{front}");
     assert!(f["nbd_write"].0 > 0.0 && f["nbd_write"].1 >= f["nbd_write"].0);
     let l = parse_stages(&lead);
-    for stage in ["queue", "leader_durable", "commit_wait", "apply", "leader_write", "leader_read", "wal_sync"] {
+    for stage in [
+        "queue",
+        "leader_durable",
+        "replicate_send",
+        "ack_received",
+        "commit_wait",
+        "apply",
+        "leader_write",
+        "leader_read",
+        "wal_sync",
+    ] {
         assert!(l.get(stage).is_some_and(|s| s.3 > 0), "leader lacks stage {stage}:\n{lead}");
     }
     assert_eq!(l["leader_write"].3, 16);
+    // Each of the 16 entries is sent once and acknowledged once first.
+    assert_eq!(l["replicate_send"].3, 16, "{lead}");
+    assert_eq!(l["ack_received"].3, 16, "{lead}");
+    // A follower times its own WAL writes of the leader's entries.
+    let follower = (1..=3).find(|s| *s != leader).unwrap();
+    let follower_text = fetch(&format!("127.0.0.1:{}", c.metrics_port() as u32 + follower)).unwrap();
+    let f2 = parse_stages(&follower_text);
+    assert!(f2.get("follower_durable").is_some_and(|s| s.3 > 0), "follower lacks follower_durable:\n{follower_text}");
     assert_eq!(counter(&lead, "parallelraft_written_bytes_total"), Some(16.0 * 4096.0));
     assert!(lead.contains("parallelraft_is_leader{chunk=\"0\"} 1"), "{lead}");
     // The profile command reads the same endpoints and draws them.

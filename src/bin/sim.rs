@@ -1,7 +1,7 @@
 //! Runs the deterministic simulator over many seeds.
 //!
 //! `sim --seeds N [--seed-start S] [--replicas 3|5] [--mode parallel|raft] [--soak]
-//!      [--naive paper-merge|raft-truncation|unsafe-reads] [--no-faults] [--verbose]`
+//!      [--naive paper-merge|raft-truncation|unsafe-reads] [--no-faults] [--membership] [--verbose]`
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -17,11 +17,12 @@ struct Args {
     soak: bool,
     naive: NaiveFlags,
     faults: bool,
+    membership: bool,
     verbose: bool,
 }
 
 const USAGE: &str = "usage: sim --seeds N [--seed-start S] [--replicas 3|5] [--mode parallel|raft] [--soak] \
-[--naive paper-merge|raft-truncation|unsafe-reads] [--no-faults] [--verbose]";
+[--naive paper-merge|raft-truncation|unsafe-reads] [--no-faults] [--membership] [--verbose]";
 
 fn parse() -> Result<Args, String> {
     let mut args = Args {
@@ -32,6 +33,7 @@ fn parse() -> Result<Args, String> {
         soak: false,
         naive: NaiveFlags::default(),
         faults: true,
+        membership: false,
         verbose: false,
     };
     let mut it = std::env::args().skip(1);
@@ -51,6 +53,7 @@ fn parse() -> Result<Args, String> {
             "--mode" => args.mode = value("--mode")?.parse()?,
             "--soak" => args.soak = true,
             "--no-faults" => args.faults = false,
+            "--membership" => args.membership = true,
             "--verbose" => args.verbose = true,
             "--naive" => match value("--naive")?.as_str() {
                 "paper-merge" => args.naive.paper_merge = true,
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         let mut cfg = SimConfig::new(seed, args.replicas, args.mode);
         cfg.naive = args.naive;
         cfg.faults = args.faults;
+        cfg.membership = args.membership;
         if args.soak {
             cfg = cfg.soak();
         }
@@ -131,6 +135,9 @@ fn main() -> ExitCode {
             }
             if !args.faults {
                 replay.push_str(" --no-faults");
+            }
+            if args.membership {
+                replay.push_str(" --membership");
             }
             println!("  replay: {replay}");
         }

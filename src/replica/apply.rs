@@ -4,9 +4,8 @@ use lbb::RangeSet;
 
 use super::{PendingRead, Replica, Role};
 use crate::entry::{granule_range, Entry, Op};
-use crate::io::{ClientError, Command};
+use crate::io::{CheckpointState, ClientError, Command};
 use crate::message::Message;
-use crate::table::ClientTable;
 use crate::types::{Index, ReplicaId, RequestId, Term};
 
 impl Replica {
@@ -72,12 +71,13 @@ impl Replica {
                 }
             }
         }
+        self.step_down_if_removed();
     }
 
     pub(super) fn on_read(&mut self, id: RequestId, offset: u64, len_bytes: u64) {
         let hint = self.leader_hint;
         let fence = self.log.last_index();
-        let quorum = self.cfg.quorum();
+        let quorum = self.quorum();
         let Role::Leader(l) = &mut self.role else {
             self.reply(id, Err(ClientError::NotLeader { hint }));
             return;
@@ -100,18 +100,30 @@ impl Replica {
 
     /// Executes every read whose leadership is confirmed and whose overlapping writes up to
     /// its fence are applied.
+    /// The highest read-index sequence a quorum of voters has echoed: leadership is confirmed
+    /// for every round up to it.
+    pub(super) fn confirmed_read_seq(&self) -> u64 {
+        let membership = self.log.membership();
+        let quorum = membership.quorum();
+        let Role::Leader(l) = &self.role else { return 0 };
+        let mut echoes: Vec<u64> =
+            l.progress.iter().filter(|(id, _)| membership.is_voter(**id)).map(|(_, p)| p.read_seq).collect();
+        if membership.is_voter(self.cfg.id) {
+            echoes.push(l.read_seq); // ourselves
+        }
+        echoes.resize(echoes.len().max(quorum), 0);
+        echoes.sort_unstable_by(|a, b| b.cmp(a));
+        echoes[quorum - 1]
+    }
+
     pub(super) fn try_reads(&mut self) {
-        let quorum = self.cfg.quorum();
+        let confirmed = if self.cfg.naive.unsafe_reads { u64::MAX } else { self.confirmed_read_seq() };
         let Role::Leader(l) = &mut self.role else {
             return;
         };
         if l.reads.is_empty() {
             return;
         }
-        let mut echoes: Vec<u64> = l.progress.values().map(|p| p.read_seq).collect();
-        echoes.push(l.read_seq); // ourselves
-        echoes.sort_unstable_by(|a, b| b.cmp(a));
-        let confirmed = if self.cfg.naive.unsafe_reads { u64::MAX } else { echoes[quorum - 1] };
         let mut run = Vec::new();
         l.reads.retain(|r| {
             let ready = r.seq <= confirmed
@@ -141,7 +153,8 @@ impl Replica {
             return;
         }
         self.checkpoint_in_progress = Some(aw);
-        self.out.push(Command::Checkpoint { index: aw, table: self.table.clone() });
+        let state = CheckpointState { index: aw, table: self.table.clone(), config: self.log.config_at(aw) };
+        self.out.push(Command::Checkpoint { state });
     }
 
     pub(super) fn on_checkpoint_done(&mut self, index: Index) {
@@ -177,9 +190,10 @@ impl Replica {
         let _ = checkpoint;
         let checkpoint = self.applied_watermark();
         let table = self.table.clone();
+        let config = self.log.config_at(checkpoint);
         let entries =
             self.log.iter_from(checkpoint).take_while(|s| s.entry.index <= end).map(|s| s.entry.clone()).collect();
-        let message = Message::Snapshot { term, checkpoint, table, end, entries };
+        let message = Message::Snapshot { term, checkpoint, table, config, end, entries };
         self.out.push(Command::SendSnapshot { to: peer, message });
     }
 
@@ -187,11 +201,11 @@ impl Replica {
         &mut self,
         from: ReplicaId,
         term: Term,
-        checkpoint: Index,
-        table: ClientTable,
+        state: CheckpointState,
         end: Index,
         entries: Vec<Entry>,
     ) {
+        let checkpoint = state.index;
         if !self.accept_leader(from, term) {
             return;
         }
@@ -203,8 +217,9 @@ impl Replica {
             self.send_ack(from, Vec::new(), 0);
             return;
         }
-        self.out.push(Command::InstallSnapshot { from, checkpoint, table: table.clone() });
-        self.log.prune_through(checkpoint);
+        let table = state.table.clone();
+        self.log.install_checkpoint(checkpoint, state.config.clone());
+        self.out.push(Command::InstallSnapshot { from, state });
         self.committed = checkpoint;
         self.committed_above.retain(|i| *i > checkpoint);
         while self.committed_above.remove(&self.committed.next()) {

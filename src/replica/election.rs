@@ -2,52 +2,83 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
-use super::{LeaderState, Progress, Replica, Role, VoteInfo};
+use super::{Candidacy, LeaderState, Progress, Replica, Role, VoteInfo};
 use crate::io::ClientError;
 use crate::message::Message;
 use crate::types::{Index, ReplicaId, Term};
 
 impl Replica {
-    /// Would this replica vote for a candidate with `sync` and `committed`?
+    /// Would this replica vote for `from`, a candidate with this log?
     ///
     /// The candidate must have adopted a merged log at least as new as ours (its sync term),
-    /// and must not need entries we already pruned into a checkpoint.
+    /// and must not need entries we already pruned into a checkpoint: our pruned entries (up to
+    /// our checkpoint) were committed in epochs no newer than our sync term, so a candidate
+    /// with a newer-or-equal sync term holds them if they lie within its committed watermark,
+    /// its own merged log (`sync_end`) or its durable prefix. (Every copy a replica holds has a
+    /// ballot at or above its sync term, since adopting a merged log truncates everything after
+    /// it, so a held copy of a committed index is the decided one.)
     ///
-    /// Our pruned entries (up to our checkpoint) were committed in epochs no newer than our
-    /// sync term, so a candidate with a newer-or-equal sync term holds them if they lie within
-    /// its committed watermark or its own merged log (`sync_end`).
-    fn log_allows_vote(&self, sync: Term, sync_end: Index, committed: Index) -> bool {
-        let sync_ok = self.cfg.naive.paper_merge || sync >= self.hard.sync;
-        sync_ok && committed.max(sync_end) >= self.log.checkpoint()
+    /// Membership (see `membership`): within one sync epoch the candidate's configuration must
+    /// be at least as new as ours, so a server that missed a committed change can never win
+    /// with the old configuration's quorum. A replica that does not know its membership
+    /// (created to join, perhaps on a wiped disk that once voted under this identity) has no
+    /// record to vote by and grants nothing.
+    ///
+    /// Whether the candidate is a voter of *our* configuration is deliberately not checked
+    /// (as in Raft): a voter that lags behind a change would refuse the rightful candidate and
+    /// could block every election. Removed servers are kept out by pre-vote and stickiness
+    /// (nobody helps depose a leader heard within the election timeout) and by the rule above.
+    fn candidate_allowed(&self, c: &Candidacy) -> bool {
+        let sync_ok = self.cfg.naive.paper_merge || c.sync >= self.hard.sync;
+        let known = self.log.membership().is_known();
+        let config_ok = c.sync != self.hard.sync || c.config >= self.log.config_index();
+        let holds = c.committed.max(c.sync_end).max(c.durable);
+        sync_ok && known && config_ok && holds >= self.log.checkpoint()
+    }
+
+    fn candidacy(&self) -> Candidacy {
+        Candidacy {
+            sync: self.hard.sync,
+            sync_end: self.hard.sync_end,
+            committed: self.committed,
+            durable: self.log.durable_prefix(),
+            config: self.log.config_index(),
+        }
     }
 
     pub(super) fn start_pre_vote(&mut self) {
         self.reset_election_deadline();
+        if !self.is_voter(self.cfg.id) {
+            // A learner, a removed server or a replica still joining never campaigns.
+            self.role = Role::Follower;
+            return;
+        }
         let term = self.hard.term.next();
         let mut grants = BTreeSet::new();
         grants.insert(self.cfg.id);
         self.role = Role::PreCandidate { term, grants };
-        if self.cfg.voters.len() == 1 {
+        if self.quorum() == 1 {
             self.start_election();
             return;
         }
-        for peer in self.peers() {
-            self.send(
-                peer,
-                Message::PreVote {
-                    term,
-                    sync: self.hard.sync,
-                    sync_end: self.hard.sync_end,
-                    committed: self.committed,
-                },
-            );
+        let c = self.candidacy();
+        for peer in self.voter_peers() {
+            let message = Message::PreVote {
+                term,
+                sync: c.sync,
+                sync_end: c.sync_end,
+                committed: c.committed,
+                durable: c.durable,
+                config: c.config,
+            };
+            self.send(peer, message);
         }
     }
 
-    pub(super) fn on_pre_vote(&mut self, from: ReplicaId, term: Term, sync: Term, sync_end: Index, committed: Index) {
+    pub(super) fn on_pre_vote(&mut self, from: ReplicaId, term: Term, candidate: Candidacy) {
         // A replica that hears from a live leader does not help anyone depose it.
         let leader_alive = matches!(self.role, Role::Leader(_)) || self.leader_recently_heard();
-        let granted = term > self.hard.term && !leader_alive && self.log_allows_vote(sync, sync_end, committed);
+        let granted = term > self.hard.term && !leader_alive && self.candidate_allowed(&candidate);
         // A refusal carries our own term, so a pre-candidate lagging in terms catches up
         // instead of proposing a term nobody will accept.
         let term = if granted { term } else { self.hard.term };
@@ -59,11 +90,12 @@ impl Replica {
             self.become_follower(term, None);
             return;
         }
-        let quorum = self.cfg.quorum();
+        let quorum = self.quorum();
+        let voter = self.is_voter(from);
         let Role::PreCandidate { term: my_term, grants } = &mut self.role else {
             return;
         };
-        if term != *my_term || !granted {
+        if term != *my_term || !granted || !voter {
             return;
         }
         grants.insert(from);
@@ -82,21 +114,23 @@ impl Replica {
         let mut votes = BTreeMap::new();
         votes.insert(self.cfg.id, VoteInfo { sync: self.hard.sync, committed: self.committed, entries: Vec::new() });
         self.role = Role::Candidate { votes };
-        for peer in self.peers() {
-            self.send(
-                peer,
-                Message::Vote {
-                    term: self.hard.term,
-                    sync: self.hard.sync,
-                    sync_end: self.hard.sync_end,
-                    committed: self.committed,
-                },
-            );
+        let (term, c) = (self.hard.term, self.candidacy());
+        for peer in self.voter_peers() {
+            let message = Message::Vote {
+                term,
+                sync: c.sync,
+                sync_end: c.sync_end,
+                committed: c.committed,
+                durable: c.durable,
+                config: c.config,
+            };
+            self.send(peer, message);
         }
         self.maybe_win();
     }
 
-    pub(super) fn on_vote(&mut self, from: ReplicaId, term: Term, sync: Term, sync_end: Index, committed: Index) {
+    pub(super) fn on_vote(&mut self, from: ReplicaId, term: Term, candidate: Candidacy) {
+        let Candidacy { sync, committed, .. } = candidate;
         if term > self.hard.term {
             if !matches!(self.role, Role::Leader(_)) && self.leader_recently_heard() {
                 return; // Sticky leader: ignore disruptive candidates (they pre-voted wrongly).
@@ -106,7 +140,7 @@ impl Replica {
         let granted = term == self.hard.term
             && self.hard.voted_for.is_none_or(|v| v == from)
             && !matches!(self.role, Role::Leader(_))
-            && self.log_allows_vote(sync, sync_end, committed);
+            && self.candidate_allowed(&candidate);
         let mut entries = Vec::new();
         if granted {
             if self.hard.voted_for.is_none() {
@@ -142,7 +176,7 @@ impl Replica {
             self.become_follower(term, None);
             return;
         }
-        if term != self.hard.term || !granted {
+        if term != self.hard.term || !granted || !self.is_voter(from) {
             return;
         }
         let Role::Candidate { votes } = &mut self.role else {
@@ -156,7 +190,8 @@ impl Replica {
         let Role::Candidate { votes } = &self.role else {
             return;
         };
-        if votes.len() >= self.cfg.quorum() {
+        let membership = self.log.membership();
+        if votes.keys().filter(|v| membership.is_voter(**v)).count() >= membership.quorum() {
             let Role::Candidate { votes } = std::mem::replace(&mut self.role, Role::Follower) else { unreachable!() };
             self.begin_merge(votes);
         }
@@ -181,6 +216,7 @@ impl Replica {
             read_seq: 0,
             unsent: Vec::new(),
             elected_tick: self.ticks,
+            change: None,
         }));
         self.leader_hint = Some(self.cfg.id);
     }
@@ -208,6 +244,9 @@ impl Replica {
             }
             for read in leader_state.reads {
                 self.reply(read.id, Err(ClientError::NotLeader { hint }));
+            }
+            if let Some(pending) = leader_state.change {
+                self.reply(pending.id, Err(ClientError::NotLeader { hint }));
             }
         }
         self.leader_hint = leader;
@@ -249,9 +288,16 @@ impl Replica {
         let elected = l.elected_tick;
         // Check quorum: a leader that cannot hear a quorum steps down, so clients move on.
         if self.ticks > elected + timeout && self.ticks.is_multiple_of(timeout) {
-            let heard =
-                l.progress.values().filter(|p| p.last_heard_tick.is_some_and(|t| self.ticks - t <= timeout)).count();
-            if heard + 1 < self.cfg.quorum() {
+            let membership = self.log.membership();
+            let heard = l
+                .progress
+                .iter()
+                .filter(|(id, p)| {
+                    membership.is_voter(**id) && p.last_heard_tick.is_some_and(|t| self.ticks - t <= timeout)
+                })
+                .count();
+            let me = usize::from(membership.is_voter(self.cfg.id));
+            if heard + me < membership.quorum() {
                 let term = self.hard.term;
                 self.become_follower(term, None);
                 return;

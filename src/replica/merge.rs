@@ -134,14 +134,19 @@ impl Replica {
     }
 
     /// The leader serves once a quorum (itself included) durably adopted its merged log.
+    ///
+    /// The quorum is the decided log's membership's (it may differ by one server from the one
+    /// that elected us; see `membership`).
     pub(super) fn maybe_start_serving(&mut self) {
-        let quorum = self.cfg.quorum();
+        let membership = self.log.membership();
+        let quorum = membership.quorum();
         let self_synced = self.hard.sync == self.hard.term && self.sync_pending.is_none();
         let Role::Leader(l) = &self.role else { return };
         if l.serving || !self_synced {
             return;
         }
-        let synced = 1 + l.progress.values().filter(|p| p.synced).count();
+        let synced = usize::from(membership.is_voter(self.cfg.id))
+            + l.progress.iter().filter(|(id, p)| membership.is_voter(**id) && p.synced).count();
         if synced < quorum {
             return;
         }

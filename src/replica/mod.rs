@@ -11,6 +11,7 @@
 mod apply;
 mod election;
 mod merge;
+mod reconfig;
 mod replicate;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -21,10 +22,23 @@ use crate::config::{Config, Mode};
 use crate::entry::Entry;
 use crate::io::{CheckpointState, ClientError, ClientRequest, Command, Event, HardState};
 use crate::log::Log;
+use crate::membership::{ConfigState, Membership, MembershipChange};
 use crate::message::Message;
 use crate::rng::Rng;
 use crate::table::ClientTable;
 use crate::types::{ClientId, Index, ReplicaId, RequestId, Term};
+
+/// What a candidate says about its log when it asks for a (pre-)vote.
+#[derive(Clone, Copy, Debug)]
+struct Candidacy {
+    sync: Term,
+    sync_end: Index,
+    committed: Index,
+    /// Contiguous durable prefix of the candidate's log.
+    durable: Index,
+    /// Index of the configuration entry in force at the candidate.
+    config: Index,
+}
 
 /// What a candidate learned from one voter (phase 1 of the merge).
 #[derive(Clone, Debug)]
@@ -63,6 +77,16 @@ struct PendingRead {
     seq: u64,
 }
 
+/// A membership change waiting at the leader: first for a read-index round that confirms we
+/// still lead (a deposed leader must not refuse a change from its stale membership), then for
+/// the configuration barrier.
+#[derive(Clone, Copy, Debug)]
+struct PendingChange {
+    id: RequestId,
+    change: MembershipChange,
+    read_seq: u64,
+}
+
 #[derive(Debug)]
 struct LeaderState {
     /// End of the merged log: everything up to it is decided at our ballot.
@@ -80,6 +104,8 @@ struct LeaderState {
     /// Entries appended during the current step, broadcast once at its end.
     unsent: Vec<Entry>,
     elected_tick: u64,
+    /// The one membership change accepted but not yet appended (see `reconfig`).
+    change: Option<PendingChange>,
 }
 
 #[derive(Debug)]
@@ -150,10 +176,17 @@ impl Replica {
     pub fn recover(cfg: Config, hard: HardState, checkpoint: CheckpointState, entries: Vec<Entry>) -> Replica {
         cfg.validate().expect("invalid replica config");
         let strict = cfg.mode == Mode::Raft;
+        // An unknown membership at the checkpoint means the bootstrap voters (none for a
+        // replica created to join a group).
+        let base = if checkpoint.config.membership.is_known() {
+            checkpoint.config
+        } else {
+            ConfigState { index: Index(0), membership: Membership::with_voters(cfg.voters.iter().copied()) }
+        };
         let mut replica = Replica {
             rng: Rng::new(cfg.seed),
             gate: ApplyGate::new(cfg.lbb_span, strict, checkpoint.index.0),
-            log: Log::new(checkpoint.index),
+            log: Log::new(checkpoint.index, base),
             committed: checkpoint.index,
             committed_above: BTreeSet::new(),
             table: checkpoint.table,
@@ -217,6 +250,16 @@ impl Replica {
         self.log.last_index()
     }
 
+    /// The membership in force (the latest configuration entry held).
+    pub fn membership(&self) -> &Membership {
+        self.log.membership()
+    }
+
+    /// The membership in force and the index of its configuration entry.
+    pub fn config_state(&self) -> ConfigState {
+        self.log.config()
+    }
+
     pub fn checkpoint_index(&self) -> Index {
         self.log.checkpoint()
     }
@@ -267,6 +310,7 @@ impl Replica {
             Event::Tick => self.on_tick(),
             Event::Receive { from, message } => self.on_message(from, message),
             Event::Propose(request) => self.on_propose(request),
+            Event::ChangeMembership { id, change } => self.on_change_membership(id, change),
             Event::Read { id, offset, len_bytes } => self.on_read(id, offset, len_bytes),
             Event::Persisted { token } => self.on_persisted(token),
             Event::Applied { index } => self.on_applied(index),
@@ -280,21 +324,33 @@ impl Replica {
         self.ticks += 1;
         if matches!(self.role, Role::Leader(_)) {
             self.leader_tick();
-        } else if self.ticks >= self.election_deadline {
+            return;
+        }
+        if !self.leader_recently_heard() {
+            // A stale hint would send clients in circles (a removed server never hears from
+            // the group's leader again).
+            self.leader_hint = None;
+        }
+        if self.ticks >= self.election_deadline {
             self.start_pre_vote();
         }
     }
 
     fn on_message(&mut self, from: ReplicaId, message: Message) {
-        if !self.cfg.voters.contains(&from) || from == self.cfg.id {
-            return; // Not a member of this group: ignore, never let it disrupt us.
+        if from == self.cfg.id {
+            return;
         }
+        // Anyone may send: a replica joining a group does not know its members yet, and a
+        // removed server is kept from disrupting us by the vote rules (`candidate_allowed`).
         match message {
-            Message::PreVote { term, sync, sync_end, committed } => {
-                self.on_pre_vote(from, term, sync, sync_end, committed)
+            Message::PreVote { term, sync, sync_end, committed, durable, config } => {
+                let candidate = Candidacy { sync, sync_end, committed, durable, config };
+                self.on_pre_vote(from, term, candidate)
             }
             Message::PreVoteResponse { term, granted } => self.on_pre_vote_response(from, term, granted),
-            Message::Vote { term, sync, sync_end, committed } => self.on_vote(from, term, sync, sync_end, committed),
+            Message::Vote { term, sync, sync_end, committed, durable, config } => {
+                self.on_vote(from, term, Candidacy { sync, sync_end, committed, durable, config })
+            }
             Message::VoteResponse { term, granted, sync, committed, checkpoint: _, entries } => {
                 self.on_vote_response(from, term, granted, VoteInfo { sync, committed, entries })
             }
@@ -304,8 +360,9 @@ impl Replica {
             Message::Ack { term, acked, durable, committed, synced, read_seq } => {
                 self.on_ack(from, term, acked, durable, committed, synced, read_seq)
             }
-            Message::Snapshot { term, checkpoint, table, end, entries } => {
-                self.on_snapshot(from, term, checkpoint, table, end, entries)
+            Message::Snapshot { term, checkpoint, table, config, end, entries } => {
+                let state = CheckpointState { index: checkpoint, table, config };
+                self.on_snapshot(from, term, state, end, entries)
             }
         }
     }
@@ -325,8 +382,22 @@ impl Replica {
         self.out.push(Command::PersistHardState(self.hard.clone()));
     }
 
+    /// Every other member, voters and learners: whom a leader replicates to.
     fn peers(&self) -> Vec<ReplicaId> {
-        self.cfg.voters.iter().copied().filter(|p| *p != self.cfg.id).collect()
+        self.log.membership().members().filter(|p| *p != self.cfg.id).collect()
+    }
+
+    /// Every other voter: whom a candidate asks.
+    fn voter_peers(&self) -> Vec<ReplicaId> {
+        self.log.membership().voters.iter().copied().filter(|p| *p != self.cfg.id).collect()
+    }
+
+    fn quorum(&self) -> usize {
+        self.log.membership().quorum()
+    }
+
+    fn is_voter(&self, id: ReplicaId) -> bool {
+        self.log.membership().is_voter(id)
     }
 
     fn reset_election_deadline(&mut self) {
@@ -449,6 +520,13 @@ impl Replica {
         }
         if let Role::Leader(l) = &self.role {
             assert_eq!(self.hard.voted_for, Some(self.cfg.id), "leader did not vote for itself");
+            let peers: BTreeSet<ReplicaId> = self.peers().into_iter().collect();
+            assert!(l.progress.keys().copied().eq(peers.iter().copied()), "leader progress is not the membership");
+            if l.serving && self.log.config_index() > self.committed {
+                // Barrier: nothing is appended after an uncommitted configuration entry. (A
+                // merging leader may hold entries after one that was committed elsewhere.)
+                assert_eq!(self.log.config_index(), self.log.last_index(), "entry appended past a pending config");
+            }
             if l.serving {
                 assert!(self.committed >= l.merge_end, "serving leader has not committed its merge");
                 assert_eq!(self.hard.sync, self.hard.term, "serving leader not synced to its term");

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use super::{Replica, Role};
 use crate::config::Mode;
-use crate::entry::Entry;
+use crate::entry::{Entry, Op};
 use crate::io::{ClientError, ClientRequest};
 use crate::message::{CommitNotice, Message};
 use crate::types::{Index, ReplicaId, Term};
@@ -39,7 +39,8 @@ impl Replica {
         if l.queue.iter().any(|r| r.id == id) {
             return; // The queued copy will be answered.
         }
-        if self.log.last_index().0 >= self.committed.0 + self.cfg.window() || !l.queue.is_empty() {
+        let barrier = l.change.is_some() || self.log.config_index() > self.committed;
+        if self.log.last_index().0 >= self.committed.0 + self.cfg.window() || !l.queue.is_empty() || barrier {
             if l.queue.len() >= self.cfg.max_queued_proposals {
                 self.reply(id, Err(ClientError::Busy));
             } else {
@@ -50,9 +51,13 @@ impl Replica {
         self.append(request);
     }
 
-    /// Appends proposals from the queue while the in-flight window has room.
+    /// Appends proposals from the queue while the in-flight window has room, and a pending
+    /// membership change once the barrier allows it (see `reconfig`).
     pub(super) fn drain_queue(&mut self) {
         loop {
+            if self.config_barrier() {
+                return;
+            }
             if self.log.last_index().0 >= self.committed.0 + self.cfg.window() {
                 return;
             }
@@ -69,7 +74,7 @@ impl Replica {
         }
     }
 
-    fn append(&mut self, request: ClientRequest) {
+    pub(super) fn append(&mut self, request: ClientRequest) {
         let index = self.log.last_index().next();
         let term = self.hard.term;
         let look_behind = self.look_behind_for(index, &BTreeMap::new());
@@ -82,6 +87,7 @@ impl Replica {
             floor: request.floor,
             look_behind,
         };
+        let is_config = matches!(entry.op, Op::Config(_));
         self.log.put(entry.clone(), false);
         self.gate_insert(&entry);
         self.persist_entries(vec![entry.clone()]);
@@ -91,6 +97,9 @@ impl Replica {
         *f = (*f).max(request.floor);
         l.waiters.entry(index).or_default().push(request.id);
         l.unsent.push(entry);
+        if is_config {
+            self.sync_progress();
+        }
     }
 
     /// Sends the entries appended during this step to every synced follower, in one message.
@@ -305,7 +314,9 @@ impl Replica {
         if term < self.hard.term {
             return;
         }
-        let p = l.progress.get_mut(&from).expect("ack from a voter");
+        let Some(p) = l.progress.get_mut(&from) else {
+            return; // not a member (any more)
+        };
         let was_synced = p.synced;
         p.last_heard_tick = Some(ticks);
         p.committed = Some(committed);
@@ -333,12 +344,21 @@ impl Replica {
         }
         self.try_commit();
         self.try_reads();
+        if matches!(&self.role, Role::Leader(l) if l.change.is_some()) {
+            self.drain_queue(); // the echo may confirm a waiting membership change
+        }
     }
 
     /// Commits every index durable on a quorum. Parallel mode: each index on its own;
     /// Raft mode: only in order.
+    ///
+    /// Counted in the membership in force: with the configuration barrier every entry above the
+    /// committed watermark belongs to it (the entries before an uncommitted configuration entry
+    /// are all committed).
     pub(super) fn try_commit(&mut self) {
-        let quorum = self.cfg.quorum();
+        let membership = self.log.membership();
+        let quorum = membership.quorum();
+        let me_voter = membership.is_voter(self.cfg.id);
         let Role::Leader(l) = &self.role else { return };
         if !l.serving {
             return;
@@ -349,8 +369,20 @@ impl Replica {
             if self.committed_above.contains(&i) {
                 continue;
             }
-            let mut count = usize::from(slot.durable);
-            count += l.progress.values().filter(|p| p.synced && (p.durable >= i || p.acked.contains(&i))).count();
+            // A configuration entry counts only copies whose whole log prefix up to it is
+            // durable (see `membership`, rule 6): logs have holes, and the new configuration's
+            // majority must hold every entry committed before it.
+            let whole_prefix = matches!(slot.entry.op, Op::Config(_));
+            let mine = if whole_prefix { self.log.durable_prefix() >= i } else { slot.durable };
+            let mut count = usize::from(mine && me_voter);
+            count += l
+                .progress
+                .iter()
+                .filter(|(id, p)| {
+                    let holds = p.durable >= i || (!whole_prefix && p.acked.contains(&i));
+                    membership.is_voter(**id) && p.synced && holds
+                })
+                .count();
             if count >= quorum {
                 newly.push(i);
             } else if self.cfg.mode == Mode::Raft {

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use super::disk::BLOCK_SIZE;
+use super::{Ev, Net, Node, Sim, CLIENT_RETRY};
 use crate::entry::Op;
+use crate::io::{ClientError, ClientRequest};
 use crate::rng::Rng;
 use crate::types::{ClientId, ReplicaId, RequestId};
 
@@ -100,5 +102,138 @@ impl Client {
             (None, OpKind::Read)
         };
         (id, op, kind, first, blocks)
+    }
+}
+
+impl Sim {
+    pub(super) fn client_wake(&mut self, c: usize) {
+        let now = self.now;
+        // Retries of unanswered requests.
+        let due: Vec<u64> =
+            self.clients[c].outstanding.iter().filter(|(_, o)| o.retry_at <= now).map(|(s, _)| *s).collect();
+        for seq in due {
+            let n = self.replicas.len() as u32;
+            let client = &mut self.clients[c];
+            let o = client.outstanding.get_mut(&seq).unwrap();
+            if o.retry_is_timeout {
+                // No answer at all: try the next replica.
+                o.target = ReplicaId((o.target.0 + 1) % n);
+            }
+            o.retry_at = now + CLIENT_RETRY;
+            o.retry_is_timeout = true;
+            let target = o.target;
+            self.send_request(c, seq, target);
+        }
+        // New operations up to the client's depth.
+        while self.clients[c].remaining > 0 && self.clients[c].outstanding.len() < self.clients[c].iodepth {
+            let volume = self.cfg.volume_blocks;
+            let client = &mut self.clients[c];
+            client.remaining -= 1;
+            let (id, op, kind, first, blocks) = client.next_op(volume);
+            let target = client.leader_guess;
+            client.outstanding.insert(
+                id.seq,
+                Outstanding {
+                    op,
+                    first_block: first,
+                    blocks,
+                    target,
+                    retry_at: now + CLIENT_RETRY,
+                    retry_is_timeout: true,
+                },
+            );
+            let invoked = self.tick_clock();
+            self.history_index.insert(id, self.history.len());
+            self.history.push(HistoryOp {
+                id,
+                kind,
+                first_block: first,
+                blocks,
+                invoked,
+                responded: None,
+                observed: Vec::new(),
+            });
+            self.send_request(c, id.seq, target);
+        }
+        if !(self.clients[c].remaining == 0 && self.clients[c].outstanding.is_empty()) {
+            let next = self.clients[c].outstanding.values().map(|o| o.retry_at).min().unwrap_or(now + 1);
+            self.schedule_wake(c, next.max(now + 1) - now);
+        }
+    }
+
+    pub(super) fn send_request(&mut self, c: usize, seq: u64, target: ReplicaId) {
+        let client = &self.clients[c];
+        let id = RequestId { client: client.id, seq };
+        let floor = client.floor();
+        let o = &client.outstanding[&seq];
+        let net = match &o.op {
+            Some(op) => Net::Request(ClientRequest { id, floor, op: op.clone() }),
+            None => Net::ReadRequest { id, offset: o.first_block * BLOCK_SIZE, len_bytes: o.blocks * BLOCK_SIZE },
+        };
+        self.net_send(Node::Client(c), Node::Replica(target.0 as usize), net);
+    }
+
+    pub(super) fn client_reply(
+        &mut self,
+        c: usize,
+        from: Node,
+        id: RequestId,
+        result: Result<(), ClientError>,
+        blocks: Option<Vec<(Option<RequestId>, Bytes)>>,
+    ) {
+        let Node::Replica(from) = from else { return };
+        let now = self.now;
+        let n = self.replicas.len() as u32;
+        let client = &mut self.clients[c];
+        let Some(o) = client.outstanding.get_mut(&id.seq) else { return }; // late duplicate
+        match result {
+            Ok(()) => {
+                client.leader_guess = ReplicaId(from as u32);
+                let o = client.outstanding.remove(&id.seq).unwrap();
+                let responded = self.tick_clock();
+                let h = self.history_index[&id];
+                if let Some(blocks) = blocks {
+                    for (k, (tag, data)) in blocks.iter().enumerate() {
+                        self.verify_block(o.first_block + k as u64, *tag, data, "read");
+                    }
+                    self.history[h].observed = blocks.iter().map(|(t, _)| *t).collect();
+                }
+                self.history[h].responded = Some(responded);
+                self.stats.ops_completed += 1;
+                self.client_wake_soon(c);
+            }
+            Err(ClientError::NotLeader { hint }) => {
+                let next = hint.filter(|h| h.0 != from as u32).unwrap_or(ReplicaId((from as u32 + 1) % n));
+                client.leader_guess = next;
+                o.target = next;
+                o.retry_at = now + 5;
+                o.retry_is_timeout = false;
+                self.schedule_wake(c, 5);
+            }
+            Err(ClientError::Busy) => {
+                o.retry_at = now + 30;
+                o.retry_is_timeout = false;
+                self.schedule_wake(c, 30);
+            }
+            Err(ClientError::Membership(e)) => {
+                self.violations.push(format!("client request {id:?} answered with a membership error: {e}"));
+            }
+        }
+    }
+
+    pub(super) fn client_wake_soon(&mut self, c: usize) {
+        self.schedule_wake(c, 1);
+    }
+
+    /// Keeps at most one useful wake-up per client: the earliest one.
+    pub(super) fn schedule_wake(&mut self, c: usize, delay: u64) {
+        let at = self.now + delay;
+        match self.clients[c].next_wake {
+            Some(t) if t > self.now && t <= at => {}
+            _ => {
+                self.clients[c].next_wake = Some(at);
+                self.schedule(delay, Ev::ClientWake(c));
+            }
+        }
     }
 }

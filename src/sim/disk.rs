@@ -112,7 +112,7 @@ impl Disk {
 
     pub fn apply(&mut self, entry: &Entry) {
         let (offset, len, data) = match &entry.op {
-            Op::Noop => return,
+            Op::Noop | Op::Config(_) => return,
             Op::Write { offset, data } => (*offset, data.len() as u64, Some(data)),
             Op::Trim { offset, len_bytes } | Op::WriteZeroes { offset, len_bytes } => (*offset, *len_bytes, None),
         };
@@ -195,6 +195,15 @@ impl Disk {
             checkpoint: self.checkpoint.clone(),
             entries: log.into_values().filter(|e| e.index > ckpt).collect(),
             torn_records: torn,
+        }
+    }
+
+    /// The disk after its replica's data was deleted: only the hard state (term and vote)
+    /// survives, as a tombstone.
+    pub fn wiped(&self) -> Disk {
+        Disk {
+            hard: HardState { sync: Default::default(), sync_end: Default::default(), ..self.hard.clone() },
+            ..Disk::default()
         }
     }
 

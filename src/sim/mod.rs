@@ -11,6 +11,7 @@
 //! (which also catches lost acknowledged writes, judged against the converged final state);
 //! liveness and convergence. Replica invariants are checked after every step.
 
+mod admin;
 mod checker;
 mod client;
 mod disk;
@@ -28,11 +29,13 @@ use bytes::Bytes;
 use crate::config::{Config, Mode, NaiveFlags};
 use crate::entry::{Entry, Op};
 use crate::io::{CheckpointState, ClientError, ClientRequest, Command, Event};
+use crate::membership::{Membership, MembershipChange};
 use crate::message::Message;
 use crate::replica::{Replica, RoleKind};
 use crate::rng::Rng;
 use crate::types::{ClientId, Index, ReplicaId, RequestId, Term};
-use client::{Client, Outstanding};
+use admin::Admin;
+use client::Client;
 use disk::Disk;
 
 /// Simulated time units per replica tick.
@@ -57,7 +60,13 @@ pub struct SimConfig {
     pub liveness_time: u64,
     /// Turn off every fault (a baseline that must always pass).
     pub faults: bool,
+    /// An operator changes the membership during the fault phase, with `SPARES` extra servers
+    /// (off by default, so the recorded regression seeds keep their schedules).
+    pub membership: bool,
 }
+
+/// Servers beyond the bootstrap voters when membership changes are on.
+pub const SPARES: usize = 2;
 
 impl SimConfig {
     pub fn new(seed: u64, replicas: usize, mode: Mode) -> SimConfig {
@@ -74,6 +83,7 @@ impl SimConfig {
             fault_time: 4_000,
             liveness_time: 30_000,
             faults: true,
+            membership: false,
         }
     }
 
@@ -98,6 +108,7 @@ pub struct SimStats {
     pub snapshots_installed: u64,
     pub torn_records: u64,
     pub out_of_order_applies: u64,
+    pub membership_changes: u64,
     pub end_time: u64,
 }
 
@@ -118,6 +129,7 @@ impl SimReport {
 enum Node {
     Replica(usize),
     Client(usize),
+    Admin,
 }
 
 type Image = Arc<BTreeMap<u64, Block>>;
@@ -129,26 +141,54 @@ enum Net {
     ReadRequest { id: RequestId, offset: u64, len_bytes: u64 },
     Reply { id: RequestId, result: Result<(), ClientError> },
     ReadReply { id: RequestId, blocks: Vec<(Option<RequestId>, Bytes)> },
+    Change { id: RequestId, change: MembershipChange },
 }
 
 #[derive(Clone, Debug)]
 enum Ev {
     Tick(usize),
-    Deliver { to: Node, from: Node, net: Net },
-    DiskDone { r: usize, incarnation: u64, token: u64 },
-    ApplyDone { r: usize, incarnation: u64, entry: Entry },
-    ReadDone { r: usize, incarnation: u64, id: RequestId, offset: u64, len_bytes: u64 },
-    CheckpointDone { r: usize, incarnation: u64, state: CheckpointState },
+    Deliver {
+        to: Node,
+        from: Node,
+        net: Net,
+    },
+    DiskDone {
+        r: usize,
+        incarnation: u64,
+        token: u64,
+    },
+    ApplyDone {
+        r: usize,
+        incarnation: u64,
+        entry: Entry,
+    },
+    ReadDone {
+        r: usize,
+        incarnation: u64,
+        id: RequestId,
+        offset: u64,
+        len_bytes: u64,
+    },
+    CheckpointDone {
+        r: usize,
+        incarnation: u64,
+        state: CheckpointState,
+    },
     ClientWake(usize),
     Fault,
     Restart(usize),
     Heal,
+    AdminWake,
+    /// Wipe a removed server's disk; it becomes a spare.
+    Wipe(usize),
 }
 
 struct SimReplica {
     replica: Option<Replica>,
     disk: Disk,
     incarnation: u64,
+    /// One of the bootstrap voters (a wiped server joins as a new replica instead).
+    bootstrap: bool,
 }
 
 struct Sim {
@@ -178,6 +218,7 @@ struct Sim {
     stats: SimStats,
     /// Snapshot image riding with the message being processed.
     incoming_image: Option<Image>,
+    admin: Option<Admin>,
 }
 
 /// Runs one seed to completion and reports every violation found.
@@ -190,15 +231,17 @@ pub fn run(cfg: &SimConfig) -> SimReport {
 impl Sim {
     fn new(cfg: SimConfig) -> Sim {
         let mut rng = Rng::new(cfg.seed);
-        let replicas =
-            (0..cfg.replicas).map(|_| SimReplica { replica: None, disk: Disk::default(), incarnation: 0 }).collect();
+        let nodes = cfg.replicas + if cfg.membership { SPARES } else { 0 };
+        let replicas = (0..nodes)
+            .map(|r| SimReplica { replica: None, disk: Disk::default(), incarnation: 0, bootstrap: r < cfg.replicas })
+            .collect();
         let clients = (0..cfg.clients)
             .map(|c| Client {
                 id: ClientId(c as u64 + 1),
                 next_seq: 0,
                 remaining: cfg.ops_per_client,
                 iodepth: rng.range(1, 5) as usize,
-                leader_guess: ReplicaId(rng.range(0, cfg.replicas as u64) as u32),
+                leader_guess: ReplicaId(rng.range(0, nodes as u64) as u32),
                 outstanding: BTreeMap::new(),
                 rng: Rng::new(rng.next_u64()),
                 next_wake: None,
@@ -209,6 +252,10 @@ impl Sim {
         } else {
             (0.0, 0.0, 10)
         };
+        let admin = cfg.membership.then(|| {
+            let bootstrap = Membership::with_voters((0..cfg.replicas as u32).map(ReplicaId));
+            Admin::new(ClientId(cfg.clients as u64 + 1), Rng::new(rng.next_u64()), bootstrap)
+        });
         Sim {
             rng,
             now: 0,
@@ -222,7 +269,7 @@ impl Sim {
             history: Vec::new(),
             history_index: HashMap::new(),
             blocked: BTreeSet::new(),
-            paused_until: vec![0; cfg.replicas],
+            paused_until: vec![0; nodes],
             loss,
             duplicate,
             max_delay,
@@ -233,6 +280,7 @@ impl Sim {
             violations: Vec::new(),
             stats: SimStats::default(),
             incoming_image: None,
+            admin,
             cfg,
         }
     }
@@ -251,7 +299,11 @@ impl Sim {
     }
 
     fn replica_config(&self, r: usize) -> Config {
-        let voters = (0..self.cfg.replicas).map(|i| ReplicaId(i as u32)).collect();
+        let voters = if self.replicas[r].bootstrap {
+            (0..self.cfg.replicas).map(|i| ReplicaId(i as u32)).collect()
+        } else {
+            Vec::new() // joins when an operator adds it
+        };
         let seed =
             self.cfg.seed.wrapping_mul(31).wrapping_add(r as u64 * 7919 + self.replicas[r].incarnation * 104_729);
         let mut c = Config::new(ReplicaId(r as u32), voters, self.cfg.mode, seed);
@@ -273,8 +325,12 @@ impl Sim {
     }
 
     fn run(&mut self) {
-        for r in 0..self.cfg.replicas {
+        for r in 0..self.replicas.len() {
             self.start_replica(r);
+        }
+        if self.admin.is_some() {
+            let first = self.rng.range(200, 800);
+            self.schedule(first, Ev::AdminWake);
         }
         for c in 0..self.cfg.clients {
             self.schedule_wake(c, 1 + c as u64);
@@ -315,9 +371,11 @@ impl Sim {
                 .map(|s| match &s.replica {
                     Some(r) => {
                         format!(
-                            "{:?} {:?} t{} sync{} end{} w{} aw{} last{} ckpt{}",
+                            "{:?} {:?} [{} @{}] t{} sync{} end{} w{} aw{} last{} ckpt{}",
                             r.id(),
                             r.role(),
+                            r.membership(),
+                            r.config_state().index.0,
                             r.term().0,
                             r.hard_state().sync.0,
                             r.hard_state().sync_end.0,
@@ -331,8 +389,12 @@ impl Sim {
                     None => "down".into(),
                 })
                 .collect();
+            let admin = match &self.admin {
+                Some(a) => format!("; operator: {} in flight {:?} plan {:?}", a.membership, a.in_flight, a.plan),
+                None => String::new(),
+            };
             self.violations.push(format!(
-                "liveness: no convergence by time {deadline} ({pending} client ops unfinished; replicas: {})",
+                "liveness: no convergence by time {deadline} ({pending} client ops unfinished; replicas: {}{admin})",
                 states.join("; ")
             ));
             return;
@@ -344,24 +406,60 @@ impl Sim {
         self.clients.iter().all(|c| c.remaining == 0 && c.outstanding.is_empty())
     }
 
-    /// A serving leader whose log is fully committed, and every replica applied all of it.
+    /// A serving leader whose log is fully committed, every member applied all of it, and the
+    /// operator has finished its changes. (Servers outside the membership are left alone.)
     fn converged(&self) -> bool {
-        let Some(leader) =
-            self.replicas.iter().filter_map(|s| s.replica.as_ref()).find(|r| r.role() == RoleKind::Leader)
+        if self.admin.as_ref().is_some_and(|a| !a.idle()) {
+            return false;
+        }
+        let Some(leader) = self
+            .replicas
+            .iter()
+            .filter_map(|s| s.replica.as_ref())
+            .filter(|r| r.role() == RoleKind::Leader)
+            .max_by_key(|r| r.term())
         else {
             return false;
         };
         let last = leader.last_index();
-        if leader.committed_watermark() != last {
+        if leader.committed_watermark() != last || !leader.membership().is_voter(leader.id()) {
             return false;
         }
-        self.replicas
+        leader.membership().members().all(|m| {
+            self.replicas[m.0 as usize]
+                .replica
+                .as_ref()
+                .is_some_and(|r| r.applied_watermark() == last && r.term() == leader.term())
+        })
+    }
+
+    /// The members of the converged group (every server without membership changes).
+    fn final_members(&self) -> Vec<usize> {
+        let leader = self
+            .replicas
             .iter()
-            .all(|s| s.replica.as_ref().is_some_and(|r| r.applied_watermark() == last && r.term() == leader.term()))
+            .filter_map(|s| s.replica.as_ref())
+            .filter(|r| r.role() == RoleKind::Leader)
+            .max_by_key(|r| r.term())
+            .expect("converged without a leader");
+        leader.membership().members().map(|m| m.0 as usize).collect()
     }
 
     fn final_checks(&mut self) {
-        let images: Vec<BTreeMap<u64, Block>> = self.replicas.iter().map(|s| s.disk.all_blocks()).collect();
+        let members = self.final_members();
+        for m in &members {
+            let r = self.replicas[*m].replica.as_ref().expect("member up");
+            if let Some(admin) = &self.admin {
+                if *r.membership() != admin.membership {
+                    self.violations.push(format!(
+                        "membership: server {m} has {} but the operator's changes make {}",
+                        r.membership(),
+                        admin.membership
+                    ));
+                }
+            }
+        }
+        let images: Vec<BTreeMap<u64, Block>> = members.iter().map(|m| self.replicas[*m].disk.all_blocks()).collect();
         let normalize = |img: &BTreeMap<u64, Block>| -> BTreeMap<u64, (Option<RequestId>, Bytes)> {
             img.iter().filter(|(_, b)| b.tag.is_some()).map(|(k, b)| (*k, (b.tag, b.data.clone()))).collect()
         };
@@ -371,7 +469,10 @@ impl Sim {
                 let differing: Vec<u64> = (0..self.cfg.volume_blocks)
                     .filter(|b| img.get(b).map(|x| x.tag) != images[0].get(b).map(|x| x.tag))
                     .collect();
-                self.violations.push(format!("convergence: replica {r} blocks differ from replica 0 at {differing:?}"));
+                self.violations.push(format!(
+                    "convergence: replica {} blocks differ from replica {} at {differing:?}",
+                    members[r], members[0]
+                ));
             }
         }
         let final_state: BTreeMap<u64, Option<RequestId>> =
@@ -480,12 +581,14 @@ impl Sim {
                 self.loss = 0.0;
                 self.duplicate = 0.0;
                 self.max_delay = self.max_delay.min(20);
-                for r in 0..self.cfg.replicas {
+                for r in 0..self.replicas.len() {
                     if self.replicas[r].replica.is_none() {
                         self.start_replica(r);
                     }
                 }
             }
+            Ev::AdminWake => self.admin_wake(),
+            Ev::Wipe(r) => self.wipe(r),
         }
     }
 
@@ -497,7 +600,7 @@ impl Sim {
         if self.healed {
             return;
         }
-        let n = self.cfg.replicas;
+        let n = self.replicas.len();
         let roll = self.rng.range(0, 100);
         if roll < 10 {
             let r = match self.current_leader() {
@@ -606,6 +709,12 @@ impl Sim {
                     self.step(r, Event::Read { id, offset, len_bytes });
                 }
             }
+            (Node::Replica(r), Net::Change { id, change }) => {
+                if self.replicas[r].replica.is_some() {
+                    self.step(r, Event::ChangeMembership { id, change });
+                }
+            }
+            (Node::Admin, Net::Reply { id, result }) => self.admin_reply(from, id, result),
             (Node::Client(c), Net::Reply { id, result }) => self.client_reply(c, from, id, result, None),
             (Node::Client(c), Net::ReadReply { id, blocks }) => self.client_reply(c, from, id, Ok(()), Some(blocks)),
             _ => unreachable!("misrouted message"),
@@ -662,19 +771,24 @@ impl Sim {
                 self.schedule(d, Ev::ReadDone { r, incarnation, id, offset, len_bytes });
             }
             Command::Reply { id, result } => {
-                self.net_send(Node::Replica(r), Node::Client(id.client.0 as usize - 1), Net::Reply { id, result });
+                let to = if self.admin.as_ref().is_some_and(|a| a.id == id.client) {
+                    Node::Admin
+                } else {
+                    Node::Client(id.client.0 as usize - 1)
+                };
+                self.net_send(Node::Replica(r), to, Net::Reply { id, result });
             }
-            Command::Checkpoint { index, table } => {
+            Command::Checkpoint { state } => {
                 let d = self.disk_delay();
-                self.schedule(d, Ev::CheckpointDone { r, incarnation, state: CheckpointState { index, table } });
+                self.schedule(d, Ev::CheckpointDone { r, incarnation, state });
             }
             Command::SendSnapshot { to, message } => {
                 let image = Arc::new(self.replicas[r].disk.image());
                 self.net_send(Node::Replica(r), Node::Replica(to.0 as usize), Net::Peer(message, Some(image)));
             }
-            Command::InstallSnapshot { from: _, checkpoint, table } => {
+            Command::InstallSnapshot { from: _, state } => {
                 let image = self.incoming_image.clone().expect("InstallSnapshot without an image");
-                self.replicas[r].disk.install((*image).clone(), CheckpointState { index: checkpoint, table });
+                self.replicas[r].disk.install((*image).clone(), state);
                 self.stats.snapshots_installed += 1;
             }
         }
@@ -707,134 +821,6 @@ impl Sim {
         }
         if entry.index.0 > self.applied_at.range(..entry.index).next_back().map_or(0, |(i, _)| i.0) + 1 {
             self.stats.out_of_order_applies += 1;
-        }
-    }
-
-    fn client_wake(&mut self, c: usize) {
-        let now = self.now;
-        // Retries of unanswered requests.
-        let due: Vec<u64> =
-            self.clients[c].outstanding.iter().filter(|(_, o)| o.retry_at <= now).map(|(s, _)| *s).collect();
-        for seq in due {
-            let n = self.cfg.replicas as u32;
-            let client = &mut self.clients[c];
-            let o = client.outstanding.get_mut(&seq).unwrap();
-            if o.retry_is_timeout {
-                // No answer at all: try the next replica.
-                o.target = ReplicaId((o.target.0 + 1) % n);
-            }
-            o.retry_at = now + CLIENT_RETRY;
-            o.retry_is_timeout = true;
-            let target = o.target;
-            self.send_request(c, seq, target);
-        }
-        // New operations up to the client's depth.
-        while self.clients[c].remaining > 0 && self.clients[c].outstanding.len() < self.clients[c].iodepth {
-            let volume = self.cfg.volume_blocks;
-            let client = &mut self.clients[c];
-            client.remaining -= 1;
-            let (id, op, kind, first, blocks) = client.next_op(volume);
-            let target = client.leader_guess;
-            client.outstanding.insert(
-                id.seq,
-                Outstanding {
-                    op,
-                    first_block: first,
-                    blocks,
-                    target,
-                    retry_at: now + CLIENT_RETRY,
-                    retry_is_timeout: true,
-                },
-            );
-            let invoked = self.tick_clock();
-            self.history_index.insert(id, self.history.len());
-            self.history.push(HistoryOp {
-                id,
-                kind,
-                first_block: first,
-                blocks,
-                invoked,
-                responded: None,
-                observed: Vec::new(),
-            });
-            self.send_request(c, id.seq, target);
-        }
-        if !(self.clients[c].remaining == 0 && self.clients[c].outstanding.is_empty()) {
-            let next = self.clients[c].outstanding.values().map(|o| o.retry_at).min().unwrap_or(now + 1);
-            self.schedule_wake(c, next.max(now + 1) - now);
-        }
-    }
-
-    fn send_request(&mut self, c: usize, seq: u64, target: ReplicaId) {
-        let client = &self.clients[c];
-        let id = RequestId { client: client.id, seq };
-        let floor = client.floor();
-        let o = &client.outstanding[&seq];
-        let net = match &o.op {
-            Some(op) => Net::Request(ClientRequest { id, floor, op: op.clone() }),
-            None => Net::ReadRequest { id, offset: o.first_block * BLOCK_SIZE, len_bytes: o.blocks * BLOCK_SIZE },
-        };
-        self.net_send(Node::Client(c), Node::Replica(target.0 as usize), net);
-    }
-
-    fn client_reply(
-        &mut self,
-        c: usize,
-        from: Node,
-        id: RequestId,
-        result: Result<(), ClientError>,
-        blocks: Option<Vec<(Option<RequestId>, Bytes)>>,
-    ) {
-        let Node::Replica(from) = from else { return };
-        let now = self.now;
-        let n = self.cfg.replicas as u32;
-        let client = &mut self.clients[c];
-        let Some(o) = client.outstanding.get_mut(&id.seq) else { return }; // late duplicate
-        match result {
-            Ok(()) => {
-                client.leader_guess = ReplicaId(from as u32);
-                let o = client.outstanding.remove(&id.seq).unwrap();
-                let responded = self.tick_clock();
-                let h = self.history_index[&id];
-                if let Some(blocks) = blocks {
-                    for (k, (tag, data)) in blocks.iter().enumerate() {
-                        self.verify_block(o.first_block + k as u64, *tag, data, "read");
-                    }
-                    self.history[h].observed = blocks.iter().map(|(t, _)| *t).collect();
-                }
-                self.history[h].responded = Some(responded);
-                self.stats.ops_completed += 1;
-                self.client_wake_soon(c);
-            }
-            Err(ClientError::NotLeader { hint }) => {
-                let next = hint.filter(|h| h.0 != from as u32).unwrap_or(ReplicaId((from as u32 + 1) % n));
-                client.leader_guess = next;
-                o.target = next;
-                o.retry_at = now + 5;
-                o.retry_is_timeout = false;
-                self.schedule_wake(c, 5);
-            }
-            Err(ClientError::Busy) => {
-                o.retry_at = now + 30;
-                o.retry_is_timeout = false;
-                self.schedule_wake(c, 30);
-            }
-        }
-    }
-
-    fn client_wake_soon(&mut self, c: usize) {
-        self.schedule_wake(c, 1);
-    }
-
-    /// Keeps at most one useful wake-up per client: the earliest one.
-    fn schedule_wake(&mut self, c: usize, delay: u64) {
-        let at = self.now + delay;
-        match self.clients[c].next_wake {
-            Some(t) if t > self.now && t <= at => {}
-            _ => {
-                self.clients[c].next_wake = Some(at);
-                self.schedule(delay, Ev::ClientWake(c));
-            }
         }
     }
 }

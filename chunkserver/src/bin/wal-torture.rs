@@ -62,7 +62,7 @@ fn main() {
         writeln!(stdout.lock(), "acked {}", next - 1).unwrap();
         if next.is_multiple_of(64) {
             store.sync().expect("sync blocks");
-            let state = CheckpointState { index: Index(next - 1), table: Default::default() };
+            let state = CheckpointState { index: Index(next - 1), ..Default::default() };
             save_checkpoint(meta_engine.as_mut(), &dir, &state).expect("checkpoint");
             writeln!(stdout.lock(), "synced {}", next - 1).unwrap();
         }

@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use parallelraft::table::ClientTable;
 use parallelraft::{
     CheckpointState, ClientError, ClientRequest, Command, Config, Entry, Event, Index, Message, Op, Replica, ReplicaId,
     RequestId,
@@ -36,17 +35,10 @@ use crate::wire::{BlockNeed, Body, Outcome, RequestOp, SnapBlock};
 use super::disk::{CheckpointJob, Disk, WalJob};
 use super::outbox::{ConnId, Outbox};
 use super::repair::{can_serve, Repairs};
+use super::trace::Traces;
 
 /// Blocks per snapshot data frame (1 MiB of data at most).
 const SNAPSHOT_FRAME_BLOCKS: u64 = 256;
-
-/// Timestamps of a request this replica serves as leader (see `crate::metrics`).
-struct Trace {
-    arrived: Instant,
-    durable: Option<Instant>,
-    write: bool,
-    len_bytes: u64,
-}
 
 /// What a group counts for `/metrics`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -118,9 +110,8 @@ pub struct Group {
     next_snapshot_id: u64,
     /// Blocks that failed their checksum and the work waiting for their repair.
     repairs: Repairs,
-    /// Stage timing of the requests served as leader, and the WAL tokens that carry them.
-    traces: HashMap<RequestId, Trace>,
-    token_requests: HashMap<u64, Vec<RequestId>>,
+    /// Stage timing of the requests served as leader and of follower WAL writes.
+    traces: Traces,
     pub stages: Stages,
     pub counters: GroupCounters,
     was_leader: bool,
@@ -214,8 +205,7 @@ impl Group {
             events: VecDeque::new(),
             next_snapshot_id: 1,
             repairs: Repairs::default(),
-            traces: HashMap::new(),
-            token_requests: HashMap::new(),
+            traces: Traces::default(),
             stages: Stages::default(),
             counters: GroupCounters::default(),
             was_leader: false,
@@ -279,7 +269,7 @@ impl Group {
             RequestOp::Write { data, .. } => (true, data.len() as u64),
             RequestOp::Trim { len_bytes, .. } | RequestOp::WriteZeroes { len_bytes, .. } => (true, *len_bytes),
         };
-        self.traces.insert(id, Trace { arrived: Instant::now(), durable: None, write, len_bytes });
+        self.traces.arrived(id, write, len_bytes);
         let event = match op {
             RequestOp::Read { offset, len_bytes } => Event::Read { id, offset, len_bytes },
             RequestOp::Write { offset, data } => {
@@ -299,11 +289,11 @@ impl Group {
     pub fn forget_conn(&mut self, conn: ConnId) {
         self.waiting.retain(|_, c| *c != conn);
         let waiting = &self.waiting;
-        self.traces.retain(|id, _| waiting.contains_key(id));
+        self.traces.retain(|id| waiting.contains_key(id));
     }
 
     fn respond(&mut self, id: RequestId, outcome: Outcome, out: &mut Outbox) {
-        if let Some(t) = self.traces.remove(&id) {
+        if let Some(t) = self.traces.finish(&id) {
             let c = &mut self.counters;
             match (&outcome, t.write) {
                 (Outcome::Done, true) => {
@@ -332,11 +322,11 @@ impl Group {
                 }
             }
             Command::PersistEntries { token, entries } => {
-                let traced: Vec<RequestId> =
-                    entries.iter().filter_map(|e| e.request).filter(|id| self.traces.contains_key(id)).collect();
-                if !traced.is_empty() {
-                    self.token_requests.insert(token, traced);
-                }
+                let leader = matches!(
+                    self.replica.role(),
+                    parallelraft::RoleKind::Leader | parallelraft::RoleKind::LeaderMerging
+                );
+                self.traces.persist(token, &entries, leader);
                 self.wal_batch.extend(entries.into_iter().map(WalRecord::Entry));
                 self.wal_tokens.push(token);
             }
@@ -350,7 +340,12 @@ impl Group {
                     self.fail("pruning the WAL", e);
                 }
             }
-            Command::Send { to, message } => out.peer(to, self.chunk, Body::Peer { message }),
+            Command::Send { to, message } => {
+                if let Message::Append { entries, .. } = &message {
+                    self.traces.sent(entries, &mut self.stages);
+                }
+                out.peer(to, self.chunk, Body::Peer { message })
+            }
             Command::Apply { entry } => self.apply(entry, out),
             Command::Read { id, offset, len_bytes } => self.read(id, offset, len_bytes, out),
             Command::Reply { id, result } => {
@@ -358,15 +353,16 @@ impl Group {
                     Ok(()) => Outcome::Done,
                     Err(ClientError::NotLeader { hint }) => Outcome::NotLeader(hint),
                     Err(ClientError::Busy) => Outcome::Busy,
+                    Err(ClientError::Membership(e)) => Outcome::Failed(e.to_string()),
                 };
                 self.respond(id, outcome, out);
             }
-            Command::Checkpoint { index, table } => {
+            Command::Checkpoint { state } => {
                 let job = CheckpointJob {
                     chunk: self.chunk,
                     work: self.blocks.take_sync_work(),
                     dir: blocks_dir(&self.dir),
-                    state: CheckpointState { index, table },
+                    state,
                 };
                 if self.disk.checkpoint.send(job).is_err() {
                     self.fail(
@@ -388,8 +384,8 @@ impl Group {
                 info!(chunk = self.chunk, to = to.0, "streaming catch-up: sending the block image");
                 self.outgoing.push(OutSnapshot { to, id, next_block: 0, sent: 0, message });
             }
-            Command::InstallSnapshot { from, checkpoint, table } => {
-                if let Err(e) = self.install(from, checkpoint, table) {
+            Command::InstallSnapshot { from, state } => {
+                if let Err(e) = self.install(from, state) {
                     self.fail("installing a snapshot", e);
                 }
             }
@@ -531,15 +527,12 @@ impl Group {
     /// then swap directories (`blocks` → `blocks.old`, `blocks.new` → `blocks`) and fsync the
     /// chunk directory. A crash anywhere leaves either the old store or the new one
     /// ([`repair_swap`] finishes the job at start-up).
-    fn install(&mut self, from: ReplicaId, checkpoint: Index, table: ClientTable) -> Result<(), StorageError> {
+    fn install(&mut self, from: ReplicaId, state: CheckpointState) -> Result<(), StorageError> {
         let mut staging = self.incoming.take().expect("InstallSnapshot without a complete image");
         assert_eq!(staging.from, from, "image and snapshot message from different peers");
         staging.blocks.sync()?;
-        meta::save_checkpoint(
-            self.meta.as_mut(),
-            &staging_dir(&self.dir),
-            &CheckpointState { index: checkpoint, table },
-        )?;
+        meta::save_checkpoint(self.meta.as_mut(), &staging_dir(&self.dir), &state)?;
+        let checkpoint = state.index;
         drop(staging);
         let (blocks, staged, old) = (blocks_dir(&self.dir), staging_dir(&self.dir), old_dir(&self.dir));
         std::fs::rename(&blocks, &old)?;
@@ -594,16 +587,8 @@ impl Group {
             self.fail("WAL append", StorageError::Fatal(std::io::Error::other(why)));
             return;
         }
-        let now = Instant::now();
         self.stages.record(Stage::WalSync, took);
-        for token in &tokens {
-            for id in self.token_requests.remove(token).unwrap_or_default() {
-                if let Some(t) = self.traces.get_mut(&id) {
-                    t.durable = Some(now);
-                    self.stages.record(Stage::LeaderDurable, now - t.arrived);
-                }
-            }
-        }
+        self.traces.durable(&tokens, &mut self.stages);
         for token in tokens {
             self.step(Event::Persisted { token }, out);
         }
@@ -618,11 +603,7 @@ impl Group {
             self.counters.leader_changes += 1;
         }
         self.was_leader = leader;
-        if self.token_requests.len() > 4 * self.waiting.len() + 1024 {
-            // Tokens of requests that were answered another way (NotLeader after a step-down).
-            let traces = &self.traces;
-            self.token_requests.retain(|_, ids| ids.iter().any(|id| traces.contains_key(id)));
-        }
+        self.traces.trim();
         let (asks, expired) = self.repairs.tick();
         self.ask(asks, out);
         for r in expired {
@@ -644,6 +625,9 @@ impl Group {
     }
 
     pub fn receive(&mut self, from: ReplicaId, message: Message, out: &mut Outbox) {
+        if let Message::Ack { acked, durable, synced: true, .. } = &message {
+            self.traces.acked(acked, *durable, &mut self.stages);
+        }
         self.step(Event::Receive { from, message }, out);
     }
 

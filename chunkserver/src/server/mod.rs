@@ -13,6 +13,7 @@ pub mod disk;
 pub mod group;
 pub mod outbox;
 pub mod repair;
+mod trace;
 pub mod transport;
 
 use std::collections::BTreeMap;

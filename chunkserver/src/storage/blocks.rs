@@ -365,7 +365,7 @@ impl BlockStore {
     /// after the repair skips them.
     pub fn apply(&mut self, entry: &Entry) -> Result<()> {
         match &entry.op {
-            Op::Noop => Ok(()),
+            Op::Noop | Op::Config(_) => Ok(()),
             Op::Write { offset, data } => self.write_inner(*offset, data.len() as u64, Some(data), entry.index, true),
             Op::Trim { offset, len_bytes } | Op::WriteZeroes { offset, len_bytes } => {
                 self.write_inner(*offset, *len_bytes, None, entry.index, true)

@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use bytes::{BufMut, BytesMut};
+use parallelraft::codec::{decode_config, encode_config};
 use parallelraft::table::ClientTable;
 use parallelraft::{CheckpointState, HardState, Index, ReplicaId, Term};
 
@@ -86,9 +87,15 @@ pub fn load_hard_state(engine: &mut dyn IoEngine, dir: &Path) -> Result<HardStat
     Ok(HardState { term: Term(word(0)), voted_for, sync: Term(word(2)), sync_end: Index(word(3)) })
 }
 
+/// Layout: index (u64), configuration length (u32) and configuration (see
+/// `parallelraft::codec::encode_config`), then the client table.
 pub fn save_checkpoint(engine: &mut dyn IoEngine, dir: &Path, checkpoint: &CheckpointState) -> Result<()> {
     let mut body = BytesMut::new();
     body.put_u64_le(checkpoint.index.0);
+    let mut config = BytesMut::new();
+    encode_config(&checkpoint.config, &mut config);
+    body.put_u32_le(config.len() as u32);
+    body.put_slice(&config);
     checkpoint.table.encode(&mut body);
     write_atomic(engine, dir, CHECKPOINT, &body)
 }
@@ -97,10 +104,17 @@ pub fn load_checkpoint(engine: &mut dyn IoEngine, dir: &Path) -> Result<Checkpoi
     let Some(body) = read_framed(engine, dir, CHECKPOINT)? else {
         return Ok(CheckpointState::default());
     };
-    if body.len() < 8 {
-        return Err(StorageError::Corrupt { what: "checkpoint too short".into() });
+    let corrupt = |what: String| StorageError::Corrupt { what: format!("checkpoint: {what}") };
+    if body.len() < 12 {
+        return Err(corrupt("too short".into()));
     }
     let index = Index(u64::from_le_bytes(body[0..8].try_into().unwrap()));
-    let table = ClientTable::decode(&body[8..]).map_err(|e| StorageError::Corrupt { what: e.to_string() })?;
-    Ok(CheckpointState { index, table })
+    let config_len = u32::from_le_bytes(body[8..12].try_into().unwrap()) as usize;
+    let config_bytes = body.get(12..12 + config_len).ok_or_else(|| corrupt("configuration truncated".into()))?;
+    let (config, used) = decode_config(config_bytes).map_err(|e| corrupt(e.to_string()))?;
+    if used != config_len || config.index > index {
+        return Err(corrupt("malformed configuration".into()));
+    }
+    let table = ClientTable::decode(&body[12 + config_len..]).map_err(|e| corrupt(e.to_string()))?;
+    Ok(CheckpointState { index, table, config })
 }

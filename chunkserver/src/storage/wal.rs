@@ -375,7 +375,7 @@ impl Wal {
             WalRecord::Entry(e) => {
                 encode_entry(e, &mut payload);
                 let lba = match &e.op {
-                    Op::Noop => (0, 0),
+                    Op::Noop | Op::Config(_) => (0, 0),
                     Op::Write { offset, data } => (*offset, data.len() as u64),
                     Op::Trim { offset, len_bytes } | Op::WriteZeroes { offset, len_bytes } => (*offset, *len_bytes),
                 };

@@ -11,7 +11,7 @@ use lbb::{LookBehind, Range, RangeSet};
 
 use crate::entry::{Entry, Op};
 use crate::membership::{ConfigState, Membership};
-use crate::message::{CommitNotice, Message};
+use crate::message::{Candidacy, CommitNotice, Message};
 use crate::table::ClientTable;
 use crate::types::{ClientId, Index, ReplicaId, RequestId, Term};
 
@@ -212,6 +212,12 @@ pub fn decode_config(buf: &[u8]) -> Result<(ConfigState, usize), DecodeError> {
     Ok((config, buf.len() - r.buf.len()))
 }
 
+fn put_candidacy(c: &Candidacy, out: &mut BytesMut) {
+    for v in [c.sync.0, c.sync_end.0, c.committed.0, c.durable.0, c.config.0] {
+        out.put_u64_le(v);
+    }
+}
+
 fn put_entries(entries: &[Entry], out: &mut BytesMut) {
     out.put_u32_le(entries.len() as u32);
     for e in entries {
@@ -232,22 +238,20 @@ fn put_commit(commit: &CommitNotice, out: &mut BytesMut) {
 /// entry lists are a count and length-prefixed entries.
 pub fn encode_message(message: &Message, out: &mut BytesMut) {
     match message {
-        Message::PreVote { term, sync, sync_end, committed, durable, config } => {
+        Message::PreVote { term, candidate } => {
             out.put_u8(1);
-            for v in [term.0, sync.0, sync_end.0, committed.0, durable.0, config.0] {
-                out.put_u64_le(v);
-            }
+            out.put_u64_le(term.0);
+            put_candidacy(candidate, out);
         }
         Message::PreVoteResponse { term, granted } => {
             out.put_u8(2);
             out.put_u64_le(term.0);
             out.put_u8(*granted as u8);
         }
-        Message::Vote { term, sync, sync_end, committed, durable, config } => {
+        Message::Vote { term, candidate } => {
             out.put_u8(3);
-            for v in [term.0, sync.0, sync_end.0, committed.0, durable.0, config.0] {
-                out.put_u64_le(v);
-            }
+            out.put_u64_le(term.0);
+            put_candidacy(candidate, out);
         }
         Message::VoteResponse { term, granted, sync, committed, checkpoint, entries } => {
             out.put_u8(4);
@@ -357,6 +361,15 @@ impl Reader<'_> {
         }
         Ok(m)
     }
+    fn candidacy(&mut self) -> Result<Candidacy, DecodeError> {
+        Ok(Candidacy {
+            sync: self.term()?,
+            sync_end: self.index()?,
+            committed: self.index()?,
+            durable: self.index()?,
+            config: self.index()?,
+        })
+    }
     fn config(&mut self) -> Result<ConfigState, DecodeError> {
         Ok(ConfigState { index: self.index()?, membership: self.membership()? })
     }
@@ -366,23 +379,9 @@ impl Reader<'_> {
 pub fn decode_message(buf: &[u8]) -> Result<Message, DecodeError> {
     let mut r = Reader { buf };
     let message = match r.u8()? {
-        1 => Message::PreVote {
-            term: r.term()?,
-            sync: r.term()?,
-            sync_end: r.index()?,
-            committed: r.index()?,
-            durable: r.index()?,
-            config: r.index()?,
-        },
+        1 => Message::PreVote { term: r.term()?, candidate: r.candidacy()? },
         2 => Message::PreVoteResponse { term: r.term()?, granted: r.bool()? },
-        3 => Message::Vote {
-            term: r.term()?,
-            sync: r.term()?,
-            sync_end: r.index()?,
-            committed: r.index()?,
-            durable: r.index()?,
-            config: r.index()?,
-        },
+        3 => Message::Vote { term: r.term()?, candidate: r.candidacy()? },
         4 => Message::VoteResponse {
             term: r.term()?,
             granted: r.bool()?,
@@ -434,6 +433,8 @@ mod tests {
             look_behind: LookBehind::unknown(2),
         };
         let commit = CommitNotice { watermark: Index(3), above: vec![Index(5)] };
+        let candidate =
+            Candidacy { sync: Term(2), sync_end: Index(3), committed: Index(4), durable: Index(5), config: Index(2) };
         let config = Membership {
             voters: [1, 2, 4].map(ReplicaId).into_iter().collect(),
             learners: [7].map(ReplicaId).into_iter().collect(),
@@ -447,23 +448,9 @@ mod tests {
         let mut table = ClientTable::default();
         table.fold(&Entry { request: Some(RequestId { client: ClientId(4), seq: 1 }), ..entry.clone() });
         let messages = vec![
-            Message::PreVote {
-                term: Term(1),
-                sync: Term(2),
-                sync_end: Index(3),
-                committed: Index(4),
-                durable: Index(5),
-                config: Index(2),
-            },
+            Message::PreVote { term: Term(1), candidate },
             Message::PreVoteResponse { term: Term(9), granted: true },
-            Message::Vote {
-                term: Term(1),
-                sync: Term(2),
-                sync_end: Index(3),
-                committed: Index(4),
-                durable: Index(6),
-                config: Index(0),
-            },
+            Message::Vote { term: Term(1), candidate: Candidacy { durable: Index(6), config: Index(0), ..candidate } },
             Message::VoteResponse {
                 term: Term(1),
                 granted: false,

@@ -25,6 +25,6 @@ pub use config::{Config, Mode, NaiveFlags};
 pub use entry::{Entry, Op};
 pub use io::{CheckpointState, ClientError, ClientRequest, Command, Event, HardState};
 pub use membership::{ConfigState, Membership, MembershipChange, MembershipError};
-pub use message::{CommitNotice, Message};
+pub use message::{Candidacy, CommitNotice, Message};
 pub use replica::{Replica, RoleKind};
 pub use types::{ClientId, Index, ReplicaId, RequestId, Term};

@@ -13,32 +13,36 @@ pub struct CommitNotice {
     pub above: Vec<Index>,
 }
 
+/// What a candidate says about its log when it asks for a (pre-)vote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidacy {
+    /// The term whose merged log the candidate durably adopted.
+    pub sync: Term,
+    /// End of that merged log.
+    pub sync_end: Index,
+    /// The candidate's contiguous committed watermark; voters send their entries above it.
+    pub committed: Index,
+    /// Every entry up to here is held and durable at the candidate.
+    pub durable: Index,
+    /// Index of the candidate's configuration entry in force.
+    pub config: Index,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     /// Would you vote for me in `term`? Changes no state at the receiver.
     PreVote {
         term: Term,
-        sync: Term,
-        sync_end: Index,
-        committed: Index,
-        /// Every entry up to here is held and durable at the candidate.
-        durable: Index,
-        /// Index of the candidate's configuration entry in force.
-        config: Index,
+        candidate: Candidacy,
     },
     PreVoteResponse {
         term: Term,
         granted: bool,
     },
-    /// Phase 1 of the merge: a vote request. `committed` is the candidate's contiguous committed
-    /// watermark; voters send their entries above it.
+    /// Phase 1 of the merge: a vote request.
     Vote {
         term: Term,
-        sync: Term,
-        sync_end: Index,
-        committed: Index,
-        durable: Index,
-        config: Index,
+        candidate: Candidacy,
     },
     VoteResponse {
         term: Term,

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use parallelraft::sim::write_op;
 use parallelraft::{
-    ClientError, ClientId, ClientRequest, Command, Config, Event, Index, Membership, MembershipChange, MembershipError,
-    Message, Mode, Replica, ReplicaId, RequestId, RoleKind, Term,
+    Candidacy, ClientError, ClientId, ClientRequest, Command, Config, Event, Index, Membership, MembershipChange,
+    MembershipError, Message, Mode, Replica, ReplicaId, RequestId, RoleKind, Term,
 };
 
 const ADMIN: ClientId = ClientId(99);
@@ -296,11 +296,7 @@ fn voters_refuse_a_candidate_with_an_older_configuration_and_joiners_never_vote(
     let (committed, durable) = (c.replicas[voter].committed_watermark(), c.replicas[voter].last_index());
     let vote = |term: Term, config: Index| Message::Vote {
         term,
-        sync: hard.sync,
-        sync_end: hard.sync_end,
-        committed,
-        durable,
-        config,
+        candidate: Candidacy { sync: hard.sync, sync_end: hard.sync_end, committed, durable, config },
     };
     let term = Term(c.replicas[voter].term().0 + 5);
     let stale = vote(term, Index(0));

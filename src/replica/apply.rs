@@ -4,7 +4,7 @@ use lbb::RangeSet;
 
 use super::{PendingRead, Replica, Role};
 use crate::entry::{granule_range, Entry, Op};
-use crate::io::{CheckpointState, ClientError, Command};
+use crate::io::{CheckpointState, Command};
 use crate::message::Message;
 use crate::types::{Index, ReplicaId, RequestId, Term};
 
@@ -75,17 +75,12 @@ impl Replica {
     }
 
     pub(super) fn on_read(&mut self, id: RequestId, offset: u64, len_bytes: u64) {
-        let hint = self.leader_hint;
-        let fence = self.log.last_index();
-        let quorum = self.quorum();
-        let Role::Leader(l) = &mut self.role else {
-            self.reply(id, Err(ClientError::NotLeader { hint }));
-            return;
-        };
-        if !l.serving {
-            self.reply(id, Err(ClientError::Busy));
+        if !self.serving_or_refuse(id) {
             return;
         }
+        let fence = self.log.last_index();
+        let quorum = self.quorum();
+        let Role::Leader(l) = &mut self.role else { unreachable!() };
         let ranges = RangeSet::single(granule_range(offset, len_bytes));
         let seq = l.read_seq + 1;
         l.reads.push(PendingRead { id, offset, len_bytes, ranges, fence, seq });

@@ -2,9 +2,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
-use super::{Candidacy, LeaderState, Progress, Replica, Role, VoteInfo};
+use super::{LeaderState, Progress, Replica, Role, VoteInfo};
 use crate::io::ClientError;
-use crate::message::Message;
+use crate::message::{Candidacy, Message};
 use crate::types::{Index, ReplicaId, Term};
 
 impl Replica {
@@ -61,17 +61,9 @@ impl Replica {
             self.start_election();
             return;
         }
-        let c = self.candidacy();
+        let candidate = self.candidacy();
         for peer in self.voter_peers() {
-            let message = Message::PreVote {
-                term,
-                sync: c.sync,
-                sync_end: c.sync_end,
-                committed: c.committed,
-                durable: c.durable,
-                config: c.config,
-            };
-            self.send(peer, message);
+            self.send(peer, Message::PreVote { term, candidate });
         }
     }
 
@@ -114,17 +106,9 @@ impl Replica {
         let mut votes = BTreeMap::new();
         votes.insert(self.cfg.id, VoteInfo { sync: self.hard.sync, committed: self.committed, entries: Vec::new() });
         self.role = Role::Candidate { votes };
-        let (term, c) = (self.hard.term, self.candidacy());
+        let (term, candidate) = (self.hard.term, self.candidacy());
         for peer in self.voter_peers() {
-            let message = Message::Vote {
-                term,
-                sync: c.sync,
-                sync_end: c.sync_end,
-                committed: c.committed,
-                durable: c.durable,
-                config: c.config,
-            };
-            self.send(peer, message);
+            self.send(peer, Message::Vote { term, candidate });
         }
         self.maybe_win();
     }

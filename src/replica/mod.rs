@@ -28,18 +28,6 @@ use crate::rng::Rng;
 use crate::table::ClientTable;
 use crate::types::{ClientId, Index, ReplicaId, RequestId, Term};
 
-/// What a candidate says about its log when it asks for a (pre-)vote.
-#[derive(Clone, Copy, Debug)]
-struct Candidacy {
-    sync: Term,
-    sync_end: Index,
-    committed: Index,
-    /// Contiguous durable prefix of the candidate's log.
-    durable: Index,
-    /// Index of the configuration entry in force at the candidate.
-    config: Index,
-}
-
 /// What a candidate learned from one voter (phase 1 of the merge).
 #[derive(Clone, Debug)]
 struct VoteInfo {
@@ -343,14 +331,9 @@ impl Replica {
         // Anyone may send: a replica joining a group does not know its members yet, and a
         // removed server is kept from disrupting us by the vote rules (`candidate_allowed`).
         match message {
-            Message::PreVote { term, sync, sync_end, committed, durable, config } => {
-                let candidate = Candidacy { sync, sync_end, committed, durable, config };
-                self.on_pre_vote(from, term, candidate)
-            }
+            Message::PreVote { term, candidate } => self.on_pre_vote(from, term, candidate),
             Message::PreVoteResponse { term, granted } => self.on_pre_vote_response(from, term, granted),
-            Message::Vote { term, sync, sync_end, committed, durable, config } => {
-                self.on_vote(from, term, Candidacy { sync, sync_end, committed, durable, config })
-            }
+            Message::Vote { term, candidate } => self.on_vote(from, term, candidate),
             Message::VoteResponse { term, granted, sync, committed, checkpoint: _, entries } => {
                 self.on_vote_response(from, term, granted, VoteInfo { sync, committed, entries })
             }
@@ -376,6 +359,18 @@ impl Replica {
 
     fn reply(&mut self, id: RequestId, result: Result<(), ClientError>) {
         self.out.push(Command::Reply { id, result });
+    }
+
+    /// True when we are the serving leader; otherwise answers `id` (not the leader, with a
+    /// hint; or busy while the merge runs) and returns false.
+    fn serving_or_refuse(&mut self, id: RequestId) -> bool {
+        let result = match &self.role {
+            Role::Leader(l) if l.serving => return true,
+            Role::Leader(_) => ClientError::Busy,
+            _ => ClientError::NotLeader { hint: self.leader_hint },
+        };
+        self.reply(id, Err(result));
+        false
     }
 
     fn persist_hard_state(&mut self) {

@@ -17,19 +17,14 @@ impl Replica {
     /// Contract: the changes of one client id are issued one after another, so a change's own
     /// sequence number is its client's floor.
     pub(super) fn on_change_membership(&mut self, id: RequestId, change: MembershipChange) {
-        let hint = self.leader_hint;
-        let Role::Leader(l) = &mut self.role else {
-            self.reply(id, Err(ClientError::NotLeader { hint }));
-            return;
-        };
-        if !l.serving {
-            self.reply(id, Err(ClientError::Busy));
+        if !self.serving_or_refuse(id) {
             return;
         }
         if self.table.covers(id) {
             self.reply(id, Ok(()));
             return;
         }
+        let Role::Leader(l) = &mut self.role else { unreachable!() };
         if let Some(&index) = l.in_log.get(&id) {
             l.waiters.entry(index).or_default().push(id);
             return;

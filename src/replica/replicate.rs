@@ -11,15 +11,10 @@ use crate::types::{Index, ReplicaId, Term};
 
 impl Replica {
     pub(super) fn on_propose(&mut self, request: ClientRequest) {
-        let hint = self.leader_hint;
-        let Role::Leader(l) = &mut self.role else {
-            self.reply(request.id, Err(ClientError::NotLeader { hint }));
-            return;
-        };
-        if !l.serving {
-            self.reply(request.id, Err(ClientError::Busy));
+        if !self.serving_or_refuse(request.id) {
             return;
         }
+        let Role::Leader(l) = &mut self.role else { unreachable!() };
         let id = request.id;
         // At-most-once: a request already applied, or below its client's floor (acknowledged
         // long ago: this is a stale retry), is answered without a new entry.

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 
-use super::{Ev, Net, Node, Sim, CLIENT_RETRY};
+use super::{redirect, Ev, Net, Node, Sim, CLIENT_RETRY};
 use crate::io::ClientError;
 use crate::membership::{Membership, MembershipChange, MembershipError};
 use crate::rng::Rng;
@@ -166,7 +166,7 @@ impl Sim {
                 }
             }
             Err(ClientError::NotLeader { hint }) => {
-                let next = hint.filter(|h| h.0 != from as u32).unwrap_or(ReplicaId((from as u32 + 1) % nodes));
+                let next = redirect(hint, from, nodes);
                 admin.leader_guess = next;
                 f.target = next;
                 f.retry_at = now + 5;

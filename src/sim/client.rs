@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use super::disk::BLOCK_SIZE;
-use super::{Ev, Net, Node, Sim, CLIENT_RETRY};
+use super::{redirect, Ev, Net, Node, Sim, CLIENT_RETRY};
 use crate::entry::Op;
 use crate::io::{ClientError, ClientRequest};
 use crate::rng::Rng;
@@ -203,7 +203,7 @@ impl Sim {
                 self.client_wake_soon(c);
             }
             Err(ClientError::NotLeader { hint }) => {
-                let next = hint.filter(|h| h.0 != from as u32).unwrap_or(ReplicaId((from as u32 + 1) % n));
+                let next = redirect(hint, from, n);
                 client.leader_guess = next;
                 o.target = next;
                 o.retry_at = now + 5;

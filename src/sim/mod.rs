@@ -825,6 +825,12 @@ impl Sim {
     }
 }
 
+/// Where a client (or the operator) goes after `from` answered "not the leader": the hint,
+/// else the next server.
+fn redirect(hint: Option<ReplicaId>, from: usize, nodes: u32) -> ReplicaId {
+    hint.filter(|h| h.0 != from as u32).unwrap_or(ReplicaId((from as u32 + 1) % nodes))
+}
+
 /// Blocks of payload of a write (whole blocks), for tests.
 pub fn write_op(id: RequestId, first_block: u64, blocks: u64) -> Op {
     let mut data = Vec::new();

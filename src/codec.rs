@@ -356,7 +356,7 @@ impl Reader<'_> {
     }
     fn membership(&mut self) -> Result<Membership, DecodeError> {
         let m = Membership { voters: self.ids()?, learners: self.ids()? };
-        if !m.voters.is_disjoint(&m.learners) || (!m.is_known() && !m.learners.is_empty()) {
+        if !m.is_well_formed() {
             return Err(DecodeError("malformed membership"));
         }
         Ok(m)

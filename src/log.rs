@@ -59,16 +59,22 @@ impl Log {
         self.configs.range(..=self.held_upto).next_back().map_or(self.base.index, |(i, _)| *i)
     }
 
-    /// Moves `held_upto` forward over held slots.
-    fn advance_held(&mut self) {
-        let mut h = self.held_upto.max(self.checkpoint);
-        for i in self.slots.range(h.next()..).map(|(i, _)| *i) {
-            if i != h.next() {
+    /// The end of the run of consecutive held slots starting right after `from` (at least
+    /// `from`) whose slots all satisfy `ok`: how both kept prefixes advance and are checked.
+    fn run_end(&self, from: Index, ok: impl Fn(&LogSlot) -> bool) -> Index {
+        let mut end = from;
+        for (i, slot) in self.slots.range(from.next()..) {
+            if *i != end.next() || !ok(slot) {
                 break;
             }
-            h = i;
+            end = *i;
         }
-        self.held_upto = h;
+        end
+    }
+
+    /// Moves `held_upto` forward over held slots.
+    fn advance_held(&mut self) {
+        self.held_upto = self.run_end(self.held_upto.max(self.checkpoint), |_| true);
     }
 
     /// The configuration as of `index` (for a checkpoint or snapshot there).
@@ -81,14 +87,7 @@ impl Log {
 
     /// Moves `durable_upto` forward over held, durable slots.
     fn advance_durable(&mut self) {
-        let mut d = self.durable_upto.max(self.checkpoint);
-        for (i, slot) in self.slots.range(d.next()..) {
-            if *i != d.next() || !slot.durable {
-                break;
-            }
-            d = *i;
-        }
-        self.durable_upto = d;
+        self.durable_upto = self.run_end(self.durable_upto.max(self.checkpoint), |slot| slot.durable);
     }
 
     pub fn checkpoint(&self) -> Index {
@@ -185,14 +184,7 @@ impl Log {
 
     /// [`Log::durable_prefix`] computed by a scan (for invariant checks).
     pub fn durable_prefix_scan(&self) -> Index {
-        let mut d = self.checkpoint;
-        for (i, slot) in &self.slots {
-            if *i != d.next() || !slot.durable {
-                break;
-            }
-            d = *i;
-        }
-        d
+        self.run_end(self.checkpoint, |slot| slot.durable)
     }
 
     pub fn iter_from(&self, after: Index) -> impl Iterator<Item = &LogSlot> {
@@ -226,11 +218,7 @@ impl Log {
         }
         assert_eq!(self.durable_upto, self.durable_prefix_scan(), "durable prefix kept wrong");
         assert!(self.base.index <= self.checkpoint, "base configuration above the checkpoint");
-        let mut held = self.checkpoint;
-        while self.slots.contains_key(&held.next()) {
-            held = held.next();
-        }
-        assert_eq!(self.held_upto, held, "hole-free prefix kept wrong");
+        assert_eq!(self.held_upto, self.run_end(self.checkpoint, |_| true), "hole-free prefix kept wrong");
         let held: BTreeMap<Index, &Membership> = self
             .slots
             .iter()

@@ -169,9 +169,17 @@ impl Membership {
         Ok(next)
     }
 
+    /// Voters and learners are disjoint, and there are no learners without voters (the
+    /// decoder refuses anything else; `check_invariants` asserts it).
+    pub fn is_well_formed(&self) -> bool {
+        self.voters.is_disjoint(&self.learners) && (self.is_known() || self.learners.is_empty())
+    }
+
     pub fn check_invariants(&self) {
-        assert!(self.voters.is_disjoint(&self.learners), "a member is both voter and learner: {self:?}");
-        assert!(self.is_known() || self.learners.is_empty(), "learners without voters: {self:?}");
+        assert!(
+            self.is_well_formed(),
+            "malformed membership (a member both voter and learner, or learners without voters): {self:?}"
+        );
     }
 }
 

@@ -412,13 +412,7 @@ impl Sim {
         if self.admin.as_ref().is_some_and(|a| !a.idle()) {
             return false;
         }
-        let Some(leader) = self
-            .replicas
-            .iter()
-            .filter_map(|s| s.replica.as_ref())
-            .filter(|r| r.role() == RoleKind::Leader)
-            .max_by_key(|r| r.term())
-        else {
+        let Some(leader) = self.serving_leader() else {
             return false;
         };
         let last = leader.last_index();
@@ -433,15 +427,18 @@ impl Sim {
         })
     }
 
-    /// The members of the converged group (every server without membership changes).
-    fn final_members(&self) -> Vec<usize> {
-        let leader = self
-            .replicas
+    /// The serving leader of the highest term (a deposed one may not know it yet).
+    fn serving_leader(&self) -> Option<&Replica> {
+        self.replicas
             .iter()
             .filter_map(|s| s.replica.as_ref())
             .filter(|r| r.role() == RoleKind::Leader)
             .max_by_key(|r| r.term())
-            .expect("converged without a leader");
+    }
+
+    /// The members of the converged group (every server without membership changes).
+    fn final_members(&self) -> Vec<usize> {
+        let leader = self.serving_leader().expect("converged without a leader");
         leader.membership().members().map(|m| m.0 as usize).collect()
     }
 

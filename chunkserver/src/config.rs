@@ -12,7 +12,12 @@
 //! addr = "127.0.0.1:20001"  # peers and frontends connect here
 //! ```
 //!
-//! Chunk `c` is replicated on three servers: the list sorted by id, starting at `c mod n`.
+//! Chunk `c` starts on three servers: the non-spare servers sorted by id, starting at `c mod n`.
+//! That bootstrap placement is used once, when a server creates a chunk replica for the first
+//! time; afterwards each chunk group's membership lives in its own log and changes through the
+//! admin commands. A server added to a running cluster is listed with `spare = true`: it starts
+//! empty and receives replicas only by membership changes (a listed non-spare server that
+//! started empty would create bootstrap replicas of groups that moved on).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -51,6 +56,9 @@ fn default_mode() -> String {
 pub struct ServerFile {
     pub id: u32,
     pub addr: String,
+    /// Holds no chunk at creation (see the module docs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spare: bool,
 }
 
 /// A validated cluster description.
@@ -63,6 +71,8 @@ pub struct Cluster {
     pub mode: Mode,
     /// Sorted by id.
     pub servers: Vec<(ReplicaId, SocketAddr)>,
+    /// The servers of the bootstrap placement (not spares), sorted by id.
+    pub placed: Vec<ReplicaId>,
 }
 
 /// Parses sizes such as `4096`, `512K`, `256M`, `1G`, `2T` (binary units).
@@ -110,17 +120,28 @@ impl Cluster {
         }
         let mode: Mode = file.volume.mode.parse()?;
         let mut servers = Vec::new();
+        let mut placed = Vec::new();
         for s in &file.servers {
             let addr: SocketAddr =
                 s.addr.parse().map_err(|_| format!("server {}: bad address {:?} (want host:port)", s.id, s.addr))?;
+            if s.id == 0 || s.id == u32::MAX {
+                return Err(format!("server id {} is reserved", s.id));
+            }
             servers.push((ReplicaId(s.id), addr));
+            if !s.spare {
+                placed.push(ReplicaId(s.id));
+            }
         }
         servers.sort();
+        placed.sort();
         if servers.windows(2).any(|w| w[0].0 == w[1].0) {
             return Err("duplicate server id".into());
         }
-        if servers.len() < REPLICAS_PER_CHUNK {
-            return Err(format!("need at least {REPLICAS_PER_CHUNK} servers, found {}", servers.len()));
+        if placed.len() < REPLICAS_PER_CHUNK {
+            return Err(format!(
+                "need at least {REPLICAS_PER_CHUNK} servers that are not spares, found {}",
+                placed.len()
+            ));
         }
         Ok(Cluster {
             cluster_id: file.cluster_id,
@@ -129,6 +150,7 @@ impl Cluster {
             chunk_bytes,
             mode,
             servers,
+            placed,
         })
     }
 
@@ -142,10 +164,11 @@ impl Cluster {
         self.chunk_bytes.min(self.size_bytes - start)
     }
 
-    /// The servers holding chunk `c`, sorted by id.
+    /// The bootstrap placement of chunk `c`: the servers its group starts on, sorted by id.
+    /// (Where it lives now is its group's membership.)
     pub fn replicas_of(&self, c: u32) -> Vec<ReplicaId> {
-        let n = self.servers.len();
-        let mut r: Vec<ReplicaId> = (0..REPLICAS_PER_CHUNK).map(|k| self.servers[(c as usize + k) % n].0).collect();
+        let n = self.placed.len();
+        let mut r: Vec<ReplicaId> = (0..REPLICAS_PER_CHUNK).map(|k| self.placed[(c as usize + k) % n]).collect();
         r.sort();
         r
     }
@@ -154,9 +177,62 @@ impl Cluster {
         self.servers.iter().find(|(s, _)| *s == id).map(|(_, a)| *a)
     }
 
-    /// The chunks server `id` holds a replica of.
+    /// The chunks server `id` holds in the bootstrap placement.
     pub fn chunks_on(&self, id: ReplicaId) -> Vec<u32> {
         (0..self.chunk_count()).filter(|c| self.replicas_of(*c).contains(&id)).collect()
+    }
+}
+
+/// Follows a cluster file for servers added while the cluster runs (so a new server can take
+/// replicas without restarting the others). Only additions of spare servers are taken; any
+/// other change (volume, addresses, a server removed or added as non-spare, which would change
+/// the bootstrap placement) is refused with a warning, and the running view stays as it was.
+pub struct ClusterWatch {
+    path: std::path::PathBuf,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl ClusterWatch {
+    pub fn new(path: &Path) -> ClusterWatch {
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        ClusterWatch { path: path.to_owned(), modified }
+    }
+
+    /// The servers added since `current` (with their addresses), if the file changed and its
+    /// change is acceptable.
+    pub fn poll(&mut self, current: &Cluster) -> Result<Vec<(ReplicaId, SocketAddr)>, String> {
+        let modified = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        if modified == self.modified {
+            return Ok(Vec::new());
+        }
+        self.modified = modified;
+        let next = Cluster::load(&self.path)?;
+        current.additions(&next)
+    }
+}
+
+impl Cluster {
+    /// The servers `next` adds to `self`, if that is all it changes (see [`ClusterWatch`]).
+    pub fn additions(&self, next: &Cluster) -> Result<Vec<(ReplicaId, SocketAddr)>, String> {
+        let same_volume = next.cluster_id == self.cluster_id
+            && next.volume_name == self.volume_name
+            && next.size_bytes == self.size_bytes
+            && next.chunk_bytes == self.chunk_bytes
+            && next.mode == self.mode
+            && next.placed == self.placed;
+        if !same_volume {
+            return Err("the cluster file changed more than by added spare servers; change ignored".into());
+        }
+        if let Some((id, _)) = self.servers.iter().find(|s| !next.servers.contains(s)) {
+            return Err(format!("server {} was removed or moved in the cluster file; change ignored", id.0));
+        }
+        Ok(next.servers.iter().filter(|s| !self.servers.contains(s)).copied().collect())
+    }
+
+    /// Adds servers (spares) found by a [`ClusterWatch`].
+    pub fn add_servers(&mut self, added: &[(ReplicaId, SocketAddr)]) {
+        self.servers.extend_from_slice(added);
+        self.servers.sort();
     }
 }
 
@@ -196,6 +272,10 @@ mod tests {
             [[server]]
             id = 4
             addr = "127.0.0.1:4"
+            [[server]]
+            id = 5
+            addr = "127.0.0.1:5"
+            spare = true
             "#,
         )
         .unwrap();
@@ -206,5 +286,30 @@ mod tests {
         assert_eq!(c.replicas_of(1), vec![ReplicaId(2), ReplicaId(3), ReplicaId(4)]);
         assert_eq!(c.replicas_of(2), vec![ReplicaId(1), ReplicaId(3), ReplicaId(4)]);
         assert_eq!(c.chunks_on(ReplicaId(1)), vec![0, 2]);
+        assert!(c.chunks_on(ReplicaId(5)).is_empty(), "a spare holds nothing at creation");
+    }
+
+    fn cluster(servers: &[(u32, &str, bool)]) -> Cluster {
+        let mut text = String::from("cluster_id = 1\n[volume]\nname = \"v\"\nsize = \"8M\"\nchunk_size = \"4M\"\n");
+        for (id, addr, spare) in servers {
+            text.push_str(&format!("[[server]]\nid = {id}\naddr = \"{addr}\"\nspare = {spare}\n"));
+        }
+        Cluster::from_file(toml::from_str(&text).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn only_spares_may_be_added_to_a_running_cluster() {
+        let base = [(1, "127.0.0.1:1", false), (2, "127.0.0.1:2", false), (3, "127.0.0.1:3", false)];
+        let now = cluster(&base);
+        let mut with_spare = base.to_vec();
+        with_spare.push((7, "127.0.0.1:7", true));
+        let added = now.additions(&cluster(&with_spare)).unwrap();
+        assert_eq!(added, vec![(ReplicaId(7), "127.0.0.1:7".parse().unwrap())]);
+        let mut placed = base.to_vec();
+        placed.push((7, "127.0.0.1:7", false));
+        assert!(now.additions(&cluster(&placed)).is_err(), "a non-spare addition changes the placement");
+        let moved = [(1, "127.0.0.1:1", false), (2, "127.0.0.1:9", false), (3, "127.0.0.1:3", false)];
+        assert!(now.additions(&cluster(&moved)).is_err(), "an address change is refused");
+        assert!(now.additions(&now).unwrap().is_empty());
     }
 }

@@ -8,7 +8,9 @@
 //!   finds each chunk's leader and retries across leader changes.
 //! - [`nbd`]: the NBD server in front of a volume.
 //! - [`local`]: the one-command local cluster.
+//! - [`admin`]: operator commands (membership changes, moving replicas, scrub).
 
+pub mod admin;
 pub mod config;
 pub mod local;
 pub mod metrics;

@@ -1,5 +1,6 @@
-//! The one-command local cluster: three chunk server processes on 127.0.0.1 and the NBD
-//! frontend in this process.
+//! The one-command local cluster: chunk server processes on 127.0.0.1 (three by default;
+//! `--servers 4` leaves room to move replicas when one dies) and the NBD frontend in this
+//! process.
 //!
 //! The data directory holds `cluster.toml` (written on first start, reused after), one
 //! `server-N/` directory and one `server-N.pid` file per chunk server. A restart with the same
@@ -26,6 +27,10 @@ pub struct LocalOptions {
     pub peer_base_port: u16,
     pub lbb_span: usize,
     pub jitter_us: u64,
+    pub rebuild_rate: u64,
+    pub checkpoint_interval: u64,
+    /// Chunk servers to run (default: 3 for a new directory, what it has for an existing one).
+    pub servers: Option<u32>,
     /// `/metrics` of the frontend on this port of `bind`, of server N on port + N; 0: none.
     pub metrics_port: u16,
 }
@@ -34,7 +39,7 @@ pub const DEFAULT_SIZE: &str = "1G";
 /// Small enough that a laptop volume has several chunks (several groups per server, leaders
 /// spread), large enough that a chunk's metadata stays tiny.
 pub const DEFAULT_CHUNK_SIZE: &str = "256M";
-pub const SERVERS: u32 = 3;
+pub const DEFAULT_SERVERS: u32 = 3;
 
 fn cluster_path(dir: &Path) -> PathBuf {
     dir.join("cluster.toml")
@@ -48,8 +53,22 @@ fn prepare(opts: &LocalOptions) -> Result<Cluster, String> {
     let path = cluster_path(&opts.data_dir);
     let mut file: ClusterFile = if path.exists() {
         let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let file: ClusterFile =
+        let mut file: ClusterFile =
             toml::from_str(&text).map_err(|e| format!("bad cluster file {}: {}", path.display(), e.message()))?;
+        if let Some(n) = opts.servers {
+            let have = file.servers.len() as u32;
+            if n < have {
+                return Err(format!(
+                    "{} already has {have} servers; `local` cannot run fewer (decommission one with `chunkserver admin`)",
+                    opts.data_dir.display()
+                ));
+            }
+            // New servers join as spares: they hold nothing until replicas are moved to them.
+            let next = file.servers.iter().map(|s| s.id).max().unwrap_or(0);
+            for id in next + 1..=next + (n - have) {
+                file.servers.push(server_file(opts, id, true));
+            }
+        }
         if let Some(size) = &opts.size {
             if parse_size(size)? != parse_size(&file.volume.size)? {
                 return Err(format!(
@@ -66,9 +85,7 @@ fn prepare(opts: &LocalOptions) -> Result<Cluster, String> {
         ClusterFile {
             cluster_id: std::process::id() as u64 ^ 0x7072_6166_7400_0000,
             volume: VolumeFile { name: "vol0".into(), size, chunk_size, mode: "parallel".into() },
-            servers: (1..=SERVERS)
-                .map(|i| ServerFile { id: i, addr: format!("127.0.0.1:{}", opts.peer_base_port as u32 + i - 1) })
-                .collect(),
+            servers: (1..=opts.servers.unwrap_or(DEFAULT_SERVERS)).map(|i| server_file(opts, i, false)).collect(),
         }
     };
     if let Some(mode) = &opts.mode {
@@ -78,6 +95,10 @@ fn prepare(opts: &LocalOptions) -> Result<Cluster, String> {
     let text = toml::to_string_pretty(&file).map_err(|e| e.to_string())?;
     std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(cluster)
+}
+
+fn server_file(opts: &LocalOptions, id: u32, spare: bool) -> ServerFile {
+    ServerFile { id, addr: format!("127.0.0.1:{}", opts.peer_base_port as u32 + id - 1), spare }
 }
 
 fn spawn_server(opts: &LocalOptions, id: u32) -> Result<Child, String> {
@@ -97,7 +118,11 @@ fn spawn_server(opts: &LocalOptions, id: u32) -> Result<Child, String> {
         .arg("--lbb-span")
         .arg(opts.lbb_span.to_string())
         .arg("--jitter-us")
-        .arg(opts.jitter_us.to_string());
+        .arg(opts.jitter_us.to_string())
+        .arg("--rebuild-rate")
+        .arg(opts.rebuild_rate.to_string())
+        .arg("--checkpoint-interval")
+        .arg(opts.checkpoint_interval.to_string());
     if opts.metrics_port != 0 {
         cmd.arg("--metrics").arg(format!("{}:{}", opts.bind, opts.metrics_port as u32 + id));
     }
@@ -131,6 +156,7 @@ pub fn run(opts: LocalOptions) -> Result<(), String> {
             return Err(format!("chunk server {} cannot listen on {peer_addr}: {e}", id.0));
         }
     }
+    let server_count = cluster.servers.len();
     let mut children = Vec::new();
     for (id, _) in &cluster.servers {
         children.push((id.0, spawn_server(&opts, id.0)?));
@@ -146,6 +172,7 @@ pub fn run(opts: LocalOptions) -> Result<(), String> {
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
         let volume = Volume::new(cluster);
+        volume.watch(&cluster_path(&opts.data_dir));
         if opts.metrics_port != 0 {
             match format!("{}:{}", opts.bind, opts.metrics_port).parse() {
                 Ok(a) => volume.serve_metrics(a),
@@ -153,7 +180,7 @@ pub fn run(opts: LocalOptions) -> Result<(), String> {
             }
         }
         let export = Export { name: name.clone(), description: format!("parallelraft volume ({mode:?} mode)"), volume };
-        info!(data_dir = %opts.data_dir.display(), size, ?mode, "local cluster: 3 chunk servers started");
+        info!(data_dir = %opts.data_dir.display(), size, ?mode, servers = server_count, "local cluster: chunk servers started");
         println!("{}", nbd::uri(addr, &name));
         nbd::log_ready(addr, &name);
         let server = tokio::spawn(nbd::serve(listener, export));

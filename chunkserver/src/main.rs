@@ -10,7 +10,7 @@ use chunkserver::config::Cluster;
 use chunkserver::local::{self, LocalOptions};
 use chunkserver::nbd::{self, Export};
 use chunkserver::server::group::StorageOptions;
-use chunkserver::server::{self, ServerOptions, DEFAULT_LBB_SPAN};
+use chunkserver::server::{self, ServerOptions, DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_LBB_SPAN, DEFAULT_REBUILD_RATE};
 use chunkserver::storage::io::EngineKind;
 use chunkserver::volume::Volume;
 
@@ -32,11 +32,27 @@ struct Tuning {
     /// resolution), which reorders them.
     #[arg(long, default_value_t = 0)]
     jitter_us: u64,
+    /// Cap on the bytes per second a server sends to rebuild other replicas (e.g. 64M; 0: no
+    /// cap). Whatever the cap, a foreground message waits behind at most one 256 KiB rebuild
+    /// frame on a link.
+    #[arg(long, default_value = DEFAULT_REBUILD_RATE)]
+    rebuild_rate: String,
+    /// Entries between checkpoints of a chunk (after one, the log below it is pruned, and a
+    /// replica further behind is rebuilt from the block image instead of the log).
+    #[arg(long, default_value_t = DEFAULT_CHECKPOINT_INTERVAL)]
+    checkpoint_interval: u64,
+}
+
+impl Tuning {
+    fn rebuild_rate_bytes(&self) -> Result<u64, String> {
+        chunkserver::config::parse_size(&self.rebuild_rate).map_err(|e| format!("--rebuild-rate: {e}"))
+    }
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start a local three-replica cluster and serve its volume over NBD (Ctrl-C stops it).
+    /// Start a local cluster (three replicas per chunk) and serve its volume over NBD (Ctrl-C
+    /// stops it).
     Local {
         /// Where the cluster keeps its data; reused on restart.
         #[arg(long, default_value = "parallelraft-data")]
@@ -56,9 +72,14 @@ enum Cmd {
         mode: Option<String>,
         #[arg(long, default_value = "auto")]
         io_engine: String,
-        /// First of the three chunk servers' ports.
+        /// First of the chunk servers' ports (server N listens on this + N - 1).
         #[arg(long, default_value_t = 20101)]
         peer_base_port: u16,
+        /// Chunk servers to run (at least 3). Each chunk keeps three replicas; a fourth server
+        /// is room to move replicas to when one dies. More than an existing data directory
+        /// has adds spares (empty servers).
+        #[arg(long)]
+        servers: Option<u32>,
         #[command(flatten)]
         tuning: Tuning,
         /// `/metrics` of the NBD frontend on this port, of chunk server N on this port + N
@@ -101,13 +122,78 @@ enum Cmd {
     /// Print where a write's time goes (p50 / p99 per stage) from the `/metrics` of a running
     /// cluster, and draw it as an SVG picture.
     Profile {
-        /// The `/metrics` addresses (default: a `local` cluster's frontend and three servers).
+        /// The `/metrics` addresses (default: a `local` cluster's frontend and servers 1 to 3).
         #[arg(long, value_delimiter = ',', default_values_t = default_profile_targets())]
         metrics: Vec<String>,
         /// Write the picture here.
         #[arg(long, default_value = "profile.svg")]
         svg: PathBuf,
     },
+    /// Operator commands on a running cluster: membership changes, moving replicas, scrub.
+    Admin {
+        /// The cluster file (default: the one in --data-dir).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A `local` cluster's data directory.
+        #[arg(long, default_value = "parallelraft-data")]
+        data_dir: PathBuf,
+        #[command(subcommand)]
+        command: AdminCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Every group's leader, configuration and replicas.
+    Status,
+    /// Move every replica off a server (alive or dead) onto the others, online.
+    Decommission {
+        #[arg(long)]
+        server: u32,
+    },
+    /// Move every replica of a (dead) server onto another server, e.g. a new spare.
+    Replace {
+        #[arg(long)]
+        server: u32,
+        #[arg(long)]
+        with: u32,
+    },
+    /// Move one chunk's replica from one server to another.
+    Move {
+        #[arg(long)]
+        chunk: u32,
+        #[arg(long)]
+        from: u32,
+        #[arg(long)]
+        to: u32,
+    },
+    /// Add a server to a chunk's group as a non-voting learner (it is rebuilt in the background).
+    AddLearner {
+        #[arg(long)]
+        chunk: u32,
+        #[arg(long)]
+        server: u32,
+    },
+    /// Make a caught-up learner a voter.
+    Promote {
+        #[arg(long)]
+        chunk: u32,
+        #[arg(long)]
+        server: u32,
+    },
+    /// Remove a server from a chunk's group.
+    Remove {
+        #[arg(long)]
+        chunk: u32,
+        #[arg(long)]
+        server: u32,
+    },
+    /// Compare every chunk's replicas block by block (version and checksum); exits 1 on any
+    /// difference, or a group without exactly three voters.
+    Scrub,
+    /// Delete the data of replicas that were removed from their groups while their server was
+    /// down.
+    Gc,
 }
 
 const DEFAULT_METRICS_PORT: u16 = 9180;
@@ -145,10 +231,19 @@ fn run(cli: Cli) -> Result<(), String> {
             mode,
             io_engine,
             peer_base_port,
-            tuning: Tuning { lbb_span, jitter_us },
+            servers,
+            tuning,
             metrics_port,
         } => {
             engine(&io_engine)?;
+            let rebuild_rate = tuning.rebuild_rate_bytes()?;
+            let Tuning { lbb_span, jitter_us, checkpoint_interval, .. } = tuning;
+            if checkpoint_interval == 0 {
+                return Err("--checkpoint-interval must be positive".into());
+            }
+            if servers.is_some_and(|n| n < 3) {
+                return Err("--servers must be at least 3".into());
+            }
             if let Some(m) = &mode {
                 m.parse::<parallelraft::Mode>()?;
             }
@@ -166,16 +261,22 @@ fn run(cli: Cli) -> Result<(), String> {
                 peer_base_port,
                 lbb_span,
                 jitter_us,
+                rebuild_rate,
+                checkpoint_interval,
+                servers,
                 metrics_port,
             })
         }
-        Cmd::Serve { config, id, data_dir, io_engine, tick_ms, tuning: Tuning { lbb_span, jitter_us }, metrics } => {
+        Cmd::Serve { config, id, data_dir, io_engine, tick_ms, tuning, metrics } => {
+            let rebuild_rate = tuning.rebuild_rate_bytes()?;
+            let Tuning { lbb_span, jitter_us, checkpoint_interval, .. } = tuning;
             let cluster = Cluster::load(&config)?;
+            let config_path = Some(config);
             if !data_dir.is_dir() {
                 return Err(format!("data directory {} does not exist", data_dir.display()));
             }
-            if lbb_span == 0 || tick_ms == 0 {
-                return Err("--lbb-span and --tick-ms must be positive".into());
+            if lbb_span == 0 || tick_ms == 0 || checkpoint_interval == 0 {
+                return Err("--lbb-span, --tick-ms and --checkpoint-interval must be positive".into());
             }
             let storage = StorageOptions {
                 engine: engine(&io_engine)?,
@@ -194,11 +295,24 @@ fn run(cli: Cli) -> Result<(), String> {
                     jitter: Duration::from_micros(jitter_us),
                     metrics,
                     listen: None,
+                    config_path,
+                    rebuild_rate,
+                    checkpoint_interval,
                 },
                 None,
             )
         }
         Cmd::Profile { metrics, svg } => chunkserver::profile::run(&metrics, &svg),
+        Cmd::Admin { config, data_dir, command } => {
+            let path = config.unwrap_or_else(|| data_dir.join("cluster.toml"));
+            let cluster = Cluster::load(&path)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(admin(cluster, command))
+        }
         Cmd::Nbd { config, bind, port, metrics } => {
             let cluster = Cluster::load(&config)?;
             let addr: std::net::SocketAddr =
@@ -212,6 +326,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 let listener = nbd::bind(addr).await?;
                 let name = cluster.volume_name.clone();
                 let volume = Volume::new(cluster);
+                volume.watch(&config);
                 if let Some(a) = metrics {
                     volume.serve_metrics(a);
                 }
@@ -226,4 +341,70 @@ fn run(cli: Cli) -> Result<(), String> {
             })
         }
     }
+}
+
+async fn admin(cluster: Cluster, command: AdminCmd) -> Result<(), String> {
+    use chunkserver::admin::Admin;
+    use parallelraft::MembershipChange;
+    let check = |id: u32| {
+        cluster
+            .addr_of(ReplicaId(id))
+            .map(|_| ReplicaId(id))
+            .ok_or_else(|| format!("no server {id} in the cluster file"))
+    };
+    let check_chunk = |chunk: u32| {
+        if chunk < cluster.chunk_count() {
+            Ok(chunk)
+        } else {
+            Err(format!("no chunk {chunk}: the volume has {} chunks", cluster.chunk_count()))
+        }
+    };
+    let admin = Admin::connect(cluster.clone()).await;
+    let print_moves = |moves: Vec<(u32, chunkserver::admin::MoveReport)>, took: Duration| {
+        let bytes: u64 = moves.iter().map(|(_, m)| m.rebuild_bytes).sum();
+        let rebuild: f64 = moves.iter().map(|(_, m)| m.rebuild_time.as_secs_f64()).sum();
+        println!(
+            "moved {} replica(s) in {:.1} s: {:.1} MiB rebuilt at {:.1} MiB/s",
+            moves.len(),
+            took.as_secs_f64(),
+            bytes as f64 / (1 << 20) as f64,
+            if rebuild > 0.0 { bytes as f64 / (1 << 20) as f64 / rebuild } else { 0.0 }
+        );
+    };
+    let start = std::time::Instant::now();
+    match command {
+        AdminCmd::Status => print!("{}", admin.status().await),
+        AdminCmd::Decommission { server } => {
+            let moves = admin.drain(check(server)?, None).await?;
+            print_moves(moves, start.elapsed());
+        }
+        AdminCmd::Replace { server, with } => {
+            let moves = admin.drain(check(server)?, Some(check(with)?)).await?;
+            print_moves(moves, start.elapsed());
+        }
+        AdminCmd::Move { chunk, from, to } => {
+            let report = admin.move_replica(check_chunk(chunk)?, check(from)?, check(to)?).await?;
+            print_moves(vec![(chunk, report)], start.elapsed());
+        }
+        AdminCmd::AddLearner { chunk, server } => {
+            admin.change(check_chunk(chunk)?, MembershipChange::AddLearner(check(server)?)).await?
+        }
+        AdminCmd::Promote { chunk, server } => {
+            admin.change(check_chunk(chunk)?, MembershipChange::Promote(check(server)?)).await?
+        }
+        AdminCmd::Remove { chunk, server } => {
+            let server = check(server)?;
+            admin.change(check_chunk(chunk)?, MembershipChange::Remove(server)).await?;
+            admin.retire(chunk, server).await;
+        }
+        AdminCmd::Scrub => {
+            let (problems, summary) = admin.scrub().await;
+            print!("{summary}");
+            if !problems.is_empty() {
+                return Err(format!("scrub found {} problem(s)", problems.len()));
+            }
+        }
+        AdminCmd::Gc => println!("deleted {} removed replica(s)", admin.gc().await),
+    }
+    Ok(())
 }

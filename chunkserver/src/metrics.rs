@@ -169,6 +169,8 @@ pub struct Totals {
     pub counters: Vec<(&'static str, &'static str, u64)>,
     /// (name, help, per-chunk values): gauges.
     pub chunk_gauges: Vec<ChunkGauge>,
+    /// (name, help, value): process-wide gauges.
+    pub gauges: Vec<(&'static str, &'static str, i64)>,
 }
 
 /// The Prometheus text of `stages` and `totals`.
@@ -193,6 +195,11 @@ pub fn render(stages: &Stages, totals: &Totals) -> String {
         let c = Counter::<u64>::default();
         c.inc_by(*value);
         registry.register(*name, *help, c);
+    }
+    for (name, help, value) in &totals.gauges {
+        let g = Gauge::<i64>::default();
+        g.set(*value);
+        registry.register(*name, *help, g);
     }
     for (name, help, values) in &totals.chunk_gauges {
         let family = Family::<ChunkLabel, Gauge>::default();
@@ -310,11 +317,13 @@ mod tests {
         let totals = Totals {
             counters: vec![("writes", "writes served", 7)],
             chunk_gauges: vec![("inflight", "requests in flight", vec![(0, 3), (1, 0)])],
+            gauges: vec![("rebuild_bytes_per_second", "rate", 4096)],
         };
         let text = render(&a, &totals);
         assert!(text.contains("parallelraft_stage_latency_us{stage=\"wal_sync\",quantile=\"0.5\"}"), "{text}");
         assert!(text.contains("parallelraft_writes_total 7"), "{text}");
         assert!(text.contains("parallelraft_inflight{chunk=\"0\"} 3"), "{text}");
+        assert!(text.contains("parallelraft_rebuild_bytes_per_second 4096"), "{text}");
         let parsed = parse_stages(&text);
         let (p50, _, _, count) = parsed["wal_sync"];
         assert!((249.0..=251.0).contains(&p50));

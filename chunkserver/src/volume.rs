@@ -11,11 +11,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use parallelraft::{ClientId, ReplicaId, RequestId};
+use parallelraft::{ClientId, MembershipChange, MembershipError, ReplicaId, RequestId};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -70,7 +70,8 @@ struct Inner {
     /// Sequence numbers not yet answered: the floor is the lowest.
     outstanding: Mutex<BTreeSet<u64>>,
     leaders: Mutex<Vec<Option<ReplicaId>>>,
-    links: HashMap<ReplicaId, ServerLink>,
+    /// One per server; servers added to the cluster file while running are added here.
+    links: RwLock<HashMap<ReplicaId, Arc<ServerLink>>>,
     pub retries: AtomicU64,
     /// Stage latencies of the frontend (`route`, and the NBD edge's `nbd_*`).
     stages: Mutex<Stages>,
@@ -91,27 +92,71 @@ impl Volume {
     /// Connects (lazily, in the background) to every server of the cluster. Call inside a
     /// tokio runtime.
     pub fn new(cluster: Cluster) -> Volume {
-        let mut links = HashMap::new();
-        for (id, addr) in cluster.servers.iter().copied() {
-            let (tx, rx) = mpsc::channel(1024);
-            let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
-            let up = Arc::new(AtomicBool::new(false));
-            tokio::spawn(link_task(cluster.cluster_id, id, addr, rx, pending.clone(), up.clone()));
-            links.insert(id, ServerLink { tx, pending, up });
-        }
         let chunks = cluster.chunk_count() as usize;
-        Volume {
+        let servers = cluster.servers.clone();
+        let volume = Volume {
             inner: Arc::new(Inner {
                 client: fresh_client_id(),
                 next_seq: AtomicU64::new(1),
                 outstanding: Mutex::new(BTreeSet::new()),
                 leaders: Mutex::new(vec![None; chunks]),
-                links,
+                links: RwLock::new(HashMap::new()),
                 retries: AtomicU64::new(0),
                 stages: Mutex::new(Stages::default()),
                 cluster,
             }),
+        };
+        for (id, addr) in servers {
+            volume.add_server(id, addr);
         }
+        volume
+    }
+
+    /// Starts talking to a server (one added to the cluster file while running). Call inside a
+    /// tokio runtime.
+    pub fn add_server(&self, id: ReplicaId, addr: SocketAddr) {
+        let mut links = self.inner.links.write().unwrap();
+        if links.contains_key(&id) {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let up = Arc::new(AtomicBool::new(false));
+        tokio::spawn(link_task(self.inner.cluster.cluster_id, id, addr, rx, pending.clone(), up.clone()));
+        links.insert(id, Arc::new(ServerLink { tx, pending, up }));
+    }
+
+    /// Follows the cluster file at `path` for added servers (see `ClusterWatch`). Call inside a
+    /// tokio runtime.
+    pub fn watch(&self, path: &std::path::Path) {
+        let mut watch = crate::config::ClusterWatch::new(path);
+        let volume = self.clone();
+        let mut known = self.inner.cluster.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                match watch.poll(&known) {
+                    Ok(added) => {
+                        for (id, addr) in &added {
+                            tracing::info!(server = id.0, %addr, "server added to the cluster file");
+                            volume.add_server(*id, *addr);
+                        }
+                        known.add_servers(&added);
+                    }
+                    Err(e) => warn!("{e}"),
+                }
+            }
+        });
+    }
+
+    /// Every server to ask about `chunk`: its bootstrap placement first, then the others.
+    fn search_order(&self, chunk: u32) -> Vec<ReplicaId> {
+        let mut order = self.inner.cluster.replicas_of(chunk);
+        let mut others: Vec<ReplicaId> =
+            self.inner.links.read().unwrap().keys().copied().filter(|id| !order.contains(id)).collect();
+        others.sort();
+        order.extend(others);
+        order
     }
 
     pub fn size_bytes(&self) -> u64 {
@@ -182,12 +227,49 @@ impl Volume {
 
     /// One request to one chunk's group, retried until a leader executes it.
     async fn piece(&self, chunk: u32, op: RequestOp) -> Result<Option<Bytes>, VolumeError> {
+        let start = Instant::now();
+        let result = self.routed(chunk, op).await;
+        self.record(Stage::Route, start.elapsed());
+        match result? {
+            Outcome::Done => Ok(None),
+            Outcome::Data(data) => Ok(Some(data)),
+            other => unreachable!("routed() returned {other:?} for a data request"),
+        }
+    }
+
+    /// A membership change of `chunk`'s group, executed by its leader: `Ok(Err(_))` when the
+    /// leader refused it. Contract: one change at a time per `Volume` (a change's sequence
+    /// number is its own floor in the group's client table).
+    pub async fn change(
+        &self,
+        chunk: u32,
+        change: MembershipChange,
+    ) -> Result<Result<(), MembershipError>, VolumeError> {
+        match self.routed(chunk, RequestOp::Change(change)).await? {
+            Outcome::Done => Ok(Ok(())),
+            Outcome::Refused(e) => Ok(Err(e)),
+            other => unreachable!("routed() returned {other:?} for a membership change"),
+        }
+    }
+
+    /// One request to one server, not retried (status, scrub, retire).
+    pub async fn ask(&self, server: ReplicaId, chunk: u32, op: RequestOp) -> Outcome {
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        let id = RequestId { client: self.inner.client, seq };
+        self.attempt(server, chunk, id, seq, op).await
+    }
+
+    /// Whether the connection to `server` is up.
+    pub fn connected(&self, server: ReplicaId) -> bool {
+        self.inner.links.read().unwrap().get(&server).is_some_and(|l| l.up.load(Ordering::Relaxed))
+    }
+
+    /// Sends `op` to `chunk`'s leader under one request identity until an answer that ends it.
+    async fn routed(&self, chunk: u32, op: RequestOp) -> Result<Outcome, VolumeError> {
         let inner = &self.inner;
         let seq = inner.next_seq.fetch_add(1, Ordering::Relaxed);
         inner.outstanding.lock().unwrap().insert(seq);
-        let start = Instant::now();
-        let result = self.piece_inner(chunk, seq, op).await;
-        self.record(Stage::Route, start.elapsed());
+        let result = self.routed_inner(chunk, seq, op).await;
         inner.outstanding.lock().unwrap().remove(&seq);
         result
     }
@@ -203,6 +285,7 @@ impl Volume {
         let totals = Totals {
             counters: vec![("frontend_retries", "Pieces sent again (redirect, busy, failure)", self.retries())],
             chunk_gauges: vec![],
+            gauges: vec![],
         };
         crate::metrics::render(&stages, &totals)
     }
@@ -221,12 +304,14 @@ impl Volume {
         });
     }
 
-    async fn piece_inner(&self, chunk: u32, seq: u64, op: RequestOp) -> Result<Option<Bytes>, VolumeError> {
+    async fn routed_inner(&self, chunk: u32, seq: u64, op: RequestOp) -> Result<Outcome, VolumeError> {
         let inner = &self.inner;
         let id = RequestId { client: inner.client, seq };
-        let replicas = inner.cluster.replicas_of(chunk);
-        let mut target =
-            inner.leaders.lock().unwrap()[chunk as usize].unwrap_or(replicas[chunk as usize % replicas.len()]);
+        // The group's members are where it was placed, unless membership changes moved it:
+        // then any server of the cluster may hold it, and redirects lead to its leader.
+        let replicas = self.search_order(chunk);
+        let placed = inner.cluster.replicas_of(chunk);
+        let mut target = inner.leaders.lock().unwrap()[chunk as usize].unwrap_or(placed[chunk as usize % placed.len()]);
         let deadline = Instant::now() + STALL_LIMIT;
         let mut redirects = 0u32;
         let expected_len = match &op {
@@ -243,16 +328,26 @@ impl Volume {
             let pause = match outcome {
                 Outcome::Done if expected_len.is_none() => {
                     inner.leaders.lock().unwrap()[chunk as usize] = Some(target);
-                    return Ok(None);
+                    return Ok(Outcome::Done);
                 }
                 Outcome::Data(data) if expected_len == Some(data.len()) => {
                     inner.leaders.lock().unwrap()[chunk as usize] = Some(target);
-                    return Ok(Some(data));
+                    return Ok(Outcome::Data(data));
                 }
-                Outcome::Done | Outcome::Data(_) => {
+                Outcome::Refused(e) if matches!(op, RequestOp::Change(_)) => {
+                    inner.leaders.lock().unwrap()[chunk as usize] = Some(target);
+                    return Ok(Outcome::Refused(e));
+                }
+                Outcome::Done | Outcome::Data(_) | Outcome::Refused(_) | Outcome::Status(_) | Outcome::Scrub(_) => {
                     warn!(chunk, server = target.0, "answer does not match the request; trying again");
                     target = next_replica(target);
                     Duration::from_millis(10)
+                }
+                Outcome::Absent => {
+                    // Not (or no longer) a member: ask the next server.
+                    redirects = 0;
+                    target = next_replica(target);
+                    Duration::from_millis(2)
                 }
                 Outcome::NotLeader(Some(hint)) if hint != target && replicas.contains(&hint) && redirects < 3 => {
                     redirects += 1;
@@ -284,7 +379,7 @@ impl Volume {
     }
 
     async fn attempt(&self, server: ReplicaId, chunk: u32, id: RequestId, floor: u64, op: RequestOp) -> Outcome {
-        let Some(link) = self.inner.links.get(&server) else {
+        let Some(link) = self.inner.links.read().unwrap().get(&server).cloned() else {
             return Outcome::Failed("unknown server".into());
         };
         if !link.up.load(Ordering::Relaxed) {

@@ -9,7 +9,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use parallelraft::codec::{decode_message, encode_message};
-use parallelraft::{ClientId, Index, Message, ReplicaId, RequestId};
+use parallelraft::{ClientId, Index, MembershipChange, MembershipError, Message, ReplicaId, RequestId, Term};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Largest body accepted: a full Append batch of large writes fits comfortably.
@@ -33,13 +33,61 @@ pub struct SnapBlock {
     pub data: Option<Bytes>,
 }
 
-/// A frontend request to a chunk's group. Offsets are within the chunk.
+/// A frontend (or admin) request to a chunk's group. Offsets are within the chunk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RequestOp {
-    Write { offset: u64, data: Bytes },
-    Trim { offset: u64, len_bytes: u64 },
-    WriteZeroes { offset: u64, len_bytes: u64 },
-    Read { offset: u64, len_bytes: u64 },
+    Write {
+        offset: u64,
+        data: Bytes,
+    },
+    Trim {
+        offset: u64,
+        len_bytes: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len_bytes: u64,
+    },
+    Read {
+        offset: u64,
+        len_bytes: u64,
+    },
+    /// A membership change, executed by the group's leader through its log.
+    Change(MembershipChange),
+    /// This replica's view of its group, answered by any replica directly.
+    Status,
+    /// `(version, crc32)` of `count` blocks from `first_block`, read and verified here.
+    Scrub {
+        first_block: u64,
+        count: u64,
+    },
+    /// The operator learned from the leader that the configuration entry at `config` removed
+    /// this server: delete the replica's data, keeping its term and vote as a tombstone.
+    Retire {
+        config: Index,
+    },
+}
+
+/// Largest `count` of a scrub request (4 MiB of blocks read per request).
+pub const MAX_SCRUB_BLOCKS: u64 = 1024;
+
+/// A replica's view of its group (the answer to [`RequestOp::Status`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupStatus {
+    /// `RoleKind` as text ("Leader", "Follower", ...), or "Failed".
+    pub role: String,
+    pub term: Term,
+    pub leader: Option<ReplicaId>,
+    pub voters: Vec<ReplicaId>,
+    pub learners: Vec<ReplicaId>,
+    /// Index of the configuration entry in force (0: the bootstrap placement).
+    pub config_index: Index,
+    pub committed: Index,
+    pub applied: Index,
+    pub last: Index,
+    pub checkpoint: Index,
+    /// Block bytes received by streaming catch-up (rebuild) since the server started.
+    pub rebuild_received_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +98,13 @@ pub enum Outcome {
     Busy,
     /// The replica could not execute it (e.g. a disk failure); the frontend tries another.
     Failed(String),
+    /// The leader refused a membership change.
+    Refused(MembershipError),
+    Status(GroupStatus),
+    /// `(version, crc32 of the 4 KiB)` per block of a scrub request.
+    Scrub(Vec<(Index, u32)>),
+    /// This server holds no replica of the chunk.
+    Absent,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,14 +115,32 @@ pub enum Body {
     Peer {
         message: Message,
     },
+    /// Frame `seq` (from 0) of a stream; it covers every wanted block below `upto`.
     SnapData {
         snapshot: u64,
+        seq: u64,
+        upto: u64,
         blocks: Vec<SnapBlock>,
     },
-    /// Ends a snapshot stream: `blocks` SnapBlocks were sent before it.
+    /// Opens a snapshot stream of an image as of at least `checkpoint`; the receiver answers
+    /// with [`Body::SnapWant`] and the sender streams only what it asks for.
+    SnapOffer {
+        snapshot: u64,
+        checkpoint: Index,
+    },
+    /// The blocks a receiver needs (see `server::rebuild`): below `covered`, those with a
+    /// version above `low`; from `covered` on, those with a version above `high`.
+    SnapWant {
+        snapshot: u64,
+        covered: u64,
+        low: Index,
+        high: Index,
+    },
+    /// Ends a snapshot stream of `frames` SnapData frames; the receiver steps `message` (a
+    /// `Message::Snapshot`) only if it got all of them, in order.
     SnapEnd {
         snapshot: u64,
-        blocks: u64,
+        frames: u64,
         message: Message,
     },
     /// Asks the peers of a group for their copies of blocks that failed their checksum here.
@@ -147,6 +220,8 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
         Body::Response { .. } => 6,
         Body::RepairAsk { .. } => 7,
         Body::RepairData { .. } => 8,
+        Body::SnapOffer { .. } => 9,
+        Body::SnapWant { .. } => 10,
     };
     out.put_u8(kind);
     out.put_u64_le(frame.cluster_id);
@@ -158,9 +233,21 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
             Role::Frontend => 2,
         }),
         Body::Peer { message } => encode_message(message, out),
-        Body::SnapData { snapshot, blocks } => {
+        Body::SnapData { snapshot, seq, upto, blocks } => {
             out.put_u64_le(*snapshot);
+            out.put_u64_le(*seq);
+            out.put_u64_le(*upto);
             encode_blocks(blocks, out);
+        }
+        Body::SnapOffer { snapshot, checkpoint } => {
+            out.put_u64_le(*snapshot);
+            out.put_u64_le(checkpoint.0);
+        }
+        Body::SnapWant { snapshot, covered, low, high } => {
+            out.put_u64_le(*snapshot);
+            out.put_u64_le(*covered);
+            out.put_u64_le(low.0);
+            out.put_u64_le(high.0);
         }
         Body::RepairAsk { blocks } => {
             out.put_u32_le(blocks.len() as u32);
@@ -173,9 +260,9 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
             out.put_u64_le(applied.0);
             encode_blocks(blocks, out);
         }
-        Body::SnapEnd { snapshot, blocks, message } => {
+        Body::SnapEnd { snapshot, frames, message } => {
             out.put_u64_le(*snapshot);
-            out.put_u64_le(*blocks);
+            out.put_u64_le(*frames);
             encode_message(message, out);
         }
         Body::Request { id, floor, op } => {
@@ -203,6 +290,26 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
                     out.put_u64_le(*offset);
                     out.put_u64_le(*len_bytes);
                 }
+                RequestOp::Change(change) => {
+                    out.put_u8(5);
+                    let (kind, server) = match change {
+                        MembershipChange::AddLearner(r) => (1, r),
+                        MembershipChange::Promote(r) => (2, r),
+                        MembershipChange::Remove(r) => (3, r),
+                    };
+                    out.put_u8(kind);
+                    out.put_u32_le(server.0);
+                }
+                RequestOp::Status => out.put_u8(6),
+                RequestOp::Scrub { first_block, count } => {
+                    out.put_u8(7);
+                    out.put_u64_le(*first_block);
+                    out.put_u64_le(*count);
+                }
+                RequestOp::Retire { config } => {
+                    out.put_u8(8);
+                    out.put_u64_le(config.0);
+                }
             }
         }
         Body::Response { id, outcome } => {
@@ -223,6 +330,23 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
                     out.put_u8(5);
                     out.put_slice(why.as_bytes());
                 }
+                Outcome::Refused(e) => {
+                    out.put_u8(6);
+                    out.put_u8(membership_error_code(*e));
+                }
+                Outcome::Status(st) => {
+                    out.put_u8(7);
+                    encode_status(st, out);
+                }
+                Outcome::Scrub(sums) => {
+                    out.put_u8(8);
+                    out.put_u32_le(sums.len() as u32);
+                    for (version, crc) in sums {
+                        out.put_u64_le(version.0);
+                        out.put_u32_le(*crc);
+                    }
+                }
+                Outcome::Absent => out.put_u8(9),
             }
         }
     }
@@ -230,6 +354,80 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
     let crc = crc32fast::hash(&out[body_start..]);
     out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn membership_error_code(e: MembershipError) -> u8 {
+    match e {
+        MembershipError::AlreadyMember => 1,
+        MembershipError::NotAMember => 2,
+        MembershipError::NotALearner => 3,
+        MembershipError::LearnerBehind => 4,
+        MembershipError::LastVoter => 5,
+    }
+}
+
+fn membership_error(code: u8) -> Result<MembershipError, WireError> {
+    Ok(match code {
+        1 => MembershipError::AlreadyMember,
+        2 => MembershipError::NotAMember,
+        3 => MembershipError::NotALearner,
+        4 => MembershipError::LearnerBehind,
+        5 => MembershipError::LastVoter,
+        _ => return Err(bad("unknown membership error")),
+    })
+}
+
+fn encode_ids(ids: &[ReplicaId], out: &mut BytesMut) {
+    out.put_u32_le(ids.len() as u32);
+    for id in ids {
+        out.put_u32_le(id.0);
+    }
+}
+
+fn decode_ids(buf: &mut Bytes) -> Result<Vec<ReplicaId>, WireError> {
+    let n = get_u32(buf)? as usize;
+    if n > buf.remaining() / 4 {
+        return Err(bad("id count exceeds frame"));
+    }
+    (0..n).map(|_| get_u32(buf).map(ReplicaId)).collect()
+}
+
+fn encode_status(st: &GroupStatus, out: &mut BytesMut) {
+    out.put_u32_le(st.role.len() as u32);
+    out.put_slice(st.role.as_bytes());
+    out.put_u64_le(st.term.0);
+    out.put_u32_le(st.leader.map_or(u32::MAX, |h| h.0));
+    encode_ids(&st.voters, out);
+    encode_ids(&st.learners, out);
+    for i in [st.config_index, st.committed, st.applied, st.last, st.checkpoint] {
+        out.put_u64_le(i.0);
+    }
+    out.put_u64_le(st.rebuild_received_bytes);
+}
+
+fn decode_status(buf: &mut Bytes) -> Result<GroupStatus, WireError> {
+    let len = get_u32(buf)? as usize;
+    need(buf, len)?;
+    let role = String::from_utf8_lossy(&buf.split_to(len)).into_owned();
+    let term = Term(get_u64(buf)?);
+    let h = get_u32(buf)?;
+    let leader = (h != u32::MAX).then_some(ReplicaId(h));
+    let voters = decode_ids(buf)?;
+    let learners = decode_ids(buf)?;
+    let mut index = || get_u64(buf).map(Index);
+    Ok(GroupStatus {
+        role,
+        term,
+        leader,
+        voters,
+        learners,
+        config_index: index()?,
+        committed: index()?,
+        applied: index()?,
+        last: index()?,
+        checkpoint: index()?,
+        rebuild_received_bytes: get_u64(buf)?,
+    })
 }
 
 fn encode_blocks(blocks: &[SnapBlock], out: &mut BytesMut) {
@@ -275,6 +473,13 @@ fn decode_blocks(buf: &mut Bytes) -> Result<Vec<SnapBlock>, WireError> {
     Ok(blocks)
 }
 
+fn end(buf: &Bytes) -> Result<(), WireError> {
+    if buf.has_remaining() {
+        return Err(bad("trailing bytes"));
+    }
+    Ok(())
+}
+
 fn need(buf: &Bytes, n: usize) -> Result<(), WireError> {
     if buf.remaining() < n {
         return Err(bad("truncated"));
@@ -317,7 +522,23 @@ pub fn decode_body(mut buf: Bytes) -> Result<Frame, WireError> {
         2 => Body::Peer { message: message(&buf)? },
         3 => {
             let snapshot = get_u64(&mut buf)?;
-            Body::SnapData { snapshot, blocks: decode_blocks(&mut buf)? }
+            let seq = get_u64(&mut buf)?;
+            let upto = get_u64(&mut buf)?;
+            Body::SnapData { snapshot, seq, upto, blocks: decode_blocks(&mut buf)? }
+        }
+        9 => {
+            let snapshot = get_u64(&mut buf)?;
+            let checkpoint = Index(get_u64(&mut buf)?);
+            end(&buf)?;
+            Body::SnapOffer { snapshot, checkpoint }
+        }
+        10 => {
+            let snapshot = get_u64(&mut buf)?;
+            let covered = get_u64(&mut buf)?;
+            let low = Index(get_u64(&mut buf)?);
+            let high = Index(get_u64(&mut buf)?);
+            end(&buf)?;
+            Body::SnapWant { snapshot, covered, low, high }
         }
         7 => {
             let n = get_u32(&mut buf)? as usize;
@@ -339,8 +560,8 @@ pub fn decode_body(mut buf: Bytes) -> Result<Frame, WireError> {
         }
         4 => {
             let snapshot = get_u64(&mut buf)?;
-            let blocks = get_u64(&mut buf)?;
-            Body::SnapEnd { snapshot, blocks, message: message(&buf)? }
+            let frames = get_u64(&mut buf)?;
+            Body::SnapEnd { snapshot, frames, message: message(&buf)? }
         }
         5 => {
             let id = RequestId { client: ClientId(get_u64(&mut buf)?), seq: get_u64(&mut buf)? };
@@ -350,6 +571,19 @@ pub fn decode_body(mut buf: Bytes) -> Result<Frame, WireError> {
                 2 => RequestOp::Trim { offset: get_u64(&mut buf)?, len_bytes: get_u64(&mut buf)? },
                 3 => RequestOp::WriteZeroes { offset: get_u64(&mut buf)?, len_bytes: get_u64(&mut buf)? },
                 4 => RequestOp::Read { offset: get_u64(&mut buf)?, len_bytes: get_u64(&mut buf)? },
+                5 => {
+                    let kind = get_u8(&mut buf)?;
+                    let server = ReplicaId(get_u32(&mut buf)?);
+                    RequestOp::Change(match kind {
+                        1 => MembershipChange::AddLearner(server),
+                        2 => MembershipChange::Promote(server),
+                        3 => MembershipChange::Remove(server),
+                        _ => return Err(bad("unknown membership change")),
+                    })
+                }
+                6 => RequestOp::Status,
+                7 => RequestOp::Scrub { first_block: get_u64(&mut buf)?, count: get_u64(&mut buf)? },
+                8 => RequestOp::Retire { config: Index(get_u64(&mut buf)?) },
                 _ => return Err(bad("unknown request op")),
             };
             if buf.has_remaining() {
@@ -368,6 +602,20 @@ pub fn decode_body(mut buf: Bytes) -> Result<Frame, WireError> {
                 }
                 4 => Outcome::Busy,
                 5 => Outcome::Failed(String::from_utf8_lossy(&buf.split_off(0)).into_owned()),
+                6 => Outcome::Refused(membership_error(get_u8(&mut buf)?)?),
+                7 => Outcome::Status(decode_status(&mut buf)?),
+                8 => {
+                    let n = get_u32(&mut buf)? as usize;
+                    if n > buf.remaining() / 12 {
+                        return Err(bad("scrub count exceeds frame"));
+                    }
+                    let mut sums = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        sums.push((Index(get_u64(&mut buf)?), get_u32(&mut buf)?));
+                    }
+                    Outcome::Scrub(sums)
+                }
+                9 => Outcome::Absent,
                 _ => return Err(bad("unknown outcome")),
             };
             if buf.has_remaining() {
@@ -427,8 +675,12 @@ mod tests {
         let id = RequestId { client: ClientId(3), seq: 4 };
         round_trip(Body::Hello { role: Role::Peer });
         round_trip(Body::Peer { message: Message::PreVoteResponse { term: Term(3), granted: true } });
+        round_trip(Body::SnapOffer { snapshot: 3, checkpoint: Index(77) });
+        round_trip(Body::SnapWant { snapshot: 3, covered: 12, low: Index(5), high: Index(0) });
         round_trip(Body::SnapData {
             snapshot: 1,
+            seq: 4,
+            upto: 300,
             blocks: vec![
                 SnapBlock { block: 0, version: Index(3), data: Some(Bytes::from(vec![1u8; 4096])) },
                 SnapBlock { block: 7, version: Index(4), data: None },
@@ -436,7 +688,7 @@ mod tests {
         });
         round_trip(Body::SnapEnd {
             snapshot: 1,
-            blocks: 2,
+            frames: 2,
             message: Message::PreVoteResponse { term: Term(1), granted: false },
         });
         round_trip(Body::RepairAsk {
@@ -461,5 +713,42 @@ mod tests {
         round_trip(Body::Response { id, outcome: Outcome::Busy });
         round_trip(Body::Response { id, outcome: Outcome::Done });
         round_trip(Body::Response { id, outcome: Outcome::Failed("disk".into()) });
+        for change in [
+            MembershipChange::AddLearner(ReplicaId(4)),
+            MembershipChange::Promote(ReplicaId(4)),
+            MembershipChange::Remove(ReplicaId(2)),
+        ] {
+            round_trip(Body::Request { id, floor: 4, op: RequestOp::Change(change) });
+        }
+        round_trip(Body::Request { id, floor: 4, op: RequestOp::Status });
+        round_trip(Body::Request { id, floor: 4, op: RequestOp::Scrub { first_block: 9, count: 1024 } });
+        round_trip(Body::Request { id, floor: 4, op: RequestOp::Retire { config: Index(31) } });
+        for e in [
+            MembershipError::AlreadyMember,
+            MembershipError::NotAMember,
+            MembershipError::NotALearner,
+            MembershipError::LearnerBehind,
+            MembershipError::LastVoter,
+        ] {
+            round_trip(Body::Response { id, outcome: Outcome::Refused(e) });
+        }
+        round_trip(Body::Response {
+            id,
+            outcome: Outcome::Status(GroupStatus {
+                role: "Leader".into(),
+                term: Term(4),
+                leader: Some(ReplicaId(2)),
+                voters: vec![ReplicaId(1), ReplicaId(2), ReplicaId(4)],
+                learners: vec![ReplicaId(5)],
+                config_index: Index(40),
+                committed: Index(41),
+                applied: Index(41),
+                last: Index(42),
+                checkpoint: Index(30),
+                rebuild_received_bytes: 1 << 20,
+            }),
+        });
+        round_trip(Body::Response { id, outcome: Outcome::Scrub(vec![(Index(3), 77), (Index(0), 1)]) });
+        round_trip(Body::Response { id, outcome: Outcome::Absent });
     }
 }

@@ -13,6 +13,7 @@ pub mod disk;
 pub mod group;
 pub mod outbox;
 pub mod repair;
+pub mod replicas;
 mod trace;
 pub mod transport;
 
@@ -28,9 +29,10 @@ use parallelraft::{Config, ReplicaId, RoleKind};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::config::Cluster;
+use crate::config::{Cluster, ClusterWatch};
 use crate::metrics::{Published, Stage, Stages, Totals};
-use crate::wire::Body;
+use crate::wire::{Body, Outcome, RequestOp};
+use group::rebuild::RateLimiter;
 use group::{Group, GroupCounters, StorageOptions};
 use outbox::{Outbox, PEER_QUEUE_BATCHES};
 use transport::{Inbound, Shared};
@@ -40,8 +42,11 @@ const REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How often `status` is rewritten in the data directory, for operators and tests. One line
 /// per chunk: chunk, role, term, committed watermark, applied watermark, blocks awaiting
-/// repair, blocks repaired since start.
+/// repair, blocks repaired since start, voters and learners (comma lists, `-` for none).
 const STATUS_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How often the cluster file is checked for added servers.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often the `/metrics` text is rendered.
 const METRICS_INTERVAL: Duration = Duration::from_millis(500);
@@ -72,14 +77,28 @@ pub struct ServerOptions {
     pub metrics: Option<SocketAddr>,
     /// Override of the listen address (default: this server's address in the cluster file).
     pub listen: Option<SocketAddr>,
+    /// The cluster file, followed for servers added while running (none: not followed).
+    pub config_path: Option<PathBuf>,
+    /// Cap on the bytes per second this server sends to rebuild other replicas (0: none).
+    pub rebuild_rate: u64,
+    /// Entries between a chunk's checkpoints.
+    pub checkpoint_interval: u64,
 }
 
-fn group_config(opts: &ServerOptions, voters: Vec<ReplicaId>, chunk: u32) -> Config {
+/// Default of `--checkpoint-interval`.
+pub const DEFAULT_CHECKPOINT_INTERVAL: u64 = 4096;
+
+/// Default of `--rebuild-rate`: about a third of what this class of machine's disk writes
+/// sequentially (see the shared machine limits), so a rebuild leaves most of it to the
+/// foreground.
+pub const DEFAULT_REBUILD_RATE: &str = "64M";
+
+pub(crate) fn group_config(opts: &ServerOptions, voters: Vec<ReplicaId>, chunk: u32) -> Config {
     let mut cfg = Config::new(opts.id, voters, opts.cluster.mode, seed(chunk));
     cfg.lbb_span = opts.lbb_span;
     cfg.election_timeout_min_ticks = 10;
     cfg.heartbeat_interval_ticks = 2;
-    cfg.checkpoint_interval = 4096;
+    cfg.checkpoint_interval = opts.checkpoint_interval;
     cfg.max_batch_entries = 64;
     cfg.max_queued_proposals = 1024;
     cfg
@@ -89,20 +108,6 @@ fn group_config(opts: &ServerOptions, voters: Vec<ReplicaId>, chunk: u32) -> Con
 /// different timeouts. (The core itself only ever sees the seed.)
 fn seed(chunk: u32) -> u64 {
     crate::process_entropy(chunk as u64)
-}
-
-/// Opens every chunk replica this server holds.
-pub fn open_groups(opts: &ServerOptions, disk: &disk::Disk) -> Result<BTreeMap<u32, Group>, String> {
-    std::fs::create_dir_all(&opts.data_dir)
-        .map_err(|e| format!("cannot create data directory {}: {e}", opts.data_dir.display()))?;
-    let mut groups = BTreeMap::new();
-    for chunk in opts.cluster.chunks_on(opts.id) {
-        let dir = opts.data_dir.join(format!("chunk-{chunk:08}"));
-        let cfg = group_config(opts, opts.cluster.replicas_of(chunk), chunk);
-        let group = Group::open(chunk, dir, opts.cluster.chunk_len(chunk), cfg, opts.storage, disk.clone())?;
-        groups.insert(chunk, group);
-    }
-    Ok(groups)
 }
 
 /// Runs the server until `stop` fires (or forever). Errors are start-up errors (bad data
@@ -119,7 +124,7 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
     let (inbox_tx, inbox) = sync_channel::<Inbound>(INBOX_CAPACITY);
     let disk = disk::spawn(inbox_tx.clone(), opts.storage.engine)
         .map_err(|e| format!("cannot start the disk threads: {e}"))?;
-    let mut groups = open_groups(&opts, &disk)?;
+    let mut groups = replicas::open_groups(&opts, &disk)?;
     info!(server = me.0, %listen, chunks = groups.len(), mode = ?cluster.mode, "chunk server up");
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -137,21 +142,20 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
         delayed: Arc::new(AtomicU64::new(0)),
     };
     let mut outbox = Outbox::new(cluster.cluster_id, me);
-    let mut accept_from = Vec::new();
+    let mut peers = Peers {
+        handle: runtime.handle().clone(),
+        shared: shared.clone(),
+        accept_from: Arc::new(std::sync::Mutex::new(Vec::new())),
+        cluster: cluster.clone(),
+        watch: opts.config_path.as_deref().map(ClusterWatch::new),
+    };
+    for (peer, addr) in cluster.servers.clone() {
+        peers.connect(peer, addr, &mut outbox);
+    }
     {
         let _guard = runtime.enter();
-        for (peer, addr) in cluster.servers.iter().copied().filter(|(p, _)| *p != me) {
-            let (tx, rx) = mpsc::channel(PEER_QUEUE_BATCHES);
-            outbox.add_peer(peer, tx);
-            let (stream_tx, stream_rx) = mpsc::channel(4);
-            let dial = me < peer;
-            if !dial {
-                accept_from.push((peer, stream_tx));
-            }
-            runtime.spawn(transport::peer_link(shared.clone(), peer, addr, dial, rx, stream_rx));
-        }
         let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
-        runtime.spawn(transport::accept_loop(shared.clone(), listener, accept_from));
+        runtime.spawn(transport::accept_loop(shared.clone(), listener, peers.accept_from.clone()));
         let shared_for_stop = shared.clone();
         runtime.spawn(async move {
             match stop {
@@ -168,10 +172,53 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
         let _guard = runtime.enter();
         crate::metrics::spawn(addr, published.clone());
     }
-    core_loop(&opts, &mut groups, &mut outbox, inbox, &published);
+    core_loop(&opts, &disk, &mut groups, &mut outbox, &mut peers, inbox, &published);
     info!(server = me.0, "chunk server stopping");
     runtime.shutdown_timeout(Duration::from_millis(200));
     Ok(())
+}
+
+/// The connections to the other servers, and the servers added to the cluster file later.
+struct Peers {
+    handle: tokio::runtime::Handle,
+    shared: Shared,
+    accept_from: transport::AcceptFrom,
+    /// The cluster as this server knows it (the start-up file plus added spares).
+    cluster: Cluster,
+    watch: Option<ClusterWatch>,
+}
+
+impl Peers {
+    /// Starts the link to `peer`: the lower id dials, the higher accepts.
+    fn connect(&mut self, peer: ReplicaId, addr: SocketAddr, outbox: &mut Outbox) {
+        let me = self.shared.me;
+        if peer == me {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_BATCHES);
+        outbox.add_peer(peer, tx);
+        let (stream_tx, stream_rx) = mpsc::channel(4);
+        let dial = me < peer;
+        if !dial {
+            self.accept_from.lock().unwrap().push((peer, stream_tx));
+        }
+        self.handle.spawn(transport::peer_link(self.shared.clone(), peer, addr, dial, rx, stream_rx));
+    }
+
+    /// Connects to servers added to the cluster file since the last look.
+    fn poll(&mut self, outbox: &mut Outbox) {
+        let Some(watch) = self.watch.as_mut() else { return };
+        match watch.poll(&self.cluster) {
+            Ok(added) => {
+                for (peer, addr) in &added {
+                    info!(server = peer.0, %addr, "server added to the cluster file; connecting");
+                    self.connect(*peer, *addr, outbox);
+                }
+                self.cluster.add_servers(&added);
+            }
+            Err(e) => warn!("{e}"),
+        }
+    }
 }
 
 async fn wait_for_signal() {
@@ -186,8 +233,10 @@ async fn wait_for_signal() {
 
 fn core_loop(
     opts: &ServerOptions,
+    disk: &disk::Disk,
     groups: &mut BTreeMap<u32, Group>,
     outbox: &mut Outbox,
+    peers: &mut Peers,
     inbox: Receiver<Inbound>,
     published: &Published,
 ) {
@@ -196,6 +245,9 @@ fn core_loop(
     let mut next_tick = Instant::now() + opts.tick;
     let mut next_report = Instant::now() + REPORT_INTERVAL;
     let mut next_status = Instant::now();
+    let mut next_watch = Instant::now() + WATCH_INTERVAL;
+    let mut limiter = RateLimiter::new(opts.rebuild_rate);
+    let mut rate = RebuildRate::default();
     loop {
         if Instant::now() >= next_status {
             next_status = Instant::now() + STATUS_INTERVAL;
@@ -203,11 +255,16 @@ fn core_loop(
         }
         if opts.metrics.is_some() && Instant::now() >= next_metrics {
             next_metrics = Instant::now() + METRICS_INTERVAL;
-            *published.lock().unwrap() = render_metrics(&stages, groups, outbox);
+            let bytes_per_sec = rate.sample(groups);
+            *published.lock().unwrap() = render_metrics(&stages, groups, outbox, bytes_per_sec);
         }
         if Instant::now() >= next_report {
             next_report += REPORT_INTERVAL;
             report(groups, outbox);
+        }
+        if Instant::now() >= next_watch {
+            next_watch = Instant::now() + WATCH_INTERVAL;
+            peers.poll(outbox);
         }
         // Wait for work, but never past the next tick; keep streaming snapshots promptly.
         let streaming = groups.values().any(|g| g.snapshots_streaming());
@@ -253,27 +310,7 @@ fn core_loop(
                 }
                 Inbound::Frame { conn, frame, at } => {
                     stages.record(Stage::Queue, at.elapsed());
-                    let Some(group) = groups.get_mut(&frame.group) else {
-                        if let Body::Request { id, .. } = frame.body {
-                            let outcome = crate::wire::Outcome::Failed(format!("no chunk {} here", frame.group));
-                            outbox.frontend(conn, frame.group, Body::Response { id, outcome });
-                        }
-                        continue;
-                    };
-                    let from = ReplicaId(frame.sender);
-                    match frame.body {
-                        Body::Peer { message } => group.receive(from, message, outbox),
-                        Body::SnapData { snapshot, blocks } => group.snapshot_data(from, snapshot, blocks),
-                        Body::SnapEnd { snapshot, blocks, message } => {
-                            group.snapshot_end(from, snapshot, blocks, message, outbox)
-                        }
-                        Body::Request { id, floor, op } => group.request(conn, id, floor, op, outbox),
-                        Body::RepairAsk { blocks } => group.repair_ask(from, blocks, outbox),
-                        Body::RepairData { applied, blocks } => group.repair_data(from, applied, blocks, outbox),
-                        Body::Hello { .. } | Body::Response { .. } => {
-                            warn!(conn, "unexpected frame kind from a connection; ignored")
-                        }
-                    }
+                    frame_arrived(opts, disk, groups, outbox, conn, frame);
                 }
             }
         }
@@ -291,7 +328,7 @@ fn core_loop(
         // Send what the steps produced, then start the group commits on the WAL thread; their
         // completions come back through the inbox and produce acks and replies.
         for g in groups.values_mut() {
-            g.pump_snapshots(outbox);
+            g.pump_snapshots(outbox, &mut limiter);
         }
         outbox.flush();
         for g in groups.values_mut() {
@@ -301,9 +338,109 @@ fn core_loop(
     }
 }
 
+/// Routes a frame to its group. A leader message for a chunk this server does not hold makes
+/// it a joiner of that group; a retire request deletes a replica the operator removed.
+fn frame_arrived(
+    opts: &ServerOptions,
+    disk: &disk::Disk,
+    groups: &mut BTreeMap<u32, Group>,
+    outbox: &mut Outbox,
+    conn: outbox::ConnId,
+    frame: crate::wire::Frame,
+) {
+    use parallelraft::Message;
+    let chunk = frame.group;
+    let from = ReplicaId(frame.sender);
+    if let Body::Request { id, op: RequestOp::Retire { config }, .. } = &frame.body {
+        let outcome = retire(opts, groups, chunk, *config);
+        outbox.frontend(conn, chunk, Body::Response { id: *id, outcome });
+        return;
+    }
+    if let std::collections::btree_map::Entry::Vacant(slot) = groups.entry(chunk) {
+        let leader_message = matches!(
+            &frame.body,
+            Body::Peer {
+                message: Message::Heartbeat { .. }
+                    | Message::Append { .. }
+                    | Message::Sync { .. }
+                    | Message::Snapshot { .. }
+            }
+        );
+        if leader_message && chunk < opts.cluster.chunk_count() && opts.cluster.addr_of(from).is_some() {
+            match replicas::create_joiner(opts, disk, chunk) {
+                Ok(g) => {
+                    slot.insert(g);
+                }
+                Err(e) => warn!(chunk, "{e}"),
+            }
+        }
+    }
+    let Some(group) = groups.get_mut(&chunk) else {
+        if let Body::Request { id, .. } = frame.body {
+            outbox.frontend(conn, chunk, Body::Response { id, outcome: Outcome::Absent });
+        }
+        return;
+    };
+    match frame.body {
+        Body::Peer { message } => group.receive(from, message, outbox),
+        Body::SnapOffer { snapshot, checkpoint } => group.snapshot_offer(from, snapshot, checkpoint, outbox),
+        Body::SnapWant { snapshot, covered, low, high } => group.snapshot_want(from, snapshot, covered, low, high),
+        Body::SnapData { snapshot, seq, upto, blocks } => group.snapshot_data(from, snapshot, seq, upto, blocks),
+        Body::SnapEnd { snapshot, frames, message } => group.snapshot_end(from, snapshot, frames, message, outbox),
+        Body::Request { id, floor, op } => group.request(conn, id, floor, op, outbox),
+        Body::RepairAsk { blocks } => group.repair_ask(from, blocks, outbox),
+        Body::RepairData { applied, blocks } => group.repair_data(from, applied, blocks, outbox),
+        Body::Hello { .. } | Body::Response { .. } => {
+            warn!(conn, "unexpected frame kind from a connection; ignored")
+        }
+    }
+}
+
+/// The operator's word that the configuration entry at `config` removed this server from
+/// `chunk`'s group.
+fn retire(opts: &ServerOptions, groups: &mut BTreeMap<u32, Group>, chunk: u32, config: parallelraft::Index) -> Outcome {
+    let Some(group) = groups.get(&chunk) else {
+        return Outcome::Done; // nothing (left) here
+    };
+    if let Err(why) = replicas::may_retire(group, config) {
+        return Outcome::Failed(why);
+    }
+    if !group.is_idle() {
+        return Outcome::Busy;
+    }
+    let group = groups.remove(&chunk).expect("present");
+    match replicas::retire(opts, group) {
+        Ok(()) => Outcome::Done,
+        Err(e) => {
+            warn!(chunk, "{e}");
+            Outcome::Failed(e)
+        }
+    }
+}
+
+/// The bytes per second this server's rebuild streams sent and received, between two samples.
+#[derive(Default)]
+struct RebuildRate {
+    last: Option<(Instant, u64)>,
+}
+
+impl RebuildRate {
+    fn sample(&mut self, groups: &BTreeMap<u32, Group>) -> i64 {
+        let bytes: u64 =
+            groups.values().map(|g| g.counters.catchup_bytes_sent + g.counters.catchup_bytes_received).sum();
+        let now = Instant::now();
+        let rate = match self.last {
+            Some((at, before)) if now > at => (bytes.saturating_sub(before) as f64 / (now - at).as_secs_f64()) as i64,
+            _ => 0,
+        };
+        self.last = Some((now, bytes));
+        rate
+    }
+}
+
 /// The server's `/metrics` text: its own stages and every group's, merged, plus per-chunk
 /// gauges and totals.
-fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox) -> String {
+fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox, rebuild_rate: i64) -> String {
     let mut stages = own.clone();
     let mut c = GroupCounters::default();
     let mut repaired = 0;
@@ -327,8 +464,8 @@ fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox) 
             ("written_bytes", "Bytes written as leader", c.bytes_written),
             ("read_bytes", "Bytes read as leader", c.bytes_read),
             ("leader_changes", "Times a replica here became leader", c.leader_changes),
-            ("catchup_sent_bytes", "Block bytes streamed to lagging replicas", c.catchup_bytes_sent),
-            ("catchup_received_bytes", "Block bytes received by streaming catch-up", c.catchup_bytes_received),
+            ("rebuild_sent_bytes", "Block bytes streamed to rebuild other replicas", c.catchup_bytes_sent),
+            ("rebuild_received_bytes", "Block bytes received to rebuild replicas here", c.catchup_bytes_received),
             ("blocks_repaired", "Blocks repaired from a peer after a checksum failure", repaired),
             ("dropped_batches", "Outgoing batches dropped on full queues", outbox.dropped_batches),
         ],
@@ -362,7 +499,29 @@ fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox) 
                 per_chunk(&|g| (g.replica().role() == RoleKind::Leader) as i64),
             ),
             ("bad_blocks", "Blocks awaiting repair", per_chunk(&|g| g.repair_counts().0 as i64)),
+            (
+                "voters",
+                "Voters of the configuration in force",
+                per_chunk(&|g| g.replica().membership().voters.len() as i64),
+            ),
+            (
+                "learners",
+                "Learners (replicas being rebuilt) of the configuration in force",
+                per_chunk(&|g| g.replica().membership().learners.len() as i64),
+            ),
+            (
+                "config_index",
+                "Log index of the configuration in force (0: the bootstrap placement)",
+                per_chunk(&|g| g.replica().config_state().index.0 as i64),
+            ),
+            ("rebuild_streams_out", "Rebuild streams being sent", per_chunk(&|g| g.rebuild_streams().0 as i64)),
+            ("rebuild_stream_in", "1 while a rebuild stream is received", per_chunk(&|g| g.rebuild_streams().1 as i64)),
         ],
+        gauges: vec![(
+            "rebuild_bytes_per_second",
+            "Rebuild bytes sent plus received per second, over the last metrics interval",
+            rebuild_rate,
+        )],
     };
     crate::metrics::render(&stages, &totals)
 }
@@ -393,15 +552,25 @@ fn write_status(dir: &std::path::Path, groups: &BTreeMap<u32, Group>) {
         let r = g.replica();
         let role = if g.failed.is_some() { "Failed".to_string() } else { format!("{:?}", r.role()) };
         let (bad, repaired) = g.repair_counts();
+        let list = |set: &std::collections::BTreeSet<ReplicaId>| {
+            if set.is_empty() {
+                "-".to_string()
+            } else {
+                set.iter().map(|r| r.0.to_string()).collect::<Vec<_>>().join(",")
+            }
+        };
+        let m = r.membership();
         text.push_str(&format!(
-            "{} {} {} {} {} {} {}\n",
+            "{} {} {} {} {} {} {} {} {}\n",
             g.chunk,
             role,
             r.term().0,
             r.committed_watermark().0,
             r.applied_watermark().0,
             bad,
-            repaired
+            repaired,
+            list(&m.voters),
+            list(&m.learners)
         ));
     }
     let tmp = dir.join("status.tmp");

@@ -237,11 +237,11 @@ pub async fn peer_link(
 }
 
 /// Accepts connections: peers are handed to their link, frontends get their own tasks.
-pub async fn accept_loop(
-    shared: Shared,
-    listener: TcpListener,
-    peer_streams: Vec<(ReplicaId, mpsc::Sender<TcpStream>)>,
-) {
+/// Where accepted connections of peers that dial us go (peers with a lower id); servers added
+/// while running are added to it.
+pub type AcceptFrom = Arc<std::sync::Mutex<Vec<(ReplicaId, mpsc::Sender<TcpStream>)>>>;
+
+pub async fn accept_loop(shared: Shared, listener: TcpListener, peer_streams: AcceptFrom) {
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(s) => s,
@@ -270,7 +270,8 @@ pub async fn accept_loop(
             match hello.body {
                 Body::Hello { role: Role::Peer } => {
                     let peer = ReplicaId(hello.sender);
-                    let Some((_, tx)) = peer_streams.iter().find(|(p, _)| *p == peer) else {
+                    let found = peer_streams.lock().unwrap().iter().find(|(p, _)| *p == peer).map(|(_, tx)| tx.clone());
+                    let Some(tx) = found else {
                         warn!(%from, peer = peer.0, "hello from an unknown or lower-id peer; closing");
                         return;
                     };

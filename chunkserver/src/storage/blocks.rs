@@ -413,18 +413,27 @@ impl BlockStore {
     /// The blocks of `first..first + count` that were ever written (version above 0), data
     /// verified against its checksum: a slice of the image streaming catch-up sends.
     pub fn image(&mut self, first: u64, count: u64) -> Result<Vec<ImageBlock>> {
+        self.image_since(first, count, Index(0))
+    }
+
+    /// The blocks of `first..first + count` whose version is above `since`, data verified: a
+    /// slice of an incremental image (a receiver that reflects every write up to `since`
+    /// already holds the others). Reads nothing when no block qualifies.
+    pub fn image_since(&mut self, first: u64, count: u64, since: Index) -> Result<Vec<ImageBlock>> {
         if first.checked_add(count).is_none_or(|end| end > self.blocks) {
             return Err(StorageError::Invalid(format!("blocks {first}+{count} beyond {}", self.blocks)));
         }
         let mut out = Vec::new();
-        if count == 0 {
+        let wanted = |m: &BlockMeta| m.version > since || m.state == BlockState::Lost;
+        let range = first as usize..(first + count) as usize;
+        if !self.meta[range].iter().any(wanted) {
             return Ok(out);
         }
         let mut data = vec![0u8; (count * BLOCK_BYTES) as usize];
         self.read_blocks(first, count, &mut data)?;
         for k in 0..count {
             let m = self.meta[(first + k) as usize];
-            if m.version == Index(0) && m.state == BlockState::Zero {
+            if !wanted(&m) {
                 continue;
             }
             // read_blocks succeeded, so no block of the range is Lost.
@@ -433,6 +442,38 @@ impl BlockStore {
             out.push(ImageBlock { block: first + k, version: m.version, data: bytes });
         }
         Ok(out)
+    }
+
+    /// `(version, crc32 of the 4 KiB as read)` of `first..first + count`, every block verified
+    /// against its own checksum: what a scrub compares across replicas.
+    pub fn scrub(&mut self, first: u64, count: u64) -> Result<Vec<(Index, u32)>> {
+        if first.checked_add(count).is_none_or(|end| end > self.blocks) {
+            return Err(StorageError::Invalid(format!("blocks {first}+{count} beyond {}", self.blocks)));
+        }
+        let mut data = vec![0u8; (count * BLOCK_BYTES) as usize];
+        self.read_blocks(first, count, &mut data)?;
+        Ok((0..count)
+            .map(|k| {
+                let block = &data[(k * BLOCK_BYTES) as usize..((k + 1) * BLOCK_BYTES) as usize];
+                (self.meta[(first + k) as usize].version, crc32fast::hash(block))
+            })
+            .collect())
+    }
+
+    /// Installs the blocks of an image slice that are newer than what this store holds (or
+    /// replace a lost block), in place: a block only ever moves forward, so a store that
+    /// reflected every write up to some index still does, whatever slice lands, and an
+    /// interrupted stream leaves nothing inconsistent. Returns the bytes written.
+    pub fn put_newer(&mut self, image: &[ImageBlock]) -> Result<u64> {
+        let newer: Vec<ImageBlock> = image
+            .iter()
+            .filter(|b| {
+                self.meta.get(b.block as usize).is_none_or(|m| m.state == BlockState::Lost || m.version < b.version)
+            })
+            .cloned()
+            .collect();
+        self.put_image(&newer)?;
+        Ok(newer.iter().map(|b| b.data.as_ref().map_or(0, |d| d.len() as u64)).sum())
     }
 
     /// Sets one whole block (zeroes when `data` is `None`) at `version`, as installing a

@@ -118,3 +118,41 @@ pub fn load_checkpoint(engine: &mut dyn IoEngine, dir: &Path) -> Result<Checkpoi
     let table = ClientTable::decode(&body[12 + config_len..]).map_err(|e| corrupt(e.to_string()))?;
     Ok(CheckpointState { index, table, config })
 }
+
+const REBUILD: &str = "rebuild";
+
+/// How far an interrupted rebuild (streaming catch-up) got: every block below `covered`
+/// reflects every write up to `low`. Saved only after the blocks it describes were synced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RebuildProgress {
+    pub covered: u64,
+    pub low: Index,
+}
+
+pub fn save_rebuild_progress(engine: &mut dyn IoEngine, dir: &Path, p: RebuildProgress) -> Result<()> {
+    let mut body = BytesMut::new();
+    body.put_u64_le(p.covered);
+    body.put_u64_le(p.low.0);
+    write_atomic(engine, dir, REBUILD, &body)
+}
+
+/// The saved progress, or none (nothing covered).
+pub fn load_rebuild_progress(engine: &mut dyn IoEngine, dir: &Path) -> Result<RebuildProgress> {
+    let Some(body) = read_framed(engine, dir, REBUILD)? else {
+        return Ok(RebuildProgress::default());
+    };
+    if body.len() != 16 {
+        return Err(StorageError::Corrupt { what: format!("rebuild progress of {} bytes", body.len()) });
+    }
+    let word = |i: usize| u64::from_le_bytes(body[i * 8..i * 8 + 8].try_into().unwrap());
+    Ok(RebuildProgress { covered: word(0), low: Index(word(1)) })
+}
+
+/// Forgets the progress once the image is installed (its checkpoint now says more).
+pub fn clear_rebuild_progress(dir: &Path) -> Result<()> {
+    match std::fs::remove_file(dir.join(REBUILD)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

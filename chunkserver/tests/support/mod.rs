@@ -23,6 +23,8 @@ pub struct ChunkStatus {
     pub applied: u64,
     pub bad_blocks: u64,
     pub repaired: u64,
+    pub voters: Vec<u32>,
+    pub learners: Vec<u32>,
 }
 
 pub fn serial() -> MutexGuard<'static, ()> {
@@ -65,6 +67,10 @@ pub struct LocalCluster {
     pub peer_base: u16,
     pub mode: String,
     pub size: String,
+    /// Chunk servers `local` runs (ids 1..=servers).
+    pub servers: u32,
+    /// More arguments for `local`.
+    pub extra: Vec<String>,
     local: Option<Child>,
     /// Servers restarted by the test (not children of `local`).
     restarted: Vec<(u32, Child)>,
@@ -72,13 +78,20 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     pub fn start(mode: &str, size: &str) -> LocalCluster {
-        let base = free_ports(8);
+        LocalCluster::start_with(mode, size, 3, &[])
+    }
+
+    /// `local --servers servers` with `extra` arguments.
+    pub fn start_with(mode: &str, size: &str, servers: u32, extra: &[&str]) -> LocalCluster {
+        let base = free_ports(2 + 2 * servers as u16);
         let mut c = LocalCluster {
             dir: tempfile::tempdir().unwrap(),
             port: base,
             peer_base: base + 1,
             mode: mode.into(),
             size: size.into(),
+            servers,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             local: None,
             restarted: Vec::new(),
         };
@@ -92,7 +105,7 @@ impl LocalCluster {
 
     /// `/metrics` of the frontend; server N's is at this port + N.
     pub fn metrics_port(&self) -> u16 {
-        self.port + 4
+        self.peer_base + self.servers as u16
     }
 
     pub fn data(&self) -> &Path {
@@ -107,6 +120,8 @@ impl LocalCluster {
             .args(["--port", &self.port.to_string(), "--peer-base-port", &self.peer_base.to_string()])
             .args(["--size", &self.size, "--chunk-size", "64M", "--mode", &self.mode])
             .args(["--metrics-port", &self.metrics_port().to_string()])
+            .args(["--servers", &self.servers.to_string()])
+            .args(&self.extra)
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(log)
@@ -161,6 +176,8 @@ impl LocalCluster {
                     applied: num(4)?,
                     bad_blocks: num(5)?,
                     repaired: num(6)?,
+                    voters: ids(f.get(7).copied()),
+                    learners: ids(f.get(8).copied()),
                 })
             })
             .collect()
@@ -168,7 +185,7 @@ impl LocalCluster {
 
     /// The live server that serves as leader of `chunk` in the highest term, if any.
     pub fn leader_of(&self, chunk: u32) -> Option<u32> {
-        (1..=3)
+        (1..=self.servers)
             .filter(|s| self.is_alive(*s))
             .filter_map(|s| {
                 self.status(s).into_iter().find(|(c, role, _)| *c == chunk && role == "Leader").map(|(_, _, t)| (t, s))
@@ -211,17 +228,7 @@ impl LocalCluster {
 
     /// Starts a killed chunk server again (as `local` would), from its data directory.
     pub fn restart(&mut self, server: u32) {
-        let log = std::fs::File::create(self.data().join(format!("server-{server}-restart.log"))).unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(self.data().join("cluster.toml"))
-            .args(["--id", &server.to_string(), "--data-dir"])
-            .arg(self.data().join(format!("server-{server}")))
-            .env("NO_COLOR", "1")
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.restarted.push((server, child));
+        self.start_server(server, &[]);
     }
 
     /// Stops the whole cluster as Ctrl-C would.
@@ -250,7 +257,7 @@ impl LocalCluster {
     /// Stops and starts the cluster on the same data directory.
     pub fn restart_all(&mut self) {
         self.stop();
-        for s in 1..=3 {
+        for s in 1..=self.servers {
             let _ = std::fs::remove_file(self.data().join(format!("server-{s}")).join("status"));
         }
         self.launch();
@@ -267,6 +274,39 @@ impl Drop for LocalCluster {
             unsafe { libc::kill(local.id() as i32, libc::SIGTERM) };
             let _ = local.wait();
         }
+    }
+}
+
+/// A comma list of server ids (`-`: none).
+fn ids(field: Option<&str>) -> Vec<u32> {
+    field.unwrap_or("-").split(',').filter_map(|t| t.parse().ok()).collect()
+}
+
+impl LocalCluster {
+    /// `chunkserver admin --data-dir DIR ARGS...`.
+    pub fn admin(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["admin", "--data-dir"]).arg(self.data()).args(args).env("NO_COLOR", "1");
+        cmd
+    }
+
+    /// Starts a server that `local` does not run (a restarted one, or one added later), with
+    /// `extra` arguments.
+    pub fn start_server(&mut self, server: u32, extra: &[&str]) {
+        let dir = self.data().join(format!("server-{server}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::File::create(self.data().join(format!("server-{server}-restart.log"))).unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(self.data().join("cluster.toml"))
+            .args(["--id", &server.to_string(), "--data-dir"])
+            .arg(&dir)
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.restarted.push((server, child));
     }
 }
 

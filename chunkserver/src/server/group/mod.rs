@@ -6,11 +6,12 @@
 //! chunk-00000003/
 //!   hardstate          term, vote, sync term (meta::save_hard_state)
 //!   wal-*.log          the write-ahead log
-//!   blocks/            blocks.dat, blocks.meta and the checkpoint that describes them
-//!   blocks.new/        a snapshot image being received (streaming catch-up)
+//!   members.boot       the bootstrap voters this replica was created with (none: a joiner)
+//!   blocks/            blocks.dat, blocks.meta, the checkpoint that describes them and the
+//!                      progress of an interrupted rebuild (see `rebuild`)
 //! ```
-//! The checkpoint lives beside the blocks so that installing a snapshot (a directory swap)
-//! replaces image and checkpoint together.
+//! (Earlier versions received images into `blocks.new/` and swapped directories; a leftover of
+//! that is finished or undone at start-up.)
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -19,8 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parallelraft::{
-    CheckpointState, ClientError, ClientRequest, Command, Config, Entry, Event, Index, Message, Op, Replica, ReplicaId,
-    RequestId,
+    ClientError, ClientRequest, Command, Config, Entry, Event, Index, Message, Op, Replica, ReplicaId, RequestId,
 };
 use tracing::{info, warn};
 
@@ -28,17 +28,18 @@ use crate::metrics::{Stage, Stages};
 use crate::storage::blocks::{BlockStore, ImageBlock};
 use crate::storage::io::{open_engine, EngineKind, IoEngine};
 use crate::storage::meta;
+use crate::storage::meta::RebuildProgress;
 use crate::storage::wal::{Wal, WalOptions, WalRecord};
 use crate::storage::{BadBlock, StorageError};
-use crate::wire::{BlockNeed, Body, Outcome, RequestOp, SnapBlock};
+use crate::wire::{BlockNeed, Body, GroupStatus, Outcome, RequestOp, SnapBlock, MAX_SCRUB_BLOCKS};
 
 use super::disk::{CheckpointJob, Disk, WalJob};
 use super::outbox::{ConnId, Outbox};
 use super::repair::{can_serve, Repairs};
 use super::trace::Traces;
 
-/// Blocks per snapshot data frame (1 MiB of data at most).
-const SNAPSHOT_FRAME_BLOCKS: u64 = 256;
+pub mod rebuild;
+use rebuild::{OutSnapshot, Receiving};
 
 /// What a group counts for `/metrics`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -66,33 +67,16 @@ pub struct StorageOptions {
     pub blocks_direct: bool,
 }
 
-/// A snapshot image being streamed to a peer, a slice per driver iteration.
-struct OutSnapshot {
-    to: ReplicaId,
-    id: u64,
-    next_block: u64,
-    sent: u64,
-    message: Message,
-}
-
-/// A snapshot image being received.
-struct Staging {
-    from: ReplicaId,
-    id: u64,
-    blocks: BlockStore,
-    received: u64,
-}
-
 pub struct Group {
     pub chunk: u32,
     replica: Replica,
     dir: PathBuf,
-    capacity_bytes: u64,
-    options: StorageOptions,
     /// Shared with the WAL thread, which holds it during an append (see `super::disk`).
     wal: Arc<Mutex<Wal>>,
     /// An append of this group is running on the WAL thread.
     wal_in_flight: bool,
+    /// A checkpoint of this group is running on the checkpoint thread.
+    checkpoint_running: bool,
     /// The server's disk threads: group commits and checkpoints run there.
     disk: Disk,
     blocks: BlockStore,
@@ -102,10 +86,15 @@ pub struct Group {
     wal_tokens: Vec<u64>,
     /// Which frontend connection asked, per request in progress.
     waiting: HashMap<RequestId, ConnId>,
+    /// Rebuild streams to peers (see `rebuild`).
     outgoing: Vec<OutSnapshot>,
-    staging: Option<Staging>,
-    /// A snapshot image complete and matching the `Snapshot` message being stepped.
-    incoming: Option<Staging>,
+    /// The rebuild stream being received, if any.
+    receiving: Option<Receiving>,
+    /// Every frame of the `Snapshot` message being stepped arrived.
+    image_ready: bool,
+    /// How far an interrupted rebuild got (in memory; saved every `rebuild::SAVE_EVERY_BYTES`).
+    progress: RebuildProgress,
+    unsaved_rebuild_bytes: u64,
     events: VecDeque<Event>,
     next_snapshot_id: u64,
     /// Blocks that failed their checksum and the work waiting for their repair.
@@ -170,6 +159,7 @@ impl Group {
         let mut meta = engine()?;
         let hard = meta::load_hard_state(meta.as_mut(), &dir).map_err(|e| ctx(&e))?;
         let checkpoint = meta::load_checkpoint(meta.as_mut(), &blocks_dir(&dir)).map_err(|e| ctx(&e))?;
+        let progress = meta::load_rebuild_progress(meta.as_mut(), &blocks_dir(&dir)).map_err(|e| ctx(&e))?;
         let blocks = BlockStore::open(engine()?, &blocks_dir(&dir), capacity_bytes, options.blocks_direct)
             .map_err(|e| ctx(&e))?;
         let wal_options = WalOptions { segment_bytes: options.wal_segment_bytes, direct: options.wal_direct };
@@ -189,10 +179,9 @@ impl Group {
             chunk,
             replica,
             dir,
-            capacity_bytes,
-            options,
             wal: Arc::new(Mutex::new(wal)),
             wal_in_flight: false,
+            checkpoint_running: false,
             disk,
             blocks,
             meta,
@@ -200,8 +189,10 @@ impl Group {
             wal_tokens: Vec::new(),
             waiting: HashMap::new(),
             outgoing: Vec::new(),
-            staging: None,
-            incoming: None,
+            receiving: None,
+            image_ready: false,
+            progress,
+            unsaved_rebuild_bytes: 0,
             events: VecDeque::new(),
             next_snapshot_id: 1,
             repairs: Repairs::default(),
@@ -215,6 +206,15 @@ impl Group {
 
     pub fn replica(&self) -> &Replica {
         &self.replica
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// No disk job of this group is running (so its files may be deleted).
+    pub fn is_idle(&self) -> bool {
+        !self.wal_in_flight && !self.checkpoint_running
     }
 
     fn fail(&mut self, what: &str, e: StorageError) {
@@ -263,12 +263,26 @@ impl Group {
             out.frontend(conn, self.chunk, Body::Response { id, outcome: Outcome::Failed(why.clone()) });
             return;
         }
-        self.waiting.insert(id, conn);
         let (write, len_bytes) = match &op {
             RequestOp::Read { len_bytes, .. } => (false, *len_bytes),
             RequestOp::Write { data, .. } => (true, data.len() as u64),
             RequestOp::Trim { len_bytes, .. } | RequestOp::WriteZeroes { len_bytes, .. } => (true, *len_bytes),
+            RequestOp::Change(change) => {
+                self.waiting.insert(id, conn);
+                info!(chunk = self.chunk, ?change, "membership change requested");
+                return self.step(Event::ChangeMembership { id, change: *change }, out);
+            }
+            RequestOp::Status => {
+                let outcome = Outcome::Status(self.status());
+                return out.frontend(conn, self.chunk, Body::Response { id, outcome });
+            }
+            RequestOp::Scrub { first_block, count } => {
+                let outcome = self.scrub(*first_block, *count);
+                return out.frontend(conn, self.chunk, Body::Response { id, outcome });
+            }
+            RequestOp::Retire { .. } => unreachable!("the server retires replicas"),
         };
+        self.waiting.insert(id, conn);
         self.traces.arrived(id, write, len_bytes);
         let event = match op {
             RequestOp::Read { offset, len_bytes } => Event::Read { id, offset, len_bytes },
@@ -281,8 +295,47 @@ impl Group {
             RequestOp::WriteZeroes { offset, len_bytes } => {
                 Event::Propose(ClientRequest { id, floor, op: Op::WriteZeroes { offset, len_bytes } })
             }
+            RequestOp::Change(_) | RequestOp::Status | RequestOp::Scrub { .. } | RequestOp::Retire { .. } => {
+                unreachable!("answered above")
+            }
         };
         self.step(event, out);
+    }
+
+    /// This replica's view of its group.
+    pub fn status(&self) -> GroupStatus {
+        let r = &self.replica;
+        let config = r.config_state();
+        GroupStatus {
+            role: if self.failed.is_some() { "Failed".into() } else { format!("{:?}", r.role()) },
+            term: r.term(),
+            leader: r.leader_hint(),
+            voters: config.membership.voters.iter().copied().collect(),
+            learners: config.membership.learners.iter().copied().collect(),
+            config_index: config.index,
+            committed: r.committed_watermark(),
+            applied: r.applied_watermark(),
+            last: r.last_index(),
+            checkpoint: r.checkpoint_index(),
+            rebuild_received_bytes: self.counters.catchup_bytes_received,
+        }
+    }
+
+    /// Checksums of a range of blocks, for a scrub.
+    fn scrub(&mut self, first_block: u64, count: u64) -> Outcome {
+        if self.failed.is_some() {
+            return Outcome::Failed("replica failed".into());
+        }
+        if count > MAX_SCRUB_BLOCKS {
+            return Outcome::Failed(format!("scrub of {count} blocks: at most {MAX_SCRUB_BLOCKS} per request"));
+        }
+        match self.blocks.scrub(first_block, count) {
+            Ok(sums) => Outcome::Scrub(sums),
+            Err(StorageError::BadBlocks(bad)) => {
+                Outcome::Failed(format!("{} block(s) fail their checksum here (first: {})", bad.len(), bad[0].block))
+            }
+            Err(e) => Outcome::Failed(e.to_string()),
+        }
     }
 
     /// Forgets the requests of a closed frontend connection.
@@ -353,7 +406,7 @@ impl Group {
                     Ok(()) => Outcome::Done,
                     Err(ClientError::NotLeader { hint }) => Outcome::NotLeader(hint),
                     Err(ClientError::Busy) => Outcome::Busy,
-                    Err(ClientError::Membership(e)) => Outcome::Failed(e.to_string()),
+                    Err(ClientError::Membership(e)) => Outcome::Refused(e),
                 };
                 self.respond(id, outcome, out);
             }
@@ -364,6 +417,7 @@ impl Group {
                     dir: blocks_dir(&self.dir),
                     state,
                 };
+                self.checkpoint_running = true;
                 if self.disk.checkpoint.send(job).is_err() {
                     self.fail(
                         "checkpoint",
@@ -371,19 +425,7 @@ impl Group {
                     );
                 }
             }
-            Command::SendSnapshot { to, message } => {
-                // The leader asks again while an image is still streaming (it cannot know the
-                // image is large). Restarting would never finish; the image being sent stays
-                // valid for its own message, so keep it unless leadership changed.
-                if self.outgoing.iter().any(|s| s.to == to && s.message.term() == message.term()) {
-                    return;
-                }
-                self.outgoing.retain(|s| s.to != to);
-                let id = self.next_snapshot_id;
-                self.next_snapshot_id += 1;
-                info!(chunk = self.chunk, to = to.0, "streaming catch-up: sending the block image");
-                self.outgoing.push(OutSnapshot { to, id, next_block: 0, sent: 0, message });
-            }
+            Command::SendSnapshot { to, message } => self.offer_snapshot(to, message, out),
             Command::InstallSnapshot { from, state } => {
                 if let Err(e) = self.install(from, state) {
                     self.fail("installing a snapshot", e);
@@ -429,9 +471,10 @@ impl Group {
         self.events.push_back(Event::ReadDone { id });
     }
 
+    /// The other members of the group (voters and learners) as this replica knows them.
     fn peers(&self) -> Vec<ReplicaId> {
         let me = self.replica.id();
-        self.replica.config().voters.iter().copied().filter(|r| *r != me).collect()
+        self.replica.membership().members().filter(|r| *r != me).collect()
     }
 
     fn want_repair(&mut self, bad: &[BadBlock], out: &mut Outbox) {
@@ -523,30 +566,9 @@ impl Group {
         }
     }
 
-    /// Replaces the block store by the received image: sync the image and its checkpoint,
-    /// then swap directories (`blocks` → `blocks.old`, `blocks.new` → `blocks`) and fsync the
-    /// chunk directory. A crash anywhere leaves either the old store or the new one
-    /// ([`repair_swap`] finishes the job at start-up).
-    fn install(&mut self, from: ReplicaId, state: CheckpointState) -> Result<(), StorageError> {
-        let mut staging = self.incoming.take().expect("InstallSnapshot without a complete image");
-        assert_eq!(staging.from, from, "image and snapshot message from different peers");
-        staging.blocks.sync()?;
-        meta::save_checkpoint(self.meta.as_mut(), &staging_dir(&self.dir), &state)?;
-        let checkpoint = state.index;
-        drop(staging);
-        let (blocks, staged, old) = (blocks_dir(&self.dir), staging_dir(&self.dir), old_dir(&self.dir));
-        std::fs::rename(&blocks, &old)?;
-        std::fs::rename(&staged, &blocks)?;
-        fsync_dir(&self.dir)?;
-        std::fs::remove_dir_all(&old)?;
-        let engine = open_engine(self.options.engine)?;
-        self.blocks = BlockStore::open(engine, &blocks, self.capacity_bytes, self.options.blocks_direct)?;
-        info!(chunk = self.chunk, from = from.0, checkpoint = checkpoint.0, "installed a snapshot image");
-        Ok(())
-    }
-
     /// A checkpoint finished on the checkpoint thread.
     pub fn checkpoint_done(&mut self, index: Index, error: Option<String>, took: Duration, out: &mut Outbox) {
+        self.checkpoint_running = false;
         if self.failed.is_some() {
             return;
         }
@@ -629,131 +651,5 @@ impl Group {
             self.traces.acked(acked, *durable, &mut self.stages);
         }
         self.step(Event::Receive { from, message }, out);
-    }
-
-    /// A slice of a snapshot image from `from`.
-    pub fn snapshot_data(&mut self, from: ReplicaId, id: u64, blocks: Vec<SnapBlock>) {
-        if self.failed.is_some() {
-            return;
-        }
-        if let Err(e) = self.stage(from, id, blocks) {
-            warn!(chunk = self.chunk, "dropping a snapshot image being received: {e}");
-            self.staging = None;
-        }
-    }
-
-    fn stage(&mut self, from: ReplicaId, id: u64, blocks: Vec<SnapBlock>) -> Result<(), StorageError> {
-        let fresh = !matches!(&self.staging, Some(s) if s.from == from && s.id == id);
-        if fresh {
-            self.staging = None;
-            let dir = staging_dir(&self.dir);
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir)?;
-            }
-            std::fs::create_dir_all(&dir)?;
-            let engine = open_engine(self.options.engine)?;
-            let store = BlockStore::open(engine, &dir, self.capacity_bytes, self.options.blocks_direct)?;
-            self.staging = Some(Staging { from, id, blocks: store, received: 0 });
-        }
-        let staging = self.staging.as_mut().unwrap();
-        let image: Vec<ImageBlock> = blocks
-            .into_iter()
-            .map(|b| ImageBlock { block: b.block, version: b.version, data: b.data.map(|d| d.to_vec()) })
-            .collect();
-        staging.blocks.put_image(&image)?;
-        self.counters.catchup_bytes_received +=
-            image.iter().map(|b| b.data.as_ref().map_or(0, |d| d.len() as u64)).sum::<u64>();
-        staging.received += image.len() as u64;
-        Ok(())
-    }
-
-    /// The end of a snapshot stream: step the `Snapshot` message only if the whole image
-    /// arrived (a stream cut by a reconnect is dropped; the leader sends a new one).
-    pub fn snapshot_end(&mut self, from: ReplicaId, id: u64, blocks: u64, message: Message, out: &mut Outbox) {
-        if self.failed.is_some() {
-            return;
-        }
-        if blocks == 0 {
-            if let Err(e) = self.stage(from, id, Vec::new()) {
-                warn!(chunk = self.chunk, "cannot stage an empty snapshot: {e}");
-                return;
-            }
-        }
-        match self.staging.take() {
-            Some(s) if s.from == from && s.id == id && s.received == blocks => {
-                self.incoming = Some(s);
-                self.step(Event::Receive { from, message }, out);
-                // Not installed (stale or already caught up): discard the image.
-                if self.incoming.take().is_some() {
-                    let _ = std::fs::remove_dir_all(staging_dir(&self.dir));
-                }
-            }
-            other => {
-                if other.is_some() {
-                    let _ = std::fs::remove_dir_all(staging_dir(&self.dir));
-                }
-                warn!(chunk = self.chunk, from = from.0, "incomplete snapshot image ignored");
-            }
-        }
-    }
-
-    /// Streams the next slices of outgoing snapshot images, as far as the peers' queues allow.
-    pub fn pump_snapshots(&mut self, out: &mut Outbox) {
-        let block_count = self.blocks.block_count();
-        let mut bad_blocks = Vec::new();
-        let mut k = 0;
-        while k < self.outgoing.len() {
-            let s = &mut self.outgoing[k];
-            let mut done = false;
-            while out.peer_has_room(s.to) {
-                if s.next_block >= block_count {
-                    let body = Body::SnapEnd { snapshot: s.id, blocks: s.sent, message: s.message.clone() };
-                    out.peer(s.to, self.chunk, body);
-                    done = true;
-                    break;
-                }
-                let count = SNAPSHOT_FRAME_BLOCKS.min(block_count - s.next_block);
-                let image = match self.blocks.image(s.next_block, count) {
-                    Ok(image) => image,
-                    Err(StorageError::BadBlocks(bad)) => {
-                        // Not sent with a hole: repair first; the leader asks for a snapshot again.
-                        warn!(chunk = self.chunk, "cannot send a snapshot before repairing {} block(s)", bad.len());
-                        bad_blocks.extend(bad);
-                        done = true;
-                        break;
-                    }
-                    Err(e) => {
-                        // A corrupt local block: this replica cannot serve the image.
-                        warn!(chunk = self.chunk, "cannot send a snapshot: {e}");
-                        done = true;
-                        break;
-                    }
-                };
-                s.next_block += count;
-                if image.is_empty() {
-                    continue;
-                }
-                s.sent += image.len() as u64;
-                self.counters.catchup_bytes_sent +=
-                    image.iter().map(|b| b.data.as_ref().map_or(0, |d| d.len() as u64)).sum::<u64>();
-                let blocks = image
-                    .into_iter()
-                    .map(|b| SnapBlock { block: b.block, version: b.version, data: b.data.map(Bytes::from) })
-                    .collect();
-                out.peer(s.to, self.chunk, Body::SnapData { snapshot: s.id, blocks });
-            }
-            if done {
-                self.outgoing.remove(k);
-            } else {
-                k += 1;
-            }
-        }
-        if !bad_blocks.is_empty() {
-            self.want_repair(&bad_blocks, out);
-        }
-    }
-
-    pub fn snapshots_streaming(&self) -> bool {
-        !self.outgoing.is_empty()
     }
 }

@@ -55,8 +55,15 @@ pub struct Config {
     pub heartbeat_interval_ticks: u32,
     /// Take a checkpoint (and prune the log) once this many entries are applied past the last.
     pub checkpoint_interval: u64,
-    /// Entries per Append or Sync message.
+    /// Entries per Append message.
     pub max_batch_entries: usize,
+    /// Payload bytes of one Sync message (the decided log sent to a follower by a new leader,
+    /// or to a new learner). A follower that needs more is caught up from the block image
+    /// instead, which streams in bounded frames: one Sync holding a whole unpruned log of large
+    /// writes stalls both ends and exceeds the transport's frame limit. Keep it above a full
+    /// in-flight window of the largest entries: entries above the leader's applied watermark
+    /// are never in its image, so they must fit in one Sync.
+    pub max_sync_bytes: u64,
     /// Proposals queued at the leader while the in-flight window is full; beyond it: `Busy`.
     pub max_queued_proposals: usize,
     /// Seed of the replica's election-timeout randomness.
@@ -75,6 +82,7 @@ impl Config {
             heartbeat_interval_ticks: 2,
             checkpoint_interval: 64,
             max_batch_entries: 64,
+            max_sync_bytes: 32 << 20,
             max_queued_proposals: 256,
             seed,
             naive: NaiveFlags::default(),

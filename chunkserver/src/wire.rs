@@ -86,7 +86,8 @@ pub struct GroupStatus {
     pub applied: Index,
     pub last: Index,
     pub checkpoint: Index,
-    /// Block bytes received by streaming catch-up (rebuild) since the server started.
+    /// Bytes this replica received to be rebuilt since the server started: image blocks, plus
+    /// the write payload of log entries received while it was not a voter.
     pub rebuild_received_bytes: u64,
 }
 

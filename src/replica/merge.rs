@@ -171,7 +171,8 @@ impl Replica {
         self.broadcast_heartbeat(false);
     }
 
-    /// Sends the decided log to `peer` (or a snapshot when it needs pruned entries).
+    /// Sends the decided log to `peer` (or a snapshot when it needs pruned entries, or more than
+    /// `max_sync_bytes` of them).
     pub(super) fn send_sync(&mut self, peer: ReplicaId) {
         let term = self.hard.term;
         let checkpoint = self.log.checkpoint();
@@ -192,8 +193,18 @@ impl Replica {
             return;
         }
         p.last_sync_tick = Some(ticks);
-        let entries: Vec<Entry> =
-            self.log.iter_from(peer_committed).take_while(|s| s.entry.index <= end).map(|s| s.entry.clone()).collect();
+        let (mut entries, mut bytes) = (Vec::new(), 0u64);
+        for s in self.log.iter_from(peer_committed).take_while(|s| s.entry.index <= end) {
+            bytes += crate::io::write_data(&s.entry.op).map_or(0, |d| d.len() as u64);
+            if bytes > self.cfg.max_sync_bytes {
+                break;
+            }
+            entries.push(s.entry.clone());
+        }
+        if bytes > self.cfg.max_sync_bytes {
+            self.maybe_send_snapshot(peer);
+            return;
+        }
         self.send(peer, Message::Sync { term, base: peer_committed, end, entries });
     }
 

@@ -51,6 +51,11 @@ struct Progress {
     last_heard_tick: Option<u64>,
     last_snapshot_tick: Option<u64>,
     last_sync_tick: Option<u64>,
+    /// Highest index sent to the follower in an Append since it was last synced: entries up to
+    /// here are in flight (or lost) and are resent only when the follower stalls.
+    sent_upto: Index,
+    /// Tick at which `durable` last advanced, or the in-flight entries were last resent.
+    stall_tick: u64,
 }
 
 #[derive(Clone, Debug)]

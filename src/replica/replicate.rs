@@ -106,7 +106,12 @@ impl Replica {
             return;
         }
         let entries = std::mem::take(&mut l.unsent);
-        let targets: Vec<ReplicaId> = l.progress.iter().filter(|(_, p)| p.synced).map(|(id, _)| *id).collect();
+        let upto = entries.last().expect("unsent entries").index;
+        let mut targets = Vec::new();
+        for (id, p) in l.progress.iter_mut().filter(|(_, p)| p.synced) {
+            p.sent_upto = p.sent_upto.max(upto);
+            targets.push(*id);
+        }
         let commit = self.commit_notice();
         for peer in targets {
             let message = Message::Append { term: self.hard.term, entries: entries.clone(), commit: commit.clone() };
@@ -134,8 +139,13 @@ impl Replica {
         }
         let read_seq = l.read_seq;
         let serving = l.serving;
+        let ticks = self.ticks;
+        // Entries in flight are resent only after the follower's durable prefix stalled this
+        // long; otherwise a heartbeat sends only entries not sent yet, at most two batches
+        // ahead of that prefix (a catch-up pipeline that never floods the link with copies).
+        let stall_ticks = (self.cfg.election_timeout_min_ticks as u64 / 2).max(1);
         let mut plan = Vec::new();
-        for (peer, p) in &l.progress {
+        for (peer, p) in l.progress.iter_mut() {
             if !p.synced {
                 plan.push((*peer, None));
                 continue;
@@ -145,8 +155,19 @@ impl Replica {
                 plan.push((*peer, Some(Vec::new()))); // needs pruned entries: snapshot
                 continue;
             }
-            let missing: Vec<Index> =
-                (from.0 + 1..=last.0).map(Index).filter(|i| !p.acked.contains(i)).take(batch).collect();
+            let stalled = ticks.saturating_sub(p.stall_tick) >= stall_ticks;
+            let full = p.sent_upto.0.saturating_sub(from.0) >= 2 * batch as u64;
+            let missing: Vec<Index> = (from.0 + 1..=last.0)
+                .map(Index)
+                .filter(|i| !p.acked.contains(i) && (stalled || (!full && *i > p.sent_upto)))
+                .take(batch)
+                .collect();
+            if serving && !missing.is_empty() {
+                p.sent_upto = p.sent_upto.max(*missing.last().unwrap());
+                if stalled {
+                    p.stall_tick = ticks;
+                }
+            }
             plan.push((*peer, Some(missing)));
         }
         for (peer, missing) in plan {
@@ -318,6 +339,9 @@ impl Replica {
         p.synced = synced;
         p.read_seq = p.read_seq.max(read_seq);
         if synced {
+            if durable > p.durable {
+                p.stall_tick = ticks;
+            }
             p.durable = p.durable.max(durable);
             p.acked.extend(acked);
             let floor = p.durable;
@@ -325,6 +349,7 @@ impl Replica {
         } else {
             p.durable = Index(0);
             p.acked.clear();
+            p.sent_upto = Index(0);
         }
         if !synced {
             // Sync (or snapshot) it now rather than waiting for the next heartbeat, but at

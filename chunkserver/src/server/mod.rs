@@ -426,8 +426,11 @@ struct RebuildRate {
 
 impl RebuildRate {
     fn sample(&mut self, groups: &BTreeMap<u32, Group>) -> i64 {
-        let bytes: u64 =
-            groups.values().map(|g| g.counters.catchup_bytes_sent + g.counters.catchup_bytes_received).sum();
+        let c = |g: &Group| g.counters;
+        let bytes: u64 = groups
+            .values()
+            .map(|g| c(g).catchup_bytes_sent + c(g).catchup_bytes_received + c(g).catchup_log_bytes_received)
+            .sum();
         let now = Instant::now();
         let rate = match self.last {
             Some((at, before)) if now > at => (bytes.saturating_sub(before) as f64 / (now - at).as_secs_f64()) as i64,
@@ -454,6 +457,7 @@ fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox, 
         c.leader_changes += k.leader_changes;
         c.catchup_bytes_sent += k.catchup_bytes_sent;
         c.catchup_bytes_received += k.catchup_bytes_received;
+        c.catchup_log_bytes_received += k.catchup_log_bytes_received;
         repaired += g.repair_counts().1;
     }
     let per_chunk = |f: &dyn Fn(&Group) -> i64| groups.values().map(|g| (g.chunk, f(g))).collect::<Vec<_>>();
@@ -466,6 +470,11 @@ fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox, 
             ("leader_changes", "Times a replica here became leader", c.leader_changes),
             ("rebuild_sent_bytes", "Block bytes streamed to rebuild other replicas", c.catchup_bytes_sent),
             ("rebuild_received_bytes", "Block bytes received to rebuild replicas here", c.catchup_bytes_received),
+            (
+                "rebuild_log_received_bytes",
+                "Write bytes received in log entries by replicas here that are not voters yet",
+                c.catchup_log_bytes_received,
+            ),
             ("blocks_repaired", "Blocks repaired from a peer after a checksum failure", repaired),
             ("dropped_batches", "Outgoing batches dropped on full queues", outbox.dropped_batches),
         ],
@@ -519,7 +528,7 @@ fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox, 
         ],
         gauges: vec![(
             "rebuild_bytes_per_second",
-            "Rebuild bytes sent plus received per second, over the last metrics interval",
+            "Rebuild bytes (image sent and received, log received as a learner) per second, over the last metrics interval",
             rebuild_rate,
         )],
     };

@@ -71,15 +71,23 @@ pub fn save_hard_state(engine: &mut dyn IoEngine, dir: &Path, hard: &HardState) 
     write_atomic(engine, dir, HARD_STATE, &body)
 }
 
+/// The `count` little-endian words of a framed file, if it exists.
+fn load_words(engine: &mut dyn IoEngine, dir: &Path, name: &str, count: usize) -> Result<Option<Vec<u64>>> {
+    let Some(body) = read_framed(engine, dir, name)? else {
+        return Ok(None);
+    };
+    if body.len() != count * 8 {
+        return Err(StorageError::Corrupt { what: format!("{name} of {} bytes", body.len()) });
+    }
+    Ok(Some(body.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().unwrap())).collect()))
+}
+
 /// The saved hard state, or the initial one for a new replica.
 pub fn load_hard_state(engine: &mut dyn IoEngine, dir: &Path) -> Result<HardState> {
-    let Some(body) = read_framed(engine, dir, HARD_STATE)? else {
+    let Some(words) = load_words(engine, dir, HARD_STATE, 4)? else {
         return Ok(HardState::default());
     };
-    if body.len() != 32 {
-        return Err(StorageError::Corrupt { what: format!("hard state of {} bytes", body.len()) });
-    }
-    let word = |i: usize| u64::from_le_bytes(body[i * 8..i * 8 + 8].try_into().unwrap());
+    let word = |i: usize| words[i];
     let voted_for = match word(1) {
         u64::MAX => None,
         v => Some(ReplicaId(u32::try_from(v).map_err(|_| StorageError::Corrupt { what: "vote out of range".into() })?)),
@@ -138,14 +146,8 @@ pub fn save_rebuild_progress(engine: &mut dyn IoEngine, dir: &Path, p: RebuildPr
 
 /// The saved progress, or none (nothing covered).
 pub fn load_rebuild_progress(engine: &mut dyn IoEngine, dir: &Path) -> Result<RebuildProgress> {
-    let Some(body) = read_framed(engine, dir, REBUILD)? else {
-        return Ok(RebuildProgress::default());
-    };
-    if body.len() != 16 {
-        return Err(StorageError::Corrupt { what: format!("rebuild progress of {} bytes", body.len()) });
-    }
-    let word = |i: usize| u64::from_le_bytes(body[i * 8..i * 8 + 8].try_into().unwrap());
-    Ok(RebuildProgress { covered: word(0), low: Index(word(1)) })
+    Ok(load_words(engine, dir, REBUILD, 2)?
+        .map_or_else(RebuildProgress::default, |w| RebuildProgress { covered: w[0], low: Index(w[1]) }))
 }
 
 /// Forgets the progress once the image is installed (its checkpoint now says more).

@@ -51,6 +51,8 @@ pub struct GroupCounters {
     pub leader_changes: u64,
     pub catchup_bytes_sent: u64,
     pub catchup_bytes_received: u64,
+    /// Write payload bytes received in log entries while not a voter (a learner's log tail).
+    pub catchup_log_bytes_received: u64,
 }
 
 /// Storage settings shared by all groups of a server.
@@ -317,7 +319,7 @@ impl Group {
             applied: r.applied_watermark(),
             last: r.last_index(),
             checkpoint: r.checkpoint_index(),
-            rebuild_received_bytes: self.counters.catchup_bytes_received,
+            rebuild_received_bytes: self.counters.catchup_bytes_received + self.counters.catchup_log_bytes_received,
         }
     }
 
@@ -647,8 +649,21 @@ impl Group {
     }
 
     pub fn receive(&mut self, from: ReplicaId, message: Message, out: &mut Outbox) {
-        if let Message::Ack { acked, durable, synced: true, .. } = &message {
-            self.traces.acked(acked, *durable, &mut self.stages);
+        match &message {
+            Message::Ack { acked, durable, synced: true, .. } => self.traces.acked(acked, *durable, &mut self.stages),
+            Message::Append { entries, .. } | Message::Sync { entries, .. }
+                if !self.replica.membership().is_voter(self.replica.id()) =>
+            {
+                // A learner (or joiner) being rebuilt from the log rather than the image; copies
+                // of entries it already holds (retransmissions) are not counted.
+                let r = &self.replica;
+                self.counters.catchup_log_bytes_received += entries
+                    .iter()
+                    .filter(|e| e.index > r.checkpoint_index() && r.entry(e.index).is_none())
+                    .map(|e| parallelraft::io::write_data(&e.op).map_or(0, |d| d.len() as u64))
+                    .sum::<u64>();
+            }
+            _ => {}
         }
         self.step(Event::Receive { from, message }, out);
     }

@@ -1,8 +1,9 @@
 //! The disk threads of a chunk server, so the core thread keeps stepping messages (acks,
 //! requests, applies) while data is made durable:
-//! - the WAL thread runs group commits. A group has at most one append in flight (it holds
-//!   the next batch until the completion arrives), so records reach the WAL in the order the
-//!   core issued them. The completion comes back through the core's inbox as
+//! - the WAL threads run group commits, each for the groups `chunk % WAL_THREADS` assigns it,
+//!   so the fdatasyncs of different groups overlap instead of queueing behind each other. A
+//!   group has at most one append in flight (it holds the next batch until the completion
+//!   arrives), so records reach the WAL in the order the core issued them. The completion comes back through the core's inbox as
 //!   [`Inbound::WalDone`]; only then are the batch's tokens reported `Persisted`.
 //! - the checkpoint thread syncs a block store and then writes the checkpoint that describes
 //!   it (a checkpoint syncs every block written since the last one, which can take a while;
@@ -57,8 +58,22 @@ pub struct CheckpointDone {
 /// of each kind per group at most.
 #[derive(Clone)]
 pub struct Disk {
-    pub wal: Sender<WalJob>,
+    wal: Vec<Sender<WalJob>>,
     pub checkpoint: Sender<CheckpointJob>,
+}
+
+/// WAL threads per server. With one, a leader's write waited for its group commit p50 4.3 ms
+/// while the append and fdatasync took p50 0.7 ms: the queue was the other groups' syncs
+/// (`chunkserver profile` after fio 4 KiB random writes at iodepth 32 on a default `local`
+/// cluster). Four: 2,531 against 2,220 IOPS, medians of three interleaved 10 s fio runs of that
+/// job; the disk serializes concurrent fdatasyncs, so more threads gain little.
+pub const WAL_THREADS: usize = 4;
+
+impl Disk {
+    /// Hands a group commit to the WAL thread of its chunk; false when that thread is gone.
+    pub fn append(&self, job: WalJob) -> bool {
+        self.wal[job.chunk as usize % self.wal.len()].send(job).is_ok()
+    }
 }
 
 /// Starts the disk threads; they end when every sender is dropped or the core's inbox closes.
@@ -84,21 +99,26 @@ pub fn spawn(inbox: SyncSender<Inbound>, engine: EngineKind) -> std::io::Result<
             }
         }
     })?;
-    let (tx, rx) = channel::<WalJob>();
-    std::thread::Builder::new().name("wal".into()).spawn(move || {
-        while let Ok(job) = rx.recv() {
-            let start = Instant::now();
-            let result = job.wal.lock().unwrap_or_else(|e| e.into_inner()).append(&job.records);
-            let done = WalDone {
-                chunk: job.chunk,
-                tokens: job.tokens,
-                error: result.err().map(|e| e.to_string()),
-                took: start.elapsed(),
-            };
-            if inbox.send(Inbound::WalDone(done)).is_err() {
-                return;
+    let mut wal = Vec::new();
+    for k in 0..WAL_THREADS {
+        let (tx, rx) = channel::<WalJob>();
+        let inbox = inbox.clone();
+        std::thread::Builder::new().name(format!("wal-{k}")).spawn(move || {
+            while let Ok(job) = rx.recv() {
+                let start = Instant::now();
+                let result = job.wal.lock().unwrap_or_else(|e| e.into_inner()).append(&job.records);
+                let done = WalDone {
+                    chunk: job.chunk,
+                    tokens: job.tokens,
+                    error: result.err().map(|e| e.to_string()),
+                    took: start.elapsed(),
+                };
+                if inbox.send(Inbound::WalDone(done)).is_err() {
+                    return;
+                }
             }
-        }
-    })?;
-    Ok(Disk { wal: tx, checkpoint: ctx })
+        })?;
+        wal.push(tx);
+    }
+    Ok(Disk { wal, checkpoint: ctx })
 }

@@ -5,8 +5,8 @@
 //! next tick), step the groups, execute their commands (block applies, reads, hard state and
 //! checkpoints synchronously; log writes collected), make each group's collected log writes
 //! durable in one WAL append (group commit: one fdatasync for everything that arrived during
-//! the previous round), feed the completions back, and hand the coalesced outgoing batches to
-//! the connection tasks. Messages to peers leave before the local fdatasync starts, so the
+//! the previous round, on one of the server's WAL threads), feed the completions back, and
+//! hand the coalesced outgoing batches to the connection tasks. Messages to peers leave before the local fdatasync starts, so the
 //! leader's own log write overlaps the followers'.
 
 pub mod disk;

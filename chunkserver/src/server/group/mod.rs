@@ -594,7 +594,7 @@ impl Group {
             tokens: std::mem::take(&mut self.wal_tokens),
         };
         self.wal_in_flight = true;
-        if self.disk.wal.send(job).is_err() {
+        if !self.disk.append(job) {
             self.fail("WAL append", StorageError::Fatal(std::io::Error::other("the WAL thread is gone")));
         }
         true

@@ -28,11 +28,7 @@ fn leader_kill_during_verifying_fio_run() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let election = killed_at.elapsed();
-    let out = fio.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "fio failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let job = fio_job(&stdout);
-    assert_eq!(job["error"], 0, "{job}");
+    let job = fio_finished(fio);
     assert_eq!(job["write"]["io_bytes"].as_u64(), Some(2 * (24 << 20)));
     assert_eq!(job["read"]["io_bytes"].as_u64(), Some(2 * (24 << 20)), "every block verified");
     let stall_ms = job["write"]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6;

@@ -54,11 +54,7 @@ fn killed_server_is_replaced_online_under_a_verifying_fio_job() {
     let started = Instant::now();
     let out = run_ok(&mut c.admin(&["decommission", "--server", "2"]));
     let took = started.elapsed();
-    let fio_out = fio.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&fio_out.stdout);
-    assert!(fio_out.status.success(), "fio failed: {stdout}\n{}", String::from_utf8_lossy(&fio_out.stderr));
-    let job = fio_job(&stdout);
-    assert_eq!(job["error"], 0, "{job}");
+    let job = fio_finished(fio);
     assert_eq!(job["read"]["io_bytes"].as_u64(), Some(4 * 24 * MIB), "every written block verified");
     println!(
         "replace: {} in {:.1} s; fio during it: {:.0} write IOPS",

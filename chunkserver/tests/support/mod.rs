@@ -346,6 +346,17 @@ pub fn fio_verify(uri: &str, iodepth: u32, numjobs: u32, size_mib: u64, offset_m
     cmd
 }
 
+/// Waits for a fio run started with piped output; asserts it succeeded without error and
+/// returns its (group-reported) job.
+pub fn fio_finished(fio: std::process::Child) -> serde_json::Value {
+    let out = fio.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "fio failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let job = fio_job(&stdout);
+    assert_eq!(job["error"], 0, "{job}");
+    job
+}
+
 /// The (group-reported) job of fio's JSON output.
 pub fn fio_job(stdout: &str) -> serde_json::Value {
     let json: serde_json::Value =

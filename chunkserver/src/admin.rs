@@ -112,8 +112,8 @@ impl Admin {
             }
             for (id, st) in &views {
                 text.push_str(&format!(
-                    "  server {}: {} term {} committed {} applied {} rebuilt {} bytes\n",
-                    id.0, st.role, st.term.0, st.committed.0, st.applied.0, st.rebuild_received_bytes
+                    "  server {}: {} term {} committed {} applied {} checkpoint {} rebuilt {} bytes\n",
+                    id.0, st.role, st.term.0, st.committed.0, st.applied.0, st.checkpoint.0, st.rebuild_received_bytes
                 ));
             }
         }

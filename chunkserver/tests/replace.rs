@@ -99,8 +99,9 @@ fn killed_server_is_replaced_online_under_a_verifying_fio_job() {
     c.stop();
 }
 
-/// Image bytes `server` received for `chunk` since it started (from `admin status`).
-fn rebuilt_bytes(c: &LocalCluster, chunk: u32, server: u32) -> u64 {
+/// The number after `word` on `server`'s line for `chunk` in `admin status` (`rebuilt`: bytes
+/// received to rebuild the replica since the server started; `checkpoint`: its checkpoint).
+fn status_figure(c: &LocalCluster, chunk: u32, server: u32, word: &str) -> u64 {
     let status = run_ok(&mut c.admin(&["status"]));
     status
         .lines()
@@ -108,10 +109,10 @@ fn rebuilt_bytes(c: &LocalCluster, chunk: u32, server: u32) -> u64 {
         .skip(1)
         .take_while(|l| !l.starts_with("chunk "))
         .find(|l| l.trim_start().starts_with(&format!("server {server}:")))
-        .and_then(|l| l.split("rebuilt ").nth(1))
+        .and_then(|l| l.split(&format!("{word} ")).nth(1))
         .and_then(|t| t.split(' ').next())
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no rebuild figure for server {server} in:\n{status}"))
+        .unwrap_or_else(|| panic!("no {word} figure for server {server} in:\n{status}"))
 }
 
 /// Reads back and checks every block the verifying jobs of `fio_verify(uri, _, 4, 24, 64)`
@@ -132,6 +133,13 @@ fn interrupted_rebuild_resumes_and_the_removed_replica_is_deleted_then_readded()
     prefill(&c.uri(), 0, 64);
     // Incremental: server 3 misses 8 MiB of writes, far more than the log keeps, so it is
     // caught up from the image, but only with the blocks written since its applied index.
+    // (After a restart that index is its last checkpoint: wait for the one covering the fill,
+    // 512 entries of 128 KiB, or the image would rightly carry the fill's second half too.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status_figure(&c, 0, 3, "checkpoint") < 512 {
+        assert!(Instant::now() < deadline, "server 3 did not checkpoint the fill:\n{}", c.log_tail());
+        std::thread::sleep(Duration::from_millis(200));
+    }
     c.kill(3);
     run_ok(
         std::process::Command::new("fio")
@@ -151,7 +159,7 @@ fn interrupted_rebuild_resumes_and_the_removed_replica_is_deleted_then_readded()
         assert!(Instant::now() < deadline, "server 3 did not catch up:\n{}", c.log_tail());
         std::thread::sleep(Duration::from_millis(100));
     }
-    let incremental = rebuilt_bytes(&c, 0, 3);
+    let incremental = status_figure(&c, 0, 3, "rebuilt");
     println!("incremental catch-up: {:.1} MiB of image for 8 MiB of missed writes", incremental as f64 / MIB as f64);
     assert!(incremental > 0 && incremental <= 12 * MIB, "not incremental: {incremental} bytes");
     let mover = c
@@ -175,7 +183,7 @@ fn interrupted_rebuild_resumes_and_the_removed_replica_is_deleted_then_readded()
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "move failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     // Since its restart, server 4 received only what the first attempt had not saved.
-    let after_restart = rebuilt_bytes(&c, 0, 4);
+    let after_restart = status_figure(&c, 0, 4, "rebuilt");
     println!(
         "resumed rebuild: {:.1} MiB received after the restart (image: 64 MiB)",
         after_restart as f64 / MIB as f64

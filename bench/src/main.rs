@@ -16,6 +16,7 @@ use bench::fio::{self, JobSettings, Measure};
 use bench::plot::{self, Series};
 use bench::report::{self, Results};
 use bench::targets::{Kind, Running, Target};
+use chunkserver::server::transport::Jitter;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -42,14 +43,21 @@ enum Cmd {
         /// Seconds per time-based job; default 10, 3 with --quick.
         #[arg(long)]
         runtime: Option<u32>,
-        /// Message jitter of the `-jitter` engine targets, µs.
+        /// Message jitter of the `-jitter` engine targets: each message between chunk servers
+        /// is held a random 0..=N µs.
         #[arg(long, default_value_t = 2000)]
         jitter_us: u64,
+        /// Stragglers of the `-straggler` engine targets: one message in 1000/K (K is
+        /// --straggler-per-mille) is held this long, µs; the others are not delayed.
+        #[arg(long, default_value_t = 20_000)]
+        straggler_us: u64,
+        #[arg(long, default_value_t = 20)]
+        straggler_per_mille: u32,
         /// Look-behind span N of the engine targets.
         #[arg(long, default_value_t = chunkserver::server::DEFAULT_LBB_SPAN)]
         lbb_span: usize,
         /// Only these targets (comma-separated): parallel, raft, parallel-jitter, raft-jitter,
-        /// nbdkit-memory, nbdkit-file, local-disk.
+        /// parallel-straggler, raft-straggler, nbdkit-memory, nbdkit-file, local-disk.
         #[arg(long, value_delimiter = ',')]
         targets: Vec<String>,
         /// Directory for the targets' data (the local-disk file lives here).
@@ -92,23 +100,32 @@ impl Job {
     }
 }
 
-fn all_targets(jitter_us: u64, lbb_span: usize) -> Vec<Target> {
-    let engine = |name: &str, mode: &str, jitter_us: u64| Target {
+/// The delays of the engine targets' messages: uniform jitter, and rare stragglers.
+#[derive(Clone, Copy, Debug)]
+struct Delays {
+    jitter: Jitter,
+    straggler: Jitter,
+}
+
+fn all_targets(delays: Delays, lbb_span: usize) -> Vec<Target> {
+    let engine = |name: &str, mode: &str, jitter: Jitter| Target {
         name: name.into(),
-        kind: Kind::Engine { mode: mode.into(), jitter_us, lbb_span },
+        kind: Kind::Engine { mode: mode.into(), jitter, lbb_span },
     };
     vec![
-        engine("parallel", "parallel", 0),
-        engine("raft", "raft", 0),
-        engine("parallel-jitter", "parallel", jitter_us),
-        engine("raft-jitter", "raft", jitter_us),
+        engine("parallel", "parallel", Jitter::default()),
+        engine("raft", "raft", Jitter::default()),
+        engine("parallel-jitter", "parallel", delays.jitter),
+        engine("raft-jitter", "raft", delays.jitter),
+        engine("parallel-straggler", "parallel", delays.straggler),
+        engine("raft-straggler", "raft", delays.straggler),
         Target { name: "nbdkit-memory".into(), kind: Kind::NbdkitMemory },
         Target { name: "nbdkit-file".into(), kind: Kind::NbdkitFile },
         Target { name: "local-disk".into(), kind: Kind::LocalDisk },
     ]
 }
 
-/// The jobs each target runs: the jitter targets only the iodepth sweep; the other engine
+/// The jobs each target runs: the delayed targets only the iodepth sweep; the other engine
 /// targets the common jobs and the sweep; the anchors the common jobs.
 fn plan(target: &Target, quick: bool) -> Vec<Job> {
     let depths: &[u32] = if quick { &[1, 4, 16, 32] } else { &[1, 2, 4, 8, 16, 32] };
@@ -118,7 +135,8 @@ fn plan(target: &Target, quick: bool) -> Vec<Job> {
         common.extend(["randread-4k-qd1", "seqread-128k-qd16", "mixed-70-30", "multi-conn-4"].map(Job::file));
     }
     let sweep = || depths.iter().map(|d| Job::sweep(*d));
-    let mut jobs = match (&target.kind, target.name.ends_with("-jitter")) {
+    let delayed = target.name.ends_with("-jitter") || target.name.ends_with("-straggler");
+    let mut jobs = match (&target.kind, delayed) {
         (Kind::Engine { .. }, true) => sweep().collect(),
         (Kind::Engine { .. }, false) => common.into_iter().chain(sweep()).collect::<Vec<Job>>(),
         _ => common,
@@ -156,7 +174,25 @@ fn require(tool: &str, package: &str) -> Result<(), String> {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
-    let Cmd::Compare { quick, out, runs, runtime, jitter_us, lbb_span, targets, work } = cli.command;
+    let Cmd::Compare {
+        quick,
+        out,
+        runs,
+        runtime,
+        jitter_us,
+        straggler_us,
+        straggler_per_mille,
+        lbb_span,
+        targets,
+        work,
+    } = cli.command;
+    if straggler_per_mille > 1000 {
+        return Err("--straggler-per-mille must be at most 1000".into());
+    }
+    let delays = Delays {
+        jitter: Jitter { uniform_us: jitter_us, ..Jitter::default() },
+        straggler: Jitter { uniform_us: 0, straggler_us, straggler_per_mille },
+    };
     require("fio", "fio")?;
     require("nbdkit", "nbdkit")?;
     require("nbdinfo", "libnbd-bin")?;
@@ -167,7 +203,7 @@ fn run(cli: Cli) -> Result<(), String> {
         size: if quick { "128m".into() } else { "512m".into() },
         iodepth,
     };
-    let mut chosen = all_targets(jitter_us, lbb_span);
+    let mut chosen = all_targets(delays, lbb_span);
     if !targets.is_empty() {
         for t in &targets {
             if !chosen.iter().any(|c| &c.name == t) {
@@ -286,7 +322,11 @@ mod tests {
 
     #[test]
     fn plans_cover_the_sweep_once_and_only_engines_sweep() {
-        let targets = all_targets(2000, 2);
+        let delays = Delays {
+            jitter: Jitter { uniform_us: 2000, ..Jitter::default() },
+            straggler: Jitter { uniform_us: 0, straggler_us: 20_000, straggler_per_mille: 20 },
+        };
+        let targets = all_targets(delays, 2);
         let names = |t: &Target, quick| plan(t, quick).into_iter().map(|j| j.name).collect::<Vec<_>>();
         let parallel = names(&targets[0], true);
         assert_eq!(
@@ -304,8 +344,9 @@ mod tests {
             names(&targets[2], true),
             ["randwrite-4k-qd1", "randwrite-4k-qd4", "randwrite-4k-qd16", "randwrite-4k-qd32"]
         );
-        assert_eq!(names(&targets[4], true).len(), 4, "anchors run the common jobs only");
-        assert_eq!(names(&targets[6], false).len(), 8);
+        assert_eq!(names(&targets[4], true), names(&targets[2], true), "the straggler targets sweep too");
+        assert_eq!(names(&targets[6], true).len(), 4, "anchors run the common jobs only");
+        assert_eq!(names(&targets[8], false).len(), 8);
         assert!(plan(&targets[0], false).iter().any(|j| j.name == "randwrite-4k-qd8" && j.iodepth == Some(8)));
     }
 }

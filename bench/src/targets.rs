@@ -6,14 +6,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use chunkserver::server::transport::Jitter;
+
 use crate::fio::Endpoint;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Kind {
-    /// `chunkserver local` in `mode` (parallel | raft), messages delayed by 0..=jitter_us.
+    /// `chunkserver local` in `mode` (parallel | raft), messages between servers delayed by
+    /// `jitter`.
     Engine {
         mode: String,
-        jitter_us: u64,
+        jitter: Jitter,
         lbb_span: usize,
     },
     NbdkitMemory,
@@ -84,14 +87,16 @@ impl Running {
         let port = free_port()?;
         let uri = |name: &str| format!("nbd://127.0.0.1:{port}/{name}");
         let (mut child, endpoint) = match &target.kind {
-            Kind::Engine { mode, jitter_us, lbb_span } => {
+            Kind::Engine { mode, jitter, lbb_span } => {
                 let child = Command::new(chunkserver)
                     .arg("local")
                     .arg("--data-dir")
                     .arg(dir.path().join("data"))
                     .args(["--port", &port.to_string(), "--peer-base-port", &(port + 1).to_string()])
                     .args(["--size", VOLUME, "--mode", mode])
-                    .args(["--jitter-us", &jitter_us.to_string(), "--lbb-span", &lbb_span.to_string()])
+                    .args(["--jitter-us", &jitter.uniform_us.to_string(), "--lbb-span", &lbb_span.to_string()])
+                    .args(["--straggler-us", &jitter.straggler_us.to_string()])
+                    .args(["--straggler-per-mille", &jitter.straggler_per_mille.to_string()])
                     .args(["--metrics-port", &(port + 4).to_string()])
                     .env("RUST_LOG", "warn")
                     .stdout(Stdio::null())

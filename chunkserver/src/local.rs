@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::config::{parse_size, Cluster, ClusterFile, ServerFile, VolumeFile};
 use crate::nbd::{self, Export};
+use crate::server::transport::Jitter;
 use crate::volume::Volume;
 
 pub struct LocalOptions {
@@ -26,7 +27,7 @@ pub struct LocalOptions {
     pub io_engine: String,
     pub peer_base_port: u16,
     pub lbb_span: usize,
-    pub jitter_us: u64,
+    pub jitter: Jitter,
     pub rebuild_rate: u64,
     pub checkpoint_interval: u64,
     /// Chunk servers to run (default: 3 for a new directory, what it has for an existing one).
@@ -118,7 +119,11 @@ fn spawn_server(opts: &LocalOptions, id: u32) -> Result<Child, String> {
         .arg("--lbb-span")
         .arg(opts.lbb_span.to_string())
         .arg("--jitter-us")
-        .arg(opts.jitter_us.to_string())
+        .arg(opts.jitter.uniform_us.to_string())
+        .arg("--straggler-us")
+        .arg(opts.jitter.straggler_us.to_string())
+        .arg("--straggler-per-mille")
+        .arg(opts.jitter.straggler_per_mille.to_string())
         .arg("--rebuild-rate")
         .arg(opts.rebuild_rate.to_string())
         .arg("--checkpoint-interval")

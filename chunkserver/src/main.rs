@@ -10,6 +10,7 @@ use chunkserver::config::Cluster;
 use chunkserver::local::{self, LocalOptions};
 use chunkserver::nbd::{self, Export};
 use chunkserver::server::group::StorageOptions;
+use chunkserver::server::transport::Jitter;
 use chunkserver::server::{self, ServerOptions, DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_LBB_SPAN, DEFAULT_REBUILD_RATE};
 use chunkserver::storage::io::EngineKind;
 use chunkserver::volume::Volume;
@@ -32,6 +33,12 @@ struct Tuning {
     /// resolution), which reorders them.
     #[arg(long, default_value_t = 0)]
     jitter_us: u64,
+    /// Benchmarks only: on top of --jitter-us, hold one message in 1000/K (K is
+    /// --straggler-per-mille) for N µs more: the rare long delay an in-order protocol stalls behind.
+    #[arg(long, default_value_t = 0)]
+    straggler_us: u64,
+    #[arg(long, default_value_t = 10)]
+    straggler_per_mille: u32,
     /// Cap on the bytes per second a server sends to rebuild other replicas (e.g. 64M; 0: no
     /// cap). Whatever the cap, a foreground message waits behind at most one 256 KiB rebuild
     /// frame on a link.
@@ -44,6 +51,17 @@ struct Tuning {
 }
 
 impl Tuning {
+    fn jitter(&self) -> Result<Jitter, String> {
+        if self.straggler_per_mille > 1000 {
+            return Err("--straggler-per-mille must be at most 1000".into());
+        }
+        Ok(Jitter {
+            uniform_us: self.jitter_us,
+            straggler_us: self.straggler_us,
+            straggler_per_mille: self.straggler_per_mille,
+        })
+    }
+
     fn rebuild_rate_bytes(&self) -> Result<u64, String> {
         chunkserver::config::parse_size(&self.rebuild_rate).map_err(|e| format!("--rebuild-rate: {e}"))
     }
@@ -243,7 +261,8 @@ fn run(cli: Cli) -> Result<(), String> {
         } => {
             engine(&io_engine)?;
             let rebuild_rate = tuning.rebuild_rate_bytes()?;
-            let Tuning { lbb_span, jitter_us, checkpoint_interval, .. } = tuning;
+            let jitter = tuning.jitter()?;
+            let Tuning { lbb_span, checkpoint_interval, .. } = tuning;
             if checkpoint_interval == 0 {
                 return Err("--checkpoint-interval must be positive".into());
             }
@@ -266,7 +285,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 io_engine,
                 peer_base_port,
                 lbb_span,
-                jitter_us,
+                jitter,
                 rebuild_rate,
                 checkpoint_interval,
                 servers,
@@ -275,7 +294,8 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Serve { config, id, data_dir, io_engine, tick_ms, tuning, metrics } => {
             let rebuild_rate = tuning.rebuild_rate_bytes()?;
-            let Tuning { lbb_span, jitter_us, checkpoint_interval, .. } = tuning;
+            let jitter = tuning.jitter()?;
+            let Tuning { lbb_span, checkpoint_interval, .. } = tuning;
             let cluster = Cluster::load(&config)?;
             let config_path = Some(config);
             if !data_dir.is_dir() {
@@ -298,7 +318,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     storage,
                     tick: Duration::from_millis(tick_ms),
                     lbb_span,
-                    jitter: Duration::from_micros(jitter_us),
+                    jitter,
                     metrics,
                     listen: None,
                     config_path,

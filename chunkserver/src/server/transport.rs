@@ -55,16 +55,45 @@ pub struct Shared {
     pub me: ReplicaId,
     pub inbox: SyncSender<Inbound>,
     pub next_conn: Arc<AtomicU64>,
-    /// Benchmark option: each frame from a peer is held for a random delay in `0..=jitter`
-    /// before the core sees it, so frames overtake each other (the reordering the paper's
-    /// Figure 7 measures). Zero in production. Resolution is tokio's timer (1 ms).
-    pub jitter: Duration,
+    /// Benchmark option: frames from peers are held back at random (see [`Jitter`]). Off in
+    /// production.
+    pub jitter: Jitter,
     /// Frames being held back by the jitter, across all links (bounded by [`MAX_DELAYED`]).
     pub delayed: Arc<AtomicU64>,
 }
 
 /// Frames held back by the jitter at once; beyond it frames are delivered at once.
 const MAX_DELAYED: u64 = 8192;
+
+/// Benchmark option: how long each frame from a peer is held before the core sees it, so frames
+/// overtake each other (the reordering the paper's Figure 7 measures). Two shapes, which add:
+/// - uniform: every frame waits a random `0..=uniform_us`;
+/// - stragglers: one frame in `1000 / straggler_per_mille` waits `straggler_us` more (a TCP
+///   retransmission, a descheduled sender: the rare long delay real networks have, and the one
+///   in-order protocols stall behind).
+///
+/// Resolution is tokio's timer (1 ms).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Jitter {
+    pub uniform_us: u64,
+    pub straggler_us: u64,
+    pub straggler_per_mille: u32,
+}
+
+impl Jitter {
+    pub fn is_off(&self) -> bool {
+        self.uniform_us == 0 && (self.straggler_us == 0 || self.straggler_per_mille == 0)
+    }
+
+    /// The hold of the next frame (zero for most frames when only stragglers are set).
+    pub fn delay(&self, rng: &mut parallelraft::rng::Rng) -> Duration {
+        let mut us = if self.uniform_us > 0 { rng.range(0, self.uniform_us + 1) } else { 0 };
+        if self.straggler_per_mille > 0 && rng.range(0, 1000) < u64::from(self.straggler_per_mille) {
+            us += self.straggler_us;
+        }
+        Duration::from_micros(us)
+    }
+}
 
 impl Shared {
     /// Queues for the core thread, waiting (asynchronously) while its inbox is full: that is
@@ -125,7 +154,7 @@ async fn write_batches(
 /// Reads frames from a peer connection into the core thread until it fails.
 async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, mut reader: tokio::net::tcp::OwnedReadHalf) {
     let mut rng = parallelraft::rng::Rng::new(crate::process_entropy(conn));
-    let jitter_us = shared.jitter.as_micros() as u64;
+    let jitter = shared.jitter;
     loop {
         match read_frame(&mut reader).await {
             Ok(Some(frame)) => {
@@ -133,8 +162,8 @@ async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, mut reader: to
                     warn!(peer = peer.0, "frame from a foreign cluster or sender; dropping the connection");
                     return;
                 }
-                if jitter_us > 0 && shared.delayed.fetch_add(1, Ordering::Relaxed) < MAX_DELAYED {
-                    let delay = Duration::from_micros(rng.range(0, jitter_us + 1));
+                let delay = if jitter.is_off() { Duration::ZERO } else { jitter.delay(&mut rng) };
+                if !delay.is_zero() && shared.delayed.fetch_add(1, Ordering::Relaxed) < MAX_DELAYED {
                     let shared = shared.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(delay).await;
@@ -142,7 +171,7 @@ async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, mut reader: to
                         shared.deliver(Inbound::Frame { conn, frame, at: Instant::now() }).await;
                     });
                     continue;
-                } else if jitter_us > 0 {
+                } else if !delay.is_zero() {
                     shared.delivered_late();
                 }
                 if !shared.deliver(Inbound::Frame { conn, frame, at: Instant::now() }).await {
@@ -314,4 +343,28 @@ async fn frontend(shared: Shared, mut reader: tokio::net::tcp::OwnedReadHalf, mu
     }
     writer_task.abort();
     shared.deliver(Inbound::FrontendGone { conn }).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_shapes_add_and_stragglers_come_at_their_rate() {
+        let mut rng = parallelraft::rng::Rng::new(7);
+        assert!(Jitter::default().is_off());
+        assert!(Jitter { straggler_us: 500, ..Jitter::default() }.is_off(), "a rate of zero is off");
+        let stragglers = Jitter { uniform_us: 0, straggler_us: 20_000, straggler_per_mille: 20 };
+        let held = (0..20_000).filter(|_| !stragglers.delay(&mut rng).is_zero()).count();
+        assert!((300..=500).contains(&held), "2% of 20,000 frames held, got {held}");
+        for _ in 0..100 {
+            let d = stragglers.delay(&mut rng);
+            assert!(d.is_zero() || d == Duration::from_millis(20), "{d:?}");
+        }
+        let both = Jitter { uniform_us: 1000, straggler_us: 20_000, straggler_per_mille: 1000 };
+        for _ in 0..100 {
+            let d = both.delay(&mut rng);
+            assert!(d >= Duration::from_millis(20) && d <= Duration::from_millis(21), "{d:?}");
+        }
+    }
 }

@@ -440,9 +440,10 @@ async fn link_task(
         }
         backoff = Duration::from_millis(20);
         up.store(true, Ordering::Relaxed);
-        let (mut reader, mut writer) = stream.into_split();
+        let (reader, mut writer) = stream.into_split();
         let reader_pending = pending.clone();
         let mut reader_task = tokio::spawn(async move {
+            let mut reader = tokio::io::BufReader::with_capacity(crate::server::transport::READ_BUFFER_BYTES, reader);
             while let Ok(Some(frame)) = read_frame(&mut reader).await {
                 if let Body::Response { id, outcome } = frame.body {
                     if let Some(tx) = reader_pending.lock().unwrap().remove(&id.seq) {

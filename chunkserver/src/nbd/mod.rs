@@ -254,6 +254,9 @@ fn parse_info_request(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
 /// One reply, ready to write.
 type Reply = Bytes;
 
+/// Replies coalesced into one write at most (past it, the next write takes the rest).
+const REPLY_BATCH_BYTES: usize = 1 << 20;
+
 async fn transmission<R, W>(mut reader: R, writer: W, export: &Export, session: Session) -> Result<(), End>
 where
     R: AsyncRead + Unpin,
@@ -384,16 +387,15 @@ async fn execute_inner(volume: &Volume, req: Request, payload: Option<Bytes>, st
 
 async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut rx: mpsc::Receiver<Reply>) {
     while let Some(first) = rx.recv().await {
-        if writer.write_all(&first).await.is_err() {
-            return;
-        }
-        // Coalesce replies that are already waiting into one flush.
-        while let Ok(more) = rx.try_recv() {
-            if writer.write_all(&more).await.is_err() {
-                return;
+        // Coalesce replies that are already waiting into one write (one syscall, not one each).
+        let mut batch = BytesMut::from(&first[..]);
+        while batch.len() < REPLY_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(more) => batch.extend_from_slice(&more),
+                Err(_) => break,
             }
         }
-        if writer.flush().await.is_err() {
+        if writer.write_all(&batch).await.is_err() || writer.flush().await.is_err() {
             return;
         }
     }

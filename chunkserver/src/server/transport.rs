@@ -46,6 +46,11 @@ pub enum Inbound {
     Shutdown,
 }
 
+/// Read buffer of a connection after its hello: one recv takes every frame that has arrived
+/// (read unbuffered, each frame cost two: its header and its body). The hello itself is read
+/// unbuffered, since a peer's stream is handed on after it.
+pub const READ_BUFFER_BYTES: usize = 256 << 10;
+
 /// How long a new connection may take to say hello.
 const HELLO_LIMIT: Duration = Duration::from_secs(10);
 
@@ -152,7 +157,8 @@ async fn write_batches(
 }
 
 /// Reads frames from a peer connection into the core thread until it fails.
-async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, mut reader: tokio::net::tcp::OwnedReadHalf) {
+async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, reader: tokio::net::tcp::OwnedReadHalf) {
+    let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let mut rng = parallelraft::rng::Rng::new(crate::process_entropy(conn));
     let jitter = shared.jitter;
     loop {
@@ -314,7 +320,8 @@ pub async fn accept_loop(shared: Shared, listener: TcpListener, peer_streams: Ac
     }
 }
 
-async fn frontend(shared: Shared, mut reader: tokio::net::tcp::OwnedReadHalf, mut writer: OwnedWriteHalf) {
+async fn frontend(shared: Shared, reader: tokio::net::tcp::OwnedReadHalf, mut writer: OwnedWriteHalf) {
+    let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel::<Bytes>(FRONTEND_QUEUE_BATCHES);
     if !shared.deliver(Inbound::FrontendConnected { conn, tx }).await {

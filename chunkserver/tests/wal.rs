@@ -253,3 +253,90 @@ fn libc_eio() -> i32 {
 
 #[allow(dead_code)]
 fn assert_engine_is_send(_: &dyn IoEngine) {}
+
+/// Bytes of one packed record holding `e` (header, encoded entry, 8-byte alignment).
+fn packed_len(e: &Entry) -> usize {
+    (88 + parallelraft::codec::encoded_len(e)).div_ceil(8) * 8
+}
+
+#[test]
+fn records_of_a_batch_are_packed_and_a_damaged_one_hides_the_rest_of_its_write() {
+    let engine = CrashEngine::new();
+    let dir = Path::new("/wal");
+    let opts = WalOptions { segment_bytes: 1 << 20, direct: true };
+    let (mut wal, _) = Wal::open(Box::new(engine.clone()), dir, 5, opts).unwrap();
+    let first: Vec<WalRecord> = (1..=5).map(|i| WalRecord::Entry(entry(i, 1))).collect();
+    wal.append(&first).unwrap();
+    wal.append(&(6..=10).map(|i| WalRecord::Entry(entry(i, 1))).collect::<Vec<_>>()).unwrap();
+    drop(wal);
+    let len = packed_len(&entry(1, 1));
+    assert!(len < 4096 + 512, "a 4 KiB write packs into {len} bytes");
+    // The second batch starts on the 4 KiB boundary after the first batch's five records:
+    // its first record is found there.
+    let second_at = (5 * len).div_ceil(4096) * 4096;
+    let segment = Path::new("/wal/wal-0000000000000005-0000000001.log");
+    let (_, clean) = Wal::open(Box::new(engine.clone()), dir, 5, opts).unwrap();
+    assert_eq!(clean.entries.len(), 10);
+    assert!(clean.corruptions.is_empty() && !clean.torn_tail);
+    // Damage record 2 of the first batch: it and the records packed after it in that write
+    // are lost (reported as corruption, since a later batch follows); record 1 and the whole
+    // second batch are kept.
+    engine.flip_bit(segment, (len + 200) as u64, 2);
+    let (_, recovery) = Wal::open(Box::new(engine.clone()), dir, 5, opts).unwrap();
+    assert_eq!(recovery.corruptions.len(), 1, "{:?}", recovery.corruptions);
+    assert_eq!(recovery.corruptions[0].index_hint, Some(Index(2)));
+    let held: Vec<u64> = recovery.entries.iter().map(|e| e.index.0).collect();
+    assert_eq!(held, vec![1, 6, 7, 8, 9, 10], "second batch at offset {second_at}");
+}
+
+/// A record as logs wrote them before packing: no flags, alone in whole 4 KiB units.
+fn legacy_record(e: &Entry, chunk: u64, seq: u64, batch: u64, position: u32, batch_len: u32) -> Vec<u8> {
+    let mut payload = bytes::BytesMut::new();
+    parallelraft::codec::encode_entry(e, &mut payload);
+    let mut out = vec![0u8; (88 + payload.len()).div_ceil(4096) * 4096];
+    out[0..4].copy_from_slice(b"PRWL");
+    out[8] = 1; // an entry
+    out[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    out[16..24].copy_from_slice(&seq.to_le_bytes());
+    out[24..32].copy_from_slice(&batch.to_le_bytes());
+    out[32..36].copy_from_slice(&position.to_le_bytes());
+    out[36..40].copy_from_slice(&batch_len.to_le_bytes());
+    out[40..48].copy_from_slice(&chunk.to_le_bytes());
+    out[48..56].copy_from_slice(&e.index.0.to_le_bytes());
+    out[56..64].copy_from_slice(&e.term.0.to_le_bytes());
+    out[64..72].copy_from_slice(&e.ballot.0.to_le_bytes());
+    out[88..88 + payload.len()].copy_from_slice(&payload);
+    let crc = crc32fast::hash(&out[8..88 + payload.len()]);
+    out[4..8].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+#[test]
+fn a_log_written_before_packing_recovers_and_takes_packed_batches() {
+    use chunkserver::storage::io::{IoOp, OpenMode};
+    let engine = CrashEngine::new();
+    let opts = WalOptions { segment_bytes: 1 << 20, direct: true };
+    let path = Path::new("/wal/wal-0000000000000005-0000000001.log");
+    {
+        let mut raw: Box<dyn IoEngine> = Box::new(engine.clone());
+        let file = raw.open(path, OpenMode { create: true, direct: true }).unwrap();
+        raw.allocate(file, opts.segment_bytes).unwrap();
+        // Batch 1: entries 1 and 2; batch 2: entry 3.
+        let mut image = Vec::new();
+        image.extend(legacy_record(&entry(1, 1), 5, 1, 1, 0, 2));
+        image.extend(legacy_record(&entry(2, 1), 5, 2, 1, 1, 2));
+        image.extend(legacy_record(&entry(3, 1), 5, 3, 2, 0, 1));
+        let mut buf = chunkserver::storage::io::AlignedBuf::zeroed(image.len());
+        buf.copy_from_slice(&image);
+        let results = raw.submit(&mut [IoOp::Write { file, offset: 0, buf: &buf }, IoOp::Sync { file }]);
+        assert!(results.iter().all(|r| r.is_ok()));
+    }
+    let (mut wal, recovery) = Wal::open(Box::new(engine.clone()), Path::new("/wal"), 5, opts).unwrap();
+    assert!(recovery.corruptions.is_empty() && !recovery.torn_tail);
+    assert_eq!(recovery.entries, vec![entry(1, 1), entry(2, 1), entry(3, 1)]);
+    wal.append(&[WalRecord::Entry(entry(4, 1)), WalRecord::Entry(entry(5, 1))]).unwrap();
+    drop(wal);
+    let (_, again) = Wal::open(Box::new(engine), Path::new("/wal"), 5, opts).unwrap();
+    assert!(again.corruptions.is_empty() && !again.torn_tail);
+    assert_eq!(again.entries.iter().map(|e| e.index.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+}

@@ -1,15 +1,24 @@
-//! Per-chunk write-ahead log: preallocated segments of 4 KiB-aligned records, group commit,
-//! and recovery that tells a torn tail from corruption in the middle.
+//! Per-chunk write-ahead log: preallocated segments of packed records, group commit, and
+//! recovery that tells a torn tail from corruption in the middle.
 //!
-//! Record layout (little endian), each starting on a 4 KiB boundary of its segment:
+//! Record layout (little endian):
 //!
 //! ```text
-//!  0 magic u32 "PRWL"        4 crc32 u32 over bytes 8..80 and the payload
-//!  8 kind u8, pad[3]         12 payload_len u32
+//!  0 magic u32 "PRWL"        4 crc32 u32 over bytes 8..88 and the payload
+//!  8 kind u8, flags u8, pad[2]                     12 payload_len u32
 //! 16 seq u64                 24 batch u64         32 batch_position u32, batch_len u32
 //! 40 chunk_id u64            48 index u64         56 term u64          64 ballot u64
-//! 72 lba_offset u64 ... 80 lba_len u64 ... 88 payload (encoded entry), zero padding to 4 KiB
+//! 72 lba_offset u64 ... 80 lba_len u64 ... 88 payload (encoded entry), zero padding
 //! ```
+//!
+//! Packing: every write of a batch starts on a 4 KiB boundary (O_DIRECT), and its records
+//! follow each other on 8-byte boundaries (`FLAG_PACKED`); the last record of a write carries
+//! `FLAG_PAD_AFTER` and is padded to the next 4 KiB boundary. A 4 KiB client write with its
+//! header and look-behind ranges is ≈ 4.8 KiB, so packing writes ≈ 40% fewer bytes per entry
+//! than one 4 KiB-aligned record each (8 KiB). Records without `FLAG_PACKED` (logs written
+//! before packing) each fill whole 4 KiB units. Recovery that meets an invalid record looks for
+//! the next record at the next 4 KiB boundary, so a damaged record also hides the records
+//! packed after it in its write: their batch is incomplete, reported like any lost record.
 //!
 //! Group commit: [`Wal::append`] writes all its records in one write per segment touched and
 //! one fdatasync; the batch is durable when it returns. Batches are numbered; every record
@@ -35,6 +44,9 @@ const HEADER_LEN: usize = 88;
 const ZERO_FILL_BYTES: usize = 1 << 20;
 const KIND_ENTRY: u8 = 1;
 const KIND_TRUNCATE: u8 = 2;
+/// Flags (header byte 9): the record is packed; the record ends its write (padding follows).
+const FLAG_PACKED: u8 = 1;
+const FLAG_PAD_AFTER: u8 = 2;
 
 /// What the protocol asks the log to make durable.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,6 +115,10 @@ fn round_up(n: usize) -> usize {
     n.div_ceil(ALIGN) * ALIGN
 }
 
+fn align8(n: usize) -> usize {
+    n.div_ceil(8) * 8
+}
+
 struct Parsed {
     kind: u8,
     seq: u64,
@@ -111,12 +127,13 @@ struct Parsed {
     batch_len: u32,
     index: Index,
     payload: Vec<u8>,
-    /// Bytes the record occupies (aligned).
+    /// Bytes from the record's start to where the next record may start (with padding).
     span: usize,
 }
 
-/// Validates one record at the start of `buf`. `Ok(None)`: the area is unwritten (zeroes).
-fn parse_record(buf: &[u8], chunk_id: u64) -> std::result::Result<Option<Parsed>, Option<Index>> {
+/// Validates one record at the start of `buf`, which is at offset `at` of its segment.
+/// `Ok(None)`: the area is unwritten (zeroes).
+fn parse_record(buf: &[u8], at: usize, chunk_id: u64) -> std::result::Result<Option<Parsed>, Option<Index>> {
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
@@ -148,7 +165,11 @@ fn parse_record(buf: &[u8], chunk_id: u64) -> std::result::Result<Option<Parsed>
         batch_len: u32_at(36),
         index: Index(u64_at(48)),
         payload: buf[HEADER_LEN..HEADER_LEN + payload_len].to_vec(),
-        span: round_up(HEADER_LEN + payload_len),
+        span: if buf[9] & FLAG_PACKED != 0 && buf[9] & FLAG_PAD_AFTER == 0 {
+            align8(HEADER_LEN + payload_len)
+        } else {
+            round_up(at + HEADER_LEN + payload_len) - at
+        },
     }))
 }
 
@@ -215,7 +236,7 @@ impl Wal {
         for (seg, (_, image, len)) in images.iter().enumerate() {
             let mut offset = 0;
             while offset + HEADER_LEN <= *len {
-                match parse_record(&image[offset..*len], self.chunk_id) {
+                match parse_record(&image[offset..*len], offset, self.chunk_id) {
                     Ok(Some(rec)) => {
                         let span = rec.span;
                         valid.push(At { seg, offset, rec });
@@ -226,7 +247,7 @@ impl Wal {
                         if invalid.last().is_none_or(|(s, o, _)| (*s, *o) != (seg, offset)) {
                             invalid.push((seg, offset, hint));
                         }
-                        offset += ALIGN; // look for the next record boundary
+                        offset = round_up(offset + 1); // a write starts on the next 4 KiB boundary
                     }
                 }
             }
@@ -324,7 +345,9 @@ impl Wal {
                 self.engine.close(s.file);
                 self.engine.remove(&s.path)?;
             }
-            self.tail = offset as u64;
+            // The last kept record ends a write (a torn batch was dropped whole); rounding up
+            // only guards the O_DIRECT alignment of the next write.
+            self.tail = round_up(offset) as u64;
         } else {
             self.tail = 0;
         }
@@ -359,8 +382,9 @@ impl Wal {
         Ok(())
     }
 
+    /// Bytes of a packed record (the write it ends is padded to 4 KiB on top).
     fn record_len(record: &WalRecord) -> usize {
-        round_up(
+        align8(
             HEADER_LEN
                 + match record {
                     WalRecord::Entry(e) => encoded_len(e),
@@ -369,7 +393,9 @@ impl Wal {
         )
     }
 
-    fn encode(&self, record: &WalRecord, seq: u64, batch: u64, position: u32, len: u32, out: &mut [u8]) {
+    // The header's fields, in layout order.
+    #[allow(clippy::too_many_arguments)]
+    fn encode(&self, record: &WalRecord, seq: u64, batch: u64, position: u32, len: u32, flags: u8, out: &mut [u8]) {
         let mut payload = BytesMut::new();
         let (kind, index, term, ballot, lba) = match record {
             WalRecord::Entry(e) => {
@@ -385,6 +411,7 @@ impl Wal {
         };
         out[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         out[8] = kind;
+        out[9] = flags;
         out[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         out[16..24].copy_from_slice(&seq.to_le_bytes());
         out[24..32].copy_from_slice(&batch.to_le_bytes());
@@ -430,16 +457,18 @@ impl Wal {
                 bytes += lens[i];
                 i += 1;
             }
-            let mut buf = AlignedBuf::zeroed(bytes);
+            let mut buf = AlignedBuf::zeroed(round_up(bytes));
             let mut at = 0;
             for (k, record) in records[start..i].iter().enumerate() {
                 let position = (start + k) as u32;
+                let flags = if start + k + 1 == i { FLAG_PACKED | FLAG_PAD_AFTER } else { FLAG_PACKED };
                 self.encode(
                     record,
                     self.next_seq,
                     batch,
                     position,
                     records.len() as u32,
+                    flags,
                     &mut buf[at..at + lens[start + k]],
                 );
                 self.next_seq += 1;
@@ -449,8 +478,8 @@ impl Wal {
                 }
                 at += lens[start + k];
             }
-            pieces.push((self.segments.len() - 1, self.tail, buf));
-            self.tail += bytes as u64;
+            self.tail += buf.len() as u64;
+            pieces.push((self.segments.len() - 1, self.tail - buf.len() as u64, buf));
         }
         let mut ops = Vec::new();
         let mut expected = Vec::new();

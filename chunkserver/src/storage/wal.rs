@@ -252,6 +252,15 @@ impl Wal {
                 }
             }
         }
+        // Per segment, the end of everything written in it (valid or not): what lies past the
+        // write position after recovery is zeroed below.
+        let mut written_end = vec![0usize; images.len()];
+        for v in &valid {
+            written_end[v.seg] = written_end[v.seg].max(v.offset + v.rec.span);
+        }
+        for (seg, offset, _) in &invalid {
+            written_end[*seg] = written_end[*seg].max(round_up(offset + 1));
+        }
         let mut recovery = Recovery::default();
         // Each maximal invalid region, with the batch its bytes belong to.
         let mut regions: Vec<(usize, usize, Option<Index>)> = Vec::new();
@@ -350,6 +359,21 @@ impl Wal {
             self.tail = round_up(offset) as u64;
         } else {
             self.tail = 0;
+        }
+        // Zero what lies past the write position (a torn batch's records, garbage): a new
+        // batch reuses the torn batch's number and sequence numbers, and may be shorter than
+        // it, so a record of the torn batch left behind the new one would be taken for part of
+        // it by the next recovery and replayed, though it was never acknowledged.
+        if let Some(last) = self.segments.len().checked_sub(1) {
+            let end = round_up(written_end.get(last).copied().unwrap_or(0));
+            if end > self.tail as usize {
+                let zeroes = AlignedBuf::zeroed(end - self.tail as usize);
+                let file = self.segments[last].file;
+                let results = self
+                    .engine
+                    .submit(&mut [IoOp::Write { file, offset: self.tail, buf: &zeroes }, IoOp::Sync { file }]);
+                check_batch(&results, &[zeroes.len(), 0])?;
+            }
         }
         Ok(recovery)
     }

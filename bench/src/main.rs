@@ -51,6 +51,7 @@ enum Cmd {
         /// --straggler-per-mille) is held this long, µs; the others are not delayed.
         #[arg(long, default_value_t = 20_000)]
         straggler_us: u64,
+        /// How many messages in 1000 the `-straggler` targets hold.
         #[arg(long, default_value_t = 20)]
         straggler_per_mille: u32,
         /// Look-behind span N of the engine targets.

@@ -37,7 +37,8 @@ struct Tuning {
     /// --straggler-per-mille) for N µs more: the rare long delay an in-order protocol stalls behind.
     #[arg(long, default_value_t = 0)]
     straggler_us: u64,
-    #[arg(long, default_value_t = 10)]
+    /// Benchmarks only: how many messages in 1000 --straggler-us holds.
+    #[arg(long, default_value_t = 20)]
     straggler_per_mille: u32,
     /// Cap on the bytes per second a server sends to rebuild other replicas (e.g. 64M; 0: no
     /// cap). Whatever the cap, a foreground message waits behind at most one 256 KiB rebuild

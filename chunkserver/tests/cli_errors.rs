@@ -64,4 +64,8 @@ fn bad_config_busy_port_and_missing_data_dir_are_one_line_errors() {
         Command::new(BIN).args(["local", "--io-engine", "aio", "--data-dir"]).arg(&local_dir),
         "unknown io engine",
     );
+    fails_with(
+        Command::new(BIN).args(["local", "--straggler-per-mille", "2000", "--data-dir"]).arg(&local_dir),
+        "--straggler-per-mille must be at most 1000",
+    );
 }

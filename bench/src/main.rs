@@ -187,13 +187,8 @@ fn run(cli: Cli) -> Result<(), String> {
         targets,
         work,
     } = cli.command;
-    if straggler_per_mille > 1000 {
-        return Err("--straggler-per-mille must be at most 1000".into());
-    }
-    let delays = Delays {
-        jitter: Jitter { uniform_us: jitter_us, ..Jitter::default() },
-        straggler: Jitter { uniform_us: 0, straggler_us, straggler_per_mille },
-    };
+    let delays =
+        Delays { jitter: Jitter::new(jitter_us, 0, 0)?, straggler: Jitter::new(0, straggler_us, straggler_per_mille)? };
     require("fio", "fio")?;
     require("nbdkit", "nbdkit")?;
     require("nbdinfo", "libnbd-bin")?;

@@ -53,14 +53,7 @@ struct Tuning {
 
 impl Tuning {
     fn jitter(&self) -> Result<Jitter, String> {
-        if self.straggler_per_mille > 1000 {
-            return Err("--straggler-per-mille must be at most 1000".into());
-        }
-        Ok(Jitter {
-            uniform_us: self.jitter_us,
-            straggler_us: self.straggler_us,
-            straggler_per_mille: self.straggler_per_mille,
-        })
+        Jitter::new(self.jitter_us, self.straggler_us, self.straggler_per_mille)
     }
 
     fn rebuild_rate_bytes(&self) -> Result<u64, String> {

@@ -316,26 +316,29 @@ fn legacy_record(e: &Entry, chunk: u64, seq: u64, batch: u64, position: u32, bat
     out
 }
 
+/// Writes `image` (whole 4 KiB units) as the first segment of chunk 5's log in `/wal`, durably.
+fn write_first_segment(engine: &CrashEngine, opts: WalOptions, image: &[u8]) {
+    use chunkserver::storage::io::{AlignedBuf, IoOp, OpenMode};
+    let mut raw: Box<dyn IoEngine> = Box::new(engine.clone());
+    let path = Path::new("/wal/wal-0000000000000005-0000000001.log");
+    let file = raw.open(path, OpenMode { create: true, direct: true }).unwrap();
+    raw.allocate(file, opts.segment_bytes).unwrap();
+    let mut buf = AlignedBuf::zeroed(image.len());
+    buf.copy_from_slice(image);
+    let results = raw.submit(&mut [IoOp::Write { file, offset: 0, buf: &buf }, IoOp::Sync { file }]);
+    assert!(results.iter().all(|r| r.is_ok()));
+}
+
 #[test]
 fn a_log_written_before_packing_recovers_and_takes_packed_batches() {
-    use chunkserver::storage::io::{IoOp, OpenMode};
     let engine = CrashEngine::new();
     let opts = WalOptions { segment_bytes: 1 << 20, direct: true };
-    let path = Path::new("/wal/wal-0000000000000005-0000000001.log");
-    {
-        let mut raw: Box<dyn IoEngine> = Box::new(engine.clone());
-        let file = raw.open(path, OpenMode { create: true, direct: true }).unwrap();
-        raw.allocate(file, opts.segment_bytes).unwrap();
-        // Batch 1: entries 1 and 2; batch 2: entry 3.
-        let mut image = Vec::new();
-        image.extend(legacy_record(&entry(1, 1), 5, 1, 1, 0, 2));
-        image.extend(legacy_record(&entry(2, 1), 5, 2, 1, 1, 2));
-        image.extend(legacy_record(&entry(3, 1), 5, 3, 2, 0, 1));
-        let mut buf = chunkserver::storage::io::AlignedBuf::zeroed(image.len());
-        buf.copy_from_slice(&image);
-        let results = raw.submit(&mut [IoOp::Write { file, offset: 0, buf: &buf }, IoOp::Sync { file }]);
-        assert!(results.iter().all(|r| r.is_ok()));
-    }
+    // Batch 1: entries 1 and 2; batch 2: entry 3.
+    let mut image = Vec::new();
+    image.extend(legacy_record(&entry(1, 1), 5, 1, 1, 0, 2));
+    image.extend(legacy_record(&entry(2, 1), 5, 2, 1, 1, 2));
+    image.extend(legacy_record(&entry(3, 1), 5, 3, 2, 0, 1));
+    write_first_segment(&engine, opts, &image);
     let (mut wal, recovery) = Wal::open(Box::new(engine.clone()), Path::new("/wal"), 5, opts).unwrap();
     assert!(recovery.corruptions.is_empty() && !recovery.torn_tail);
     assert_eq!(recovery.entries, vec![entry(1, 1), entry(2, 1), entry(3, 1)]);
@@ -348,25 +351,15 @@ fn a_log_written_before_packing_recovers_and_takes_packed_batches() {
 
 #[test]
 fn records_of_a_torn_batch_past_the_new_write_do_not_come_back() {
-    use chunkserver::storage::io::{IoOp, OpenMode};
     let engine = CrashEngine::new();
     let opts = WalOptions { segment_bytes: 1 << 20, direct: true };
-    let path = Path::new("/wal/wal-0000000000000005-0000000001.log");
-    {
-        // Batch 1 whole (entry 1); batch 2 torn: three of its four records reached the disk.
-        // Unpacked records start on 4 KiB boundaries, so the recovery finds each of them.
-        let mut raw: Box<dyn IoEngine> = Box::new(engine.clone());
-        let file = raw.open(path, OpenMode { create: true, direct: true }).unwrap();
-        raw.allocate(file, opts.segment_bytes).unwrap();
-        let mut image = legacy_record(&entry(1, 1), 5, 1, 1, 0, 1);
-        for (k, i) in (2..=4).enumerate() {
-            image.extend(legacy_record(&entry(i, 1), 5, 2 + k as u64, 2, k as u32, 4));
-        }
-        let mut buf = chunkserver::storage::io::AlignedBuf::zeroed(image.len());
-        buf.copy_from_slice(&image);
-        let results = raw.submit(&mut [IoOp::Write { file, offset: 0, buf: &buf }, IoOp::Sync { file }]);
-        assert!(results.iter().all(|r| r.is_ok()));
+    // Batch 1 whole (entry 1); batch 2 torn: three of its four records reached the disk.
+    // Unpacked records start on 4 KiB boundaries, so the recovery finds each of them.
+    let mut image = legacy_record(&entry(1, 1), 5, 1, 1, 0, 1);
+    for (k, i) in (2..=4).enumerate() {
+        image.extend(legacy_record(&entry(i, 1), 5, 2 + k as u64, 2, k as u32, 4));
     }
+    write_first_segment(&engine, opts, &image);
     let (mut wal, recovery) = Wal::open(Box::new(engine.clone()), Path::new("/wal"), 5, opts).unwrap();
     assert!(recovery.torn_tail && recovery.corruptions.is_empty());
     assert_eq!(recovery.entries, vec![entry(1, 1)], "the torn batch is dropped");

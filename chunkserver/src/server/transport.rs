@@ -86,6 +86,26 @@ pub struct Jitter {
 }
 
 impl Jitter {
+    /// From the command-line values (`--jitter-us`, `--straggler-us`, `--straggler-per-mille`).
+    pub fn new(uniform_us: u64, straggler_us: u64, straggler_per_mille: u32) -> Result<Jitter, String> {
+        if straggler_per_mille > 1000 {
+            return Err("--straggler-per-mille must be at most 1000".into());
+        }
+        Ok(Jitter { uniform_us, straggler_us, straggler_per_mille })
+    }
+
+    /// The `serve` / `local` flags that give a server this jitter.
+    pub fn args(&self) -> [String; 6] {
+        [
+            "--jitter-us".into(),
+            self.uniform_us.to_string(),
+            "--straggler-us".into(),
+            self.straggler_us.to_string(),
+            "--straggler-per-mille".into(),
+            self.straggler_per_mille.to_string(),
+        ]
+    }
+
     pub fn is_off(&self) -> bool {
         self.uniform_us == 0 && (self.straggler_us == 0 || self.straggler_per_mille == 0)
     }

@@ -367,12 +367,7 @@ impl Wal {
         if let Some(last) = self.segments.len().checked_sub(1) {
             let end = round_up(written_end.get(last).copied().unwrap_or(0));
             if end > self.tail as usize {
-                let zeroes = AlignedBuf::zeroed(end - self.tail as usize);
-                let file = self.segments[last].file;
-                let results = self
-                    .engine
-                    .submit(&mut [IoOp::Write { file, offset: self.tail, buf: &zeroes }, IoOp::Sync { file }]);
-                check_batch(&results, &[zeroes.len(), 0])?;
+                self.zero_fill(self.segments[last].file, self.tail, end as u64)?;
             }
         }
         Ok(recovery)
@@ -390,19 +385,26 @@ impl Wal {
         // extent conversion to the journal, which more than doubles the cost of each group
         // commit. One sequential pass per segment buys plain data syncs for its whole life.
         self.engine.allocate(file, self.options.segment_bytes)?;
-        let zeroes = AlignedBuf::zeroed(ZERO_FILL_BYTES.min(self.options.segment_bytes as usize));
-        let mut offset = 0u64;
-        while offset < self.options.segment_bytes {
-            let n = (self.options.segment_bytes - offset).min(zeroes.len() as u64) as usize;
+        self.zero_fill(file, 0, self.options.segment_bytes)?;
+        self.engine.rename_durable(&tmp, &path)?;
+        self.segments.push_back(Segment { number, path, file, max_index: Index(0) });
+        self.tail = 0;
+        Ok(())
+    }
+
+    /// Writes zeroes over `from..to` of `file` (both 4 KiB-aligned) in pieces of at most
+    /// [`ZERO_FILL_BYTES`], then fdatasyncs it.
+    fn zero_fill(&mut self, file: FileId, from: u64, to: u64) -> Result<()> {
+        let zeroes = AlignedBuf::zeroed(ZERO_FILL_BYTES.min((to - from) as usize));
+        let mut offset = from;
+        while offset < to {
+            let n = (to - offset).min(zeroes.len() as u64) as usize;
             let results = self.engine.submit(&mut [IoOp::Write { file, offset, buf: &zeroes[..n] }]);
             check_batch(&results, &[n])?;
             offset += n as u64;
         }
         let results = self.engine.submit(&mut [IoOp::Sync { file }]);
         check_batch(&results, &[0])?;
-        self.engine.rename_durable(&tmp, &path)?;
-        self.segments.push_back(Segment { number, path, file, max_index: Index(0) });
-        self.tail = 0;
         Ok(())
     }
 
@@ -502,8 +504,9 @@ impl Wal {
                 }
                 at += lens[start + k];
             }
+            let offset = self.tail;
             self.tail += buf.len() as u64;
-            pieces.push((self.segments.len() - 1, self.tail - buf.len() as u64, buf));
+            pieces.push((self.segments.len() - 1, offset, buf));
         }
         let mut ops = Vec::new();
         let mut expected = Vec::new();

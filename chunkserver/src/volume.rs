@@ -456,6 +456,7 @@ async fn link_task(
             tokio::select! {
                 batch = rx.recv() => {
                     let Some(first) = batch else { reader_task.abort(); return };
+                    tokio::task::yield_now().await;
                     let mut buf = BytesMut::from(&first[..]);
                     while buf.len() < (1 << 20) {
                         match rx.try_recv() {

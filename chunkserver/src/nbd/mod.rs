@@ -388,6 +388,7 @@ async fn execute_inner(volume: &Volume, req: Request, payload: Option<Bytes>, st
 async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut rx: mpsc::Receiver<Reply>) {
     while let Some(first) = rx.recv().await {
         // Coalesce replies that are already waiting into one write (one syscall, not one each).
+        tokio::task::yield_now().await;
         let mut batch = BytesMut::from(&first[..]);
         while batch.len() < REPLY_BATCH_BYTES {
             match rx.try_recv() {

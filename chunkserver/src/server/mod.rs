@@ -6,11 +6,13 @@
 //! checkpoints synchronously; log writes collected), make each group's collected log writes
 //! durable in one WAL append (group commit: one fdatasync for everything that arrived during
 //! the previous round, on one of the server's WAL threads), feed the completions back, and
-//! hand the coalesced outgoing batches to the connection tasks. Messages to peers leave before the local fdatasync starts, so the
-//! leader's own log write overlaps the followers'.
+//! write the coalesced outgoing batches to their sockets (non-blocking; a connection task
+//! takes over only what a full socket refuses, see [`link`]). Messages to peers leave before
+//! the local fdatasync starts, so the leader's own log write overlaps the followers'.
 
 pub mod disk;
 pub mod group;
+pub mod link;
 pub mod outbox;
 pub mod repair;
 pub mod replicas;
@@ -34,7 +36,8 @@ use crate::metrics::{Published, Stage, Stages, Totals};
 use crate::wire::{Body, Outcome, RequestOp};
 use group::rebuild::RateLimiter;
 use group::{Group, GroupCounters, StorageOptions};
-use outbox::{Outbox, PEER_QUEUE_BATCHES};
+use link::LinkWriter;
+use outbox::{Outbox, PEER_BACKLOG_BYTES};
 use transport::{Inbound, Shared};
 
 /// How often the core thread logs its groups' progress.
@@ -199,14 +202,14 @@ impl Peers {
         if peer == me {
             return;
         }
-        let (tx, rx) = mpsc::channel(PEER_QUEUE_BATCHES);
-        outbox.add_peer(peer, tx);
+        let link = LinkWriter::new(PEER_BACKLOG_BYTES);
+        outbox.add_peer(peer, link.clone());
         let (stream_tx, stream_rx) = mpsc::channel(4);
         let dial = me < peer;
         if !dial {
             self.accept_from.lock().unwrap().push((peer, stream_tx));
         }
-        self.handle.spawn(transport::peer_link(self.shared.clone(), peer, addr, dial, rx, stream_rx));
+        self.handle.spawn(transport::peer_link(self.shared.clone(), peer, addr, dial, link, stream_rx));
     }
 
     /// Connects to servers added to the cluster file since the last look.
@@ -305,7 +308,7 @@ fn core_loop(
                         g.checkpoint_done(done.index, done.error, done.took, outbox);
                     }
                 }
-                Inbound::FrontendConnected { conn, tx } => outbox.add_frontend(conn, tx),
+                Inbound::FrontendConnected { conn, link } => outbox.add_frontend(conn, link),
                 Inbound::FrontendGone { conn } => {
                     outbox.remove_frontend(conn);
                     for g in groups.values_mut() {
@@ -480,7 +483,7 @@ fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox, 
                 c.catchup_log_bytes_received,
             ),
             ("blocks_repaired", "Blocks repaired from a peer after a checksum failure", repaired),
-            ("dropped_batches", "Outgoing batches dropped on full queues", outbox.dropped_batches),
+            ("dropped_batches", "Outgoing batches dropped on full backlogs", outbox.dropped_batches),
         ],
         chunk_gauges: vec![
             ("in_flight", "Frontend requests in progress", per_chunk(&|g| g.in_flight() as i64)),
@@ -555,7 +558,7 @@ fn report(groups: &BTreeMap<u32, Group>, outbox: &Outbox) {
         );
     }
     if outbox.dropped_batches > 0 {
-        warn!(dropped = outbox.dropped_batches, "outgoing batches dropped on full queues so far");
+        warn!(dropped = outbox.dropped_batches, "outgoing batches dropped on full backlogs so far");
     }
 }
 

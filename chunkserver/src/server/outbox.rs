@@ -1,31 +1,34 @@
 //! What the core thread sends during one iteration, coalesced per destination: every message
 //! of every group for one peer (heartbeats of idle groups included) leaves as one batch, one
-//! write on the shared connection.
+//! write on the shared connection, made by the core thread itself (see [`super::link`]).
 //!
-//! Queues are bounded. When a peer's queue is full the batch is dropped and counted: the
+//! Backlogs are bounded. When a peer's backlog is full the batch is dropped and counted: the
 //! protocol tolerates message loss (it is what the simulator injects), and a stalled peer must
 //! never stall the core thread. Frontend replies are dropped the same way; the frontend
 //! retries the request under the same identity and the group answers it at most once.
 
 use std::collections::HashMap;
 
-use bytes::{Bytes, BytesMut};
-use parallelraft::ReplicaId;
-use tokio::sync::mpsc;
+use std::sync::Arc;
 
+use bytes::BytesMut;
+use parallelraft::ReplicaId;
+
+use super::link::{Dropped, LinkWriter};
 use crate::wire::{encode, Body, Frame};
 
 pub type ConnId = u64;
 
-/// Batches queued per peer link before frames are dropped.
-pub const PEER_QUEUE_BATCHES: usize = 256;
-/// Batches queued per frontend connection.
-pub const FRONTEND_QUEUE_BATCHES: usize = 1024;
+/// Bytes waiting for a peer's socket before batches are dropped.
+pub const PEER_BACKLOG_BYTES: usize = 64 << 20;
+/// Bytes waiting for a frontend's socket before replies are dropped (the frontend bounds its
+/// own requests in flight, so this is seldom reached).
+pub const FRONTEND_BACKLOG_BYTES: usize = 256 << 20;
 /// Bytes of snapshot data buffered per peer per iteration.
 const SNAPSHOT_ROOM_BYTES: usize = 4 << 20;
 
 struct Link {
-    tx: mpsc::Sender<Bytes>,
+    writer: Arc<LinkWriter>,
     pending: BytesMut,
 }
 
@@ -42,12 +45,12 @@ impl Outbox {
         Outbox { cluster_id, me: me.0, peers: HashMap::new(), frontends: HashMap::new(), dropped_batches: 0 }
     }
 
-    pub fn add_peer(&mut self, peer: ReplicaId, tx: mpsc::Sender<Bytes>) {
-        self.peers.insert(peer, Link { tx, pending: BytesMut::new() });
+    pub fn add_peer(&mut self, peer: ReplicaId, writer: Arc<LinkWriter>) {
+        self.peers.insert(peer, Link { writer, pending: BytesMut::new() });
     }
 
-    pub fn add_frontend(&mut self, conn: ConnId, tx: mpsc::Sender<Bytes>) {
-        self.frontends.insert(conn, Link { tx, pending: BytesMut::new() });
+    pub fn add_frontend(&mut self, conn: ConnId, writer: Arc<LinkWriter>) {
+        self.frontends.insert(conn, Link { writer, pending: BytesMut::new() });
     }
 
     pub fn remove_frontend(&mut self, conn: ConnId) {
@@ -74,17 +77,22 @@ impl Outbox {
 
     /// Whether more snapshot data may be queued for `peer` now.
     pub fn peer_has_room(&self, peer: ReplicaId) -> bool {
-        self.peers.get(&peer).is_some_and(|l| l.pending.len() < SNAPSHOT_ROOM_BYTES && l.tx.capacity() > 1)
+        self.peers
+            .get(&peer)
+            .is_some_and(|l| l.pending.len() < SNAPSHOT_ROOM_BYTES && l.writer.backlog_bytes() < SNAPSHOT_ROOM_BYTES)
     }
 
-    /// Hands every pending batch to its connection task.
+    /// Sends every pending batch (see [`LinkWriter::send`]: written at once unless the socket
+    /// is full).
     pub fn flush(&mut self) {
         for link in self.peers.values_mut().chain(self.frontends.values_mut()) {
             if link.pending.is_empty() {
                 continue;
             }
             let batch = link.pending.split().freeze();
-            if link.tx.try_send(batch).is_err() {
+            // Without a connection the batch is simply lost, as on a broken link (not counted:
+            // a dead peer would count every heartbeat).
+            if link.writer.send(batch) == Err(Dropped::Full) {
                 self.dropped_batches += 1;
             }
         }

@@ -2,8 +2,8 @@
 //!
 //! Between two servers there is one TCP connection, shared by all groups and used in both
 //! directions: the server with the lower id dials, the other accepts. Each side writes the
-//! batches the core thread queued for that peer (coalescing whatever is queued into one
-//! write) and forwards every frame it reads to the core thread. A broken connection is
+//! batches the core thread could not write at once (see [`super::link`]) and forwards every
+//! frame it reads to the core thread. A broken connection is
 //! redialled with exponential backoff (50 ms to 1 s); frames in flight on it are lost, which
 //! the protocol tolerates. Frontends connect to any server and say so in their hello.
 
@@ -21,7 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::outbox::{ConnId, FRONTEND_QUEUE_BATCHES};
+use super::link::LinkWriter;
+use super::outbox::{ConnId, FRONTEND_BACKLOG_BYTES};
 use crate::wire::{encode, read_frame, Body, Frame, Role};
 
 /// What the connection tasks hand to the core thread.
@@ -34,7 +35,7 @@ pub enum Inbound {
     },
     FrontendConnected {
         conn: ConnId,
-        tx: mpsc::Sender<Bytes>,
+        link: Arc<LinkWriter>,
     },
     FrontendGone {
         conn: ConnId,
@@ -149,33 +150,6 @@ impl Shared {
     }
 }
 
-/// Writes queued batches until the connection fails or the queue closes. Returns false when
-/// the queue closed (shutdown).
-async fn write_batches(
-    writer: &mut OwnedWriteHalf,
-    rx: &mut mpsc::Receiver<Bytes>,
-    stop: &mut mpsc::Receiver<()>,
-) -> bool {
-    loop {
-        let first = tokio::select! {
-            b = rx.recv() => match b { Some(b) => b, None => return false },
-            _ = stop.recv() => return true,
-        };
-        // Coalesce whatever else is queued into the same write.
-        let mut batch = bytes::BytesMut::from(&first[..]);
-        while batch.len() < (1 << 20) {
-            match rx.try_recv() {
-                Ok(more) => batch.extend_from_slice(&more),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = writer.write_all(&batch).await {
-            debug!("peer write failed: {e}");
-            return true;
-        }
-    }
-}
-
 /// Reads frames from a peer connection into the core thread until it fails.
 async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, reader: tokio::net::tcp::OwnedReadHalf) {
     let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, reader);
@@ -213,14 +187,16 @@ async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, reader: tokio:
     }
 }
 
-/// One peer link: keeps a connection to `peer` up and writes the core's batches to it.
-/// `dial`: this side connects (lower id); otherwise it waits for accepted streams on `streams`.
+/// One peer link: keeps a connection to `peer` up, makes it the one `link` writes to, and
+/// drains what the core could not write at once. `dial`: this side connects (lower id);
+/// otherwise it waits for accepted streams on `streams`. Without a connection, what the core
+/// sends is dropped (it would be stale by the time one is up).
 pub async fn peer_link(
     shared: Shared,
     peer: ReplicaId,
     addr: SocketAddr,
     dial: bool,
-    mut rx: mpsc::Receiver<Bytes>,
+    link: Arc<LinkWriter>,
     mut streams: mpsc::Receiver<TcpStream>,
 ) {
     let mut backoff = Duration::from_millis(50);
@@ -242,17 +218,15 @@ pub async fn peer_link(
                     if connected_once {
                         debug!(peer = peer.0, "connect failed: {e}");
                     }
-                    // Drop what was queued for a peer we cannot reach: it would be stale.
-                    while rx.try_recv().is_ok() {}
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             }
         } else {
-            tokio::select! {
-                s = streams.recv() => match s { Some(s) => s, None => return },
-                b = rx.recv() => { if b.is_none() { return } continue } // not connected: drop
+            match streams.recv().await {
+                Some(s) => s,
+                None => return,
             }
         };
         backoff = Duration::from_millis(50);
@@ -261,30 +235,22 @@ pub async fn peer_link(
         }
         connected_once = true;
         let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-        let (reader, mut writer) = stream.into_split();
-        let (stop_tx, mut stop_rx) = mpsc::channel::<()>(1);
-        let reader_task = tokio::spawn({
-            let shared = shared.clone();
-            async move {
-                read_peer(shared, conn, peer, reader).await;
-                let _ = stop_tx.send(()).await;
-            }
-        });
-        let keep_going = if dial {
-            write_batches(&mut writer, &mut rx, &mut stop_rx).await
-        } else {
-            // A newer accepted stream replaces this one.
-            tokio::select! {
-                k = write_batches(&mut writer, &mut rx, &mut stop_rx) => k,
-                s = streams.recv() => {
-                    reader_task.abort();
-                    let more = s.is_some();
-                    next_stream = s;
-                    more
-                }
+        let (reader, writer) = stream.into_split();
+        let epoch = link.connect(Some(writer));
+        let mut reader_task = tokio::spawn(read_peer(shared.clone(), conn, peer, reader));
+        // Until the reader fails (the connection is gone) or, on the accepting side, a newer
+        // stream replaces this one.
+        let keep_going = tokio::select! {
+            _ = link.drain(epoch) => true,
+            _ = &mut reader_task => true,
+            s = streams.recv(), if !dial => {
+                let more = s.is_some();
+                next_stream = s;
+                more
             }
         };
         reader_task.abort();
+        link.connect(None);
         if !keep_going {
             return;
         }
@@ -340,15 +306,18 @@ pub async fn accept_loop(shared: Shared, listener: TcpListener, peer_streams: Ac
     }
 }
 
-async fn frontend(shared: Shared, reader: tokio::net::tcp::OwnedReadHalf, mut writer: OwnedWriteHalf) {
+async fn frontend(shared: Shared, reader: tokio::net::tcp::OwnedReadHalf, writer: OwnedWriteHalf) {
     let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel::<Bytes>(FRONTEND_QUEUE_BATCHES);
-    if !shared.deliver(Inbound::FrontendConnected { conn, tx }).await {
+    let link = LinkWriter::new(FRONTEND_BACKLOG_BYTES);
+    let epoch = link.connect(Some(writer));
+    if !shared.deliver(Inbound::FrontendConnected { conn, link: link.clone() }).await {
         return;
     }
-    let (_never, mut stop) = mpsc::channel::<()>(1);
-    let writer_task = tokio::spawn(async move { write_batches(&mut writer, &mut rx, &mut stop).await });
+    let writer_task = tokio::spawn({
+        let link = link.clone();
+        async move { link.drain(epoch).await }
+    });
     loop {
         match read_frame(&mut reader).await {
             Ok(Some(frame)) if frame.cluster_id == shared.cluster_id => {
@@ -369,6 +338,7 @@ async fn frontend(shared: Shared, reader: tokio::net::tcp::OwnedReadHalf, mut wr
         }
     }
     writer_task.abort();
+    link.connect(None);
     shared.deliver(Inbound::FrontendGone { conn }).await;
 }
 

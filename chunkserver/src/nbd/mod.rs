@@ -291,11 +291,10 @@ where
                     break Err(End::Protocol("stream ended inside a write payload".into()));
                 }
             } else {
-                let mut buf = BytesMut::zeroed(req.len as usize);
-                if let Err(e) = reader.read_exact(&mut buf).await {
-                    break Err(End::Io(e));
+                match crate::wire::read_bytes(&mut reader, req.len as usize).await {
+                    Ok(buf) => payload = Some(buf.freeze()),
+                    Err(e) => break Err(End::Io(e)),
                 }
-                payload = Some(buf.freeze());
             }
         }
         if let Err(errno) = validate(&req, size) {

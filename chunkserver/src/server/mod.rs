@@ -255,6 +255,8 @@ fn core_loop(
     let mut next_watch = Instant::now() + WATCH_INTERVAL;
     let mut limiter = RateLimiter::new(opts.rebuild_rate);
     let mut rate = RebuildRate::default();
+    // Reused round after round (it grows to the largest round once, not every round).
+    let mut batch = Vec::new();
     loop {
         if Instant::now() >= next_status {
             next_status = Instant::now() + STATUS_INTERVAL;
@@ -277,7 +279,6 @@ fn core_loop(
         let streaming = groups.values().any(|g| g.snapshots_streaming());
         let now = Instant::now();
         let wait = if streaming { Duration::from_millis(1) } else { next_tick.saturating_duration_since(now) };
-        let mut batch = Vec::new();
         match inbox.recv_timeout(wait) {
             Ok(item) => batch.push(item),
             Err(RecvTimeoutError::Timeout) => {}
@@ -290,7 +291,7 @@ fn core_loop(
             }
         }
         let round_start = Instant::now();
-        for item in batch {
+        for item in batch.drain(..) {
             match item {
                 Inbound::Shutdown => {
                     // Records not yet durable were never acknowledged; an append in flight

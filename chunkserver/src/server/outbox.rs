@@ -30,7 +30,27 @@ const SNAPSHOT_ROOM_BYTES: usize = 4 << 20;
 struct Link {
     writer: Arc<LinkWriter>,
     pending: BytesMut,
+    /// Bytes of the last batch: the next one reserves that much up front instead of growing
+    /// (and copying) from nothing frame by frame.
+    last_batch_bytes: usize,
 }
+
+impl Link {
+    fn new(writer: Arc<LinkWriter>) -> Link {
+        Link { writer, pending: BytesMut::new(), last_batch_bytes: 0 }
+    }
+
+    fn encode(&mut self, frame: &Frame) {
+        if self.pending.is_empty() {
+            self.pending.reserve(self.last_batch_bytes.clamp(MIN_RESERVE_BYTES, MAX_RESERVE_BYTES));
+        }
+        encode(frame, &mut self.pending);
+    }
+}
+
+/// Bounds of what a link reserves for its next batch.
+const MIN_RESERVE_BYTES: usize = 4 << 10;
+const MAX_RESERVE_BYTES: usize = 4 << 20;
 
 pub struct Outbox {
     cluster_id: u64,
@@ -46,11 +66,11 @@ impl Outbox {
     }
 
     pub fn add_peer(&mut self, peer: ReplicaId, writer: Arc<LinkWriter>) {
-        self.peers.insert(peer, Link { writer, pending: BytesMut::new() });
+        self.peers.insert(peer, Link::new(writer));
     }
 
     pub fn add_frontend(&mut self, conn: ConnId, writer: Arc<LinkWriter>) {
-        self.frontends.insert(conn, Link { writer, pending: BytesMut::new() });
+        self.frontends.insert(conn, Link::new(writer));
     }
 
     pub fn remove_frontend(&mut self, conn: ConnId) {
@@ -64,14 +84,14 @@ impl Outbox {
     pub fn peer(&mut self, to: ReplicaId, group: u32, body: Body) {
         let frame = self.frame(group, body);
         if let Some(link) = self.peers.get_mut(&to) {
-            encode(&frame, &mut link.pending);
+            link.encode(&frame);
         }
     }
 
     pub fn frontend(&mut self, conn: ConnId, group: u32, body: Body) {
         let frame = self.frame(group, body);
         if let Some(link) = self.frontends.get_mut(&conn) {
-            encode(&frame, &mut link.pending);
+            link.encode(&frame);
         }
     }
 
@@ -89,6 +109,7 @@ impl Outbox {
             if link.pending.is_empty() {
                 continue;
             }
+            link.last_batch_bytes = link.pending.len();
             let batch = link.pending.split().freeze();
             // Without a connection the batch is simply lost, as on a broken link (not counted:
             // a dead peer would count every heartbeat).

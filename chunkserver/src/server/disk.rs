@@ -11,7 +11,7 @@
 //!   group at a time and refuses snapshot installs meanwhile; `CheckpointDone` is stepped only
 //!   after both syncs and the checkpoint file are durable.
 
-use std::sync::mpsc::{channel, Sender, SyncSender};
+use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use crate::storage::io::{open_engine, EngineKind};
 use crate::storage::meta;
 use crate::storage::wal::{Wal, WalRecord};
 
-use super::transport::Inbound;
+use super::transport::{Inbound, InboxTx};
 
 pub struct WalJob {
     pub chunk: u32,
@@ -77,7 +77,7 @@ impl Disk {
 }
 
 /// Starts the disk threads; they end when every sender is dropped or the core's inbox closes.
-pub fn spawn(inbox: SyncSender<Inbound>, engine: EngineKind) -> std::io::Result<Disk> {
+pub fn spawn(inbox: InboxTx, engine: EngineKind) -> std::io::Result<Disk> {
     let (ctx, crx) = channel::<CheckpointJob>();
     let mut checkpoint_engine = open_engine(engine)?;
     let checkpoint_inbox = inbox.clone();
@@ -94,7 +94,7 @@ pub fn spawn(inbox: SyncSender<Inbound>, engine: EngineKind) -> std::io::Result<
                 error: result.err().map(|e| e.to_string()),
                 took: start.elapsed(),
             };
-            if checkpoint_inbox.send(Inbound::CheckpointDone(done)).is_err() {
+            if !checkpoint_inbox.send_blocking(Inbound::CheckpointDone(done)) {
                 return;
             }
         }
@@ -113,7 +113,7 @@ pub fn spawn(inbox: SyncSender<Inbound>, engine: EngineKind) -> std::io::Result<
                     error: result.err().map(|e| e.to_string()),
                     took: start.elapsed(),
                 };
-                if inbox.send(Inbound::WalDone(done)).is_err() {
+                if !inbox.send_blocking(Inbound::WalDone(done)) {
                     return;
                 }
             }

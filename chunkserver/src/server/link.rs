@@ -1,10 +1,11 @@
 //! The sending side of one connection, written by the core thread itself when it can.
 //!
-//! The core thread used to hand every batch to the connection's tokio task, which cost a
-//! wake-up of a network thread (a futex or eventfd write, a context switch, on a VM an
-//! inter-processor interrupt) per batch per round. Now the core writes the batch with a
-//! non-blocking `send` and the task is woken only when the socket is full: the part not taken
-//! waits in a backlog that the task drains as the socket drains.
+//! The core used to hand every batch to the connection's tokio task, which (with the tasks on
+//! threads of their own) cost a wake-up of a network thread (a futex or eventfd write, a
+//! context switch, on a VM an inter-processor interrupt) per batch per round. Now the core
+//! writes the batch with a non-blocking `send` and the task is woken only when the socket is
+//! full: the part not taken waits in a backlog that the task drains as the socket drains.
+//! `send` is safe from any thread (the unit tests call it from a plain one).
 //!
 //! Contract (order): bytes leave in the order [`LinkWriter::send`] was called. The core writes
 //! directly only while the backlog is empty and the task is not in the middle of writing; the

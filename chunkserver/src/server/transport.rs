@@ -1,10 +1,9 @@
-//! Peer and frontend connections (tokio, epoll).
+//! Peer and frontend connections (tokio, epoll), on the core's thread.
 //!
 //! Between two servers there is one TCP connection, shared by all groups and used in both
 //! directions: the server with the lower id dials, the other accepts. Each side writes the
 //! batches the core thread could not write at once (see [`super::link`]) and forwards every
-//! frame it reads to the core thread. A broken connection is
-//! redialled with exponential backoff (50 ms to 1 s); frames in flight on it are lost, which
+//! frame it reads to the core. A broken connection is redialled with exponential backoff (50 ms to 1 s); frames in flight on it are lost, which
 //! the protocol tolerates. Frontends connect to any server and say so in their hello.
 
 use std::net::SocketAddr;
@@ -18,7 +17,7 @@ use parallelraft::ReplicaId;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
 use super::link::LinkWriter;
@@ -55,11 +54,43 @@ pub const READ_BUFFER_BYTES: usize = 256 << 10;
 /// How long a new connection may take to say hello.
 const HELLO_LIMIT: Duration = Duration::from_secs(10);
 
+/// The sending side of the core's inbox: a bounded queue, and a wake-up for the core, which
+/// waits for it on the same thread as the connection tasks (see [`super`]).
+#[derive(Clone)]
+pub struct InboxTx {
+    tx: SyncSender<Inbound>,
+    ready: Arc<Notify>,
+}
+
+impl InboxTx {
+    pub fn new(tx: SyncSender<Inbound>, ready: Arc<Notify>) -> InboxTx {
+        InboxTx { tx, ready }
+    }
+
+    /// As `SyncSender::try_send`: a full inbox hands the item back, to try again.
+    #[allow(clippy::result_large_err)]
+    pub fn try_send(&self, item: Inbound) -> Result<(), TrySendError<Inbound>> {
+        self.tx.try_send(item)?;
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Waits while the inbox is full: for the disk threads, never on the core's thread.
+    /// False when the core is gone.
+    pub fn send_blocking(&self, item: Inbound) -> bool {
+        if self.tx.send(item).is_err() {
+            return false;
+        }
+        self.ready.notify_one();
+        true
+    }
+}
+
 #[derive(Clone)]
 pub struct Shared {
     pub cluster_id: u64,
     pub me: ReplicaId,
-    pub inbox: SyncSender<Inbound>,
+    pub inbox: InboxTx,
     pub next_conn: Arc<AtomicU64>,
     /// Benchmark option: frames from peers are held back at random (see [`Jitter`]). Off in
     /// production.

@@ -161,11 +161,7 @@ pub fn run(opts: LocalOptions) -> Result<(), String> {
     for (id, _) in &cluster.servers {
         children.push((id.0, spawn_server(&opts, id.0)?));
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("tokio runtime: {e}"))?;
+    let runtime = nbd::frontend_runtime()?;
     let name = cluster.volume_name.clone();
     let size = cluster.size_bytes;
     let mode = cluster.mode;

@@ -354,11 +354,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let cluster = Cluster::load(&config)?;
             let addr: std::net::SocketAddr =
                 format!("{bind}:{port}").parse().map_err(|_| format!("bad bind address {bind}:{port}"))?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
+            let runtime = nbd::frontend_runtime()?;
             runtime.block_on(async move {
                 let listener = nbd::bind(addr).await?;
                 let name = cluster.volume_name.clone();

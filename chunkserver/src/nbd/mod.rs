@@ -402,6 +402,18 @@ async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut rx: mpsc::Recei
     let _ = writer.shutdown().await;
 }
 
+/// The runtime of a frontend (`local`, `nbd`): one thread for the NBD connections and the
+/// links to the chunk servers. A request crosses several tasks (connection reader, request,
+/// link writer, link reader, reply writer); on one thread each hand-off is a queue push,
+/// while across worker threads it was often a wake-up between vCPUs (~30 µs each way on this
+/// class of machine). Measured against two workers (fio 4 KiB, interleaved runs of 8 s):
+/// random reads at iodepth 32 58.5k / 54.3k / 58.0k against 35.1k / 37.0k / 44.5k IOPS with
+/// half the CPU per read (18–19 against 28–39 µs, the whole cluster), p99 0.8–1.3 against
+/// 2.7–2.9 ms; random writes at iodepth 32 12.2k / 12.2k against 11.3k / 11.8k.
+pub fn frontend_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("tokio runtime: {e}"))
+}
+
 /// Binds the NBD listener; a busy port is a clear error.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
     TcpListener::bind(addr).await.map_err(|e| format!("cannot listen for NBD on {addr}: {e}"))

@@ -2,9 +2,10 @@
 //!
 //! Between two servers there is one TCP connection, shared by all groups and used in both
 //! directions: the server with the lower id dials, the other accepts. Each side writes the
-//! batches the core thread could not write at once (see [`super::link`]) and forwards every
-//! frame it reads to the core. A broken connection is redialled with exponential backoff (50 ms to 1 s); frames in flight on it are lost, which
-//! the protocol tolerates. Frontends connect to any server and say so in their hello.
+//! batches the core could not write at once (see [`super::link`]) and forwards every frame it
+//! reads to the core. A broken connection is redialled with exponential backoff (50 ms to
+//! 1 s); frames in flight on it are lost, which the protocol tolerates. Frontends connect to
+//! any server and say so in their hello.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

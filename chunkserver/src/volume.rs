@@ -456,14 +456,7 @@ async fn link_task(
             tokio::select! {
                 batch = rx.recv() => {
                     let Some(first) = batch else { reader_task.abort(); return };
-                    tokio::task::yield_now().await;
-                    let mut buf = BytesMut::from(&first[..]);
-                    while buf.len() < (1 << 20) {
-                        match rx.try_recv() {
-                            Ok(more) => buf.extend_from_slice(&more),
-                            Err(_) => break,
-                        }
-                    }
+                    let buf = crate::wire::gather(first, &mut rx, 1 << 20).await;
                     if writer.write_all(&buf).await.is_err() {
                         break;
                     }

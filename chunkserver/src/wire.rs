@@ -629,7 +629,6 @@ pub fn decode_body(mut buf: Bytes) -> Result<Frame, WireError> {
     Ok(Frame { cluster_id, sender, group, body })
 }
 
-/// Reads one frame. `Ok(None)` at a clean end of stream.
 /// Reads exactly `len` bytes into a new buffer, without zeroing it first (a frame of 64
 /// entries is ~270 KiB; zeroing it was a measurable share of the network threads' time).
 pub async fn read_bytes<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> std::io::Result<BytesMut> {
@@ -645,6 +644,22 @@ pub async fn read_bytes<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> std
     Ok(buf)
 }
 
+/// `first` and whatever else waits in `rx`, up to about `limit` bytes, as one buffer to write
+/// with one syscall. It yields once before looking, so tasks made ready by the same event
+/// (replies completed together) queue their bytes first.
+pub async fn gather(first: Bytes, rx: &mut tokio::sync::mpsc::Receiver<Bytes>, limit: usize) -> BytesMut {
+    tokio::task::yield_now().await;
+    let mut batch = BytesMut::from(&first[..]);
+    while batch.len() < limit {
+        match rx.try_recv() {
+            Ok(more) => batch.extend_from_slice(&more),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// Reads one frame. `Ok(None)` at a clean end of stream.
 pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<Frame>, WireError> {
     let mut head = [0u8; 8];
     match reader.read_exact(&mut head).await {

@@ -386,15 +386,8 @@ async fn execute_inner(volume: &Volume, req: Request, payload: Option<Bytes>, st
 
 async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut rx: mpsc::Receiver<Reply>) {
     while let Some(first) = rx.recv().await {
-        // Coalesce replies that are already waiting into one write (one syscall, not one each).
-        tokio::task::yield_now().await;
-        let mut batch = BytesMut::from(&first[..]);
-        while batch.len() < REPLY_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(more) => batch.extend_from_slice(&more),
-                Err(_) => break,
-            }
-        }
+        // Replies already waiting go out in one write (one syscall, not one each).
+        let batch = crate::wire::gather(first, &mut rx, REPLY_BATCH_BYTES).await;
         if writer.write_all(&batch).await.is_err() || writer.flush().await.is_err() {
             return;
         }

@@ -99,12 +99,6 @@ impl LinkWriter {
         Ok(())
     }
 
-    /// Whether the backlog has room for `bytes` more.
-    pub fn has_room(&self, bytes: usize) -> bool {
-        let st = self.state.lock().unwrap();
-        st.writer.is_some() && st.backlog_bytes + bytes <= self.max_backlog_bytes
-    }
-
     /// Bytes waiting in the backlog.
     pub fn backlog_bytes(&self) -> usize {
         self.state.lock().unwrap().backlog_bytes

@@ -38,7 +38,16 @@ pub struct NaiveFlags {
     /// Leader reads served at once, without the read-index round: a deposed leader that does
     /// not know it yet answers with stale data.
     pub unsafe_reads: bool,
+    /// The read lease survives `Event::ClockJump`: a leader resuming from a pause still counts
+    /// its lease in ticks that stood still, and answers from a state a newer leader overwrote.
+    pub lease_ignores_pauses: bool,
 }
+
+/// How much shorter than the election timeout a read lease must be: one tick of granularity
+/// at the leader (a round sent late in its tick), one at the voter (a heartbeat received late
+/// in its tick), one for a tick the driver delivers late without reporting a clock jump, and
+/// one to spare.
+pub const LEASE_MARGIN_TICKS: u32 = 4;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -53,6 +62,13 @@ pub struct Config {
     /// Election timeouts are drawn from `[min, 2 * min)` ticks.
     pub election_timeout_min_ticks: u32,
     pub heartbeat_interval_ticks: u32,
+    /// Read lease, in ticks; 0 turns it off. A leader serves reads without a read-index round
+    /// until this many ticks after sending a heartbeat round that a quorum of voters echoed.
+    /// Safe because a voter that echoed a round refuses to help elect anyone else for
+    /// `election_timeout_min_ticks` after it received it (stickiness, also across restarts),
+    /// provided the lease is shorter by a margin for tick granularity on both sides and a
+    /// late tick, and the driver reports a stalled clock with `Event::ClockJump`.
+    pub lease_ticks: u32,
     /// Take a checkpoint (and prune the log) once this many entries are applied past the last.
     pub checkpoint_interval: u64,
     /// Entries per Append message.
@@ -80,6 +96,7 @@ impl Config {
             lbb_span: lbb::DEFAULT_SPAN,
             election_timeout_min_ticks: 10,
             heartbeat_interval_ticks: 2,
+            lease_ticks: 10 - LEASE_MARGIN_TICKS,
             checkpoint_interval: 64,
             max_batch_entries: 64,
             max_sync_bytes: 32 << 20,
@@ -104,6 +121,11 @@ impl Config {
         }
         if self.election_timeout_min_ticks <= 2 * self.heartbeat_interval_ticks {
             return Err("election timeout must exceed two heartbeat intervals".into());
+        }
+        if self.lease_ticks > 0 && self.lease_ticks + LEASE_MARGIN_TICKS > self.election_timeout_min_ticks {
+            return Err(format!(
+                "lease_ticks must be at most election_timeout_min_ticks - {LEASE_MARGIN_TICKS} (or 0 for no lease)"
+            ));
         }
         if self.checkpoint_interval == 0 || self.max_batch_entries == 0 {
             return Err("checkpoint_interval and max_batch_entries must be positive".into());

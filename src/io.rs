@@ -58,6 +58,10 @@ pub enum ClientError {
 pub enum Event {
     /// One unit of logical time passed.
     Tick,
+    /// The driver found its clock far ahead of the ticks it delivered (the process was paused,
+    /// or a round ran long): an unknown stretch of time passed, so a read lease counted in
+    /// ticks may have expired. The driver sends it before any other event after the stall.
+    ClockJump,
     Receive {
         from: ReplicaId,
         message: Message,

@@ -21,7 +21,7 @@ pub mod sim;
 pub mod table;
 pub mod types;
 
-pub use config::{Config, Mode, NaiveFlags};
+pub use config::{Config, Mode, NaiveFlags, LEASE_MARGIN_TICKS};
 pub use entry::{Entry, Op};
 pub use io::{CheckpointState, ClientError, ClientRequest, Command, Event, HardState};
 pub use membership::{ConfigState, Membership, MembershipChange, MembershipError};

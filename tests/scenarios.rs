@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use parallelraft::sim::write_op;
 use parallelraft::{
-    ClientId, ClientRequest, Command, Config, Event, Index, Message, Mode, NaiveFlags, Op, Replica, ReplicaId,
-    RequestId, RoleKind,
+    Candidacy, CheckpointState, ClientId, ClientRequest, Command, Config, Event, HardState, Index, Message, Mode,
+    NaiveFlags, Op, Replica, ReplicaId, RequestId, RoleKind, Term,
 };
 
 const A: usize = 0;
@@ -30,6 +30,8 @@ struct Harness {
     acknowledged: Vec<RequestId>,
     /// Index → request applied there (`None`: a no-op), per replica.
     applied: Vec<BTreeMap<Index, Option<RequestId>>>,
+    /// Reads handed to the block store, in order.
+    reads_executed: Vec<RequestId>,
 }
 
 impl Harness {
@@ -54,6 +56,7 @@ impl Harness {
             parked: Vec::new(),
             acknowledged: Vec::new(),
             applied: vec![BTreeMap::new(); 3],
+            reads_executed: Vec::new(),
         }
     }
 
@@ -98,6 +101,10 @@ impl Harness {
                     self.local.push_back((r, Event::Applied { index: entry.index }));
                 }
                 Command::Reply { id, result: Ok(()) } => self.acknowledged.push(id),
+                Command::Read { id, .. } => {
+                    self.reads_executed.push(id);
+                    self.local.push_back((r, Event::ReadDone { id }));
+                }
                 Command::Checkpoint { state } => {
                     self.local.push_back((r, Event::CheckpointDone { index: state.index }))
                 }
@@ -306,4 +313,90 @@ fn acknowledgement_waits_for_the_followers_own_disk() {
         .iter()
         .any(|(from, _, m)| *from == A && matches!(m, Message::Ack { acked, .. } if acked.contains(&Index(1))));
     assert!(acked_now, "A must acknowledge once durable");
+}
+
+fn read(h: &mut Harness, r: usize, seq: u64) -> RequestId {
+    let id = RequestId { client: ClientId(2), seq };
+    h.step(r, Event::Read { id, offset: X * 4096, len_bytes: 4096 });
+    id
+}
+
+fn heartbeats_from(h: &Harness, r: usize) -> usize {
+    h.network.iter().filter(|(from, _, m)| *from == r && matches!(m, Message::Heartbeat { .. })).count()
+}
+
+/// A leader whose last heartbeat round a quorum echoed serves reads at once; once the lease
+/// lapses (no echo for `lease_ticks`) or the driver reports a clock jump, a read waits for a
+/// read-index round of its own.
+#[test]
+fn read_lease_skips_the_round_until_it_lapses_or_the_clock_jumps() {
+    let mut h = Harness::new(NaiveFlags::default());
+    h.elect(A);
+    h.step(A, Event::Tick);
+    h.step(A, Event::Tick);
+    h.run(); // a heartbeat round, echoed by B and C
+
+    let leased = read(&mut h, A, 1);
+    assert_eq!(h.reads_executed, vec![leased], "a leased read must execute at once");
+    assert_eq!(heartbeats_from(&h, A), 0, "a leased read must not start a round");
+    h.run();
+
+    // The driver reports a stall: the next read needs a round.
+    h.step(A, Event::ClockJump);
+    let after_jump = read(&mut h, A, 2);
+    assert!(!h.reads_executed.contains(&after_jump), "a read after a clock jump ran without a round");
+    assert_eq!(heartbeats_from(&h, A), 2, "the read must start a round to both followers");
+    h.run();
+    assert!(h.reads_executed.contains(&after_jump), "the echoed round must release the read");
+
+    // That round renewed the lease; silence from the followers lets it lapse.
+    let renewed = read(&mut h, A, 3);
+    assert!(h.reads_executed.contains(&renewed), "the echoed round must renew the lease");
+    h.run();
+    h.isolate(A);
+    let lease = Config::new(ReplicaId(0), Vec::new(), Mode::Parallel, 0).lease_ticks;
+    for _ in 0..lease {
+        h.step(A, Event::Tick);
+    }
+    h.run();
+    let lapsed = read(&mut h, A, 4);
+    h.run();
+    assert!(!h.reads_executed.contains(&lapsed), "a read ran on a lease nobody renewed for {lease} ticks");
+    h.heal();
+    h.step(A, Event::Tick);
+    h.step(A, Event::Tick);
+    h.run();
+    assert!(h.reads_executed.contains(&lapsed), "the read must run once a quorum echoes again");
+}
+
+/// A replica that may have echoed a leased round before it crashed refuses to help elect anyone
+/// for an election timeout after it restarts, as if it had just heard from that leader; a
+/// brand-new replica (term 0) echoed nothing and votes at once.
+#[test]
+fn a_restarted_voter_keeps_its_promise_to_the_leaseholder() {
+    let candidacy =
+        Candidacy { sync: Term(1), sync_end: Index(0), committed: Index(0), durable: Index(0), config: Index(0) };
+    let voters: Vec<ReplicaId> = (0..3).map(ReplicaId).collect();
+    let pre_vote_granted = |replica: &mut Replica| {
+        replica.step(Event::Receive {
+            from: ReplicaId(2),
+            message: Message::PreVote { term: Term(2), candidate: candidacy },
+        });
+        replica
+            .take_commands()
+            .iter()
+            .any(|c| matches!(c, Command::Send { message: Message::PreVoteResponse { granted: true, .. }, .. }))
+    };
+    let cfg = Config::new(ReplicaId(1), voters.clone(), Mode::Parallel, 3);
+    let timeout = cfg.election_timeout_min_ticks;
+    let hard = HardState { term: Term(1), voted_for: None, sync: Term(1), sync_end: Index(0) };
+    let mut restarted = Replica::recover(cfg.clone(), hard, CheckpointState::default(), Vec::new());
+    assert!(!pre_vote_granted(&mut restarted), "a restarted voter helped depose a leader at once");
+    for _ in 0..timeout {
+        restarted.step(Event::Tick);
+        restarted.take_commands();
+    }
+    assert!(pre_vote_granted(&mut restarted), "the restarted voter must grant once the timeout passed");
+    let mut brand_new = Replica::new(cfg);
+    assert!(pre_vote_granted(&mut brand_new), "a brand-new replica must grant at once");
 }

@@ -1,7 +1,7 @@
 //! Runs the deterministic simulator over many seeds.
 //!
 //! `sim --seeds N [--seed-start S] [--replicas 3|5] [--mode parallel|raft] [--soak]
-//!      [--naive paper-merge|raft-truncation|unsafe-reads] [--no-faults] [--membership] [--verbose]`
+//!      [--naive paper-merge|raft-truncation|unsafe-reads|lease-ignores-pauses] [--no-faults] [--membership] [--verbose]`
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -22,7 +22,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: sim --seeds N [--seed-start S] [--replicas 3|5] [--mode parallel|raft] [--soak] \
-[--naive paper-merge|raft-truncation|unsafe-reads] [--no-faults] [--membership] [--verbose]";
+[--naive paper-merge|raft-truncation|unsafe-reads|lease-ignores-pauses] [--no-faults] [--membership] [--verbose]";
 
 fn parse() -> Result<Args, String> {
     let mut args = Args {
@@ -59,6 +59,7 @@ fn parse() -> Result<Args, String> {
                 "paper-merge" => args.naive.paper_merge = true,
                 "raft-truncation" => args.naive.raft_truncation = true,
                 "unsafe-reads" => args.naive.unsafe_reads = true,
+                "lease-ignores-pauses" => args.naive.lease_ignores_pauses = true,
                 other => return Err(format!("unknown naive variant {other:?}")),
             },
             "-h" | "--help" => return Err(USAGE.into()),
@@ -132,6 +133,9 @@ fn main() -> ExitCode {
             }
             if args.naive.unsafe_reads {
                 replay.push_str(" --naive unsafe-reads");
+            }
+            if args.naive.lease_ignores_pauses {
+                replay.push_str(" --naive lease-ignores-pauses");
             }
             if !args.faults {
                 replay.push_str(" --no-faults");

@@ -74,27 +74,61 @@ impl Replica {
         self.step_down_if_removed();
     }
 
+    /// A read waits for nothing but overlapping writes while the read lease holds (or the group
+    /// has one voter); otherwise it joins a read-index round started for it.
     pub(super) fn on_read(&mut self, id: RequestId, offset: u64, len_bytes: u64) {
         if !self.serving_or_refuse(id) {
             return;
         }
         let fence = self.log.last_index();
-        let quorum = self.quorum();
+        let leased = self.quorum() == 1 || self.cfg.naive.unsafe_reads || self.lease_valid();
         let Role::Leader(l) = &mut self.role else { unreachable!() };
         let ranges = RangeSet::single(granule_range(offset, len_bytes));
-        let seq = l.read_seq + 1;
+        // Sequence 0 is confirmed from the start; the next broadcast's is confirmed by its echoes.
+        let seq = if leased { 0 } else { l.read_seq + 1 };
         l.reads.push(PendingRead { id, offset, len_bytes, ranges, fence, seq });
-        if quorum == 1 || self.cfg.naive.unsafe_reads {
-            l.read_seq = seq;
+        if leased {
             self.try_reads();
         } else {
-            // Read index: confirm with a quorum that we are still the leader.
-            self.broadcast_heartbeat(true);
+            self.broadcast_heartbeat();
         }
     }
 
-    /// Executes every read whose leadership is confirmed and whose overlapping writes up to
-    /// its fence are applied.
+    /// Whether this leader may serve a read without a round: a quorum echoed a round sent less
+    /// than `lease_ticks` ago, so no voter of that quorum helps elect another leader yet.
+    fn lease_valid(&self) -> bool {
+        let Role::Leader(l) = &self.role else { return false };
+        self.cfg.lease_ticks > 0 && self.ticks < l.lease_until
+    }
+
+    /// Extends the lease by every round up to `confirmed` (echoed by a quorum).
+    fn renew_lease(&mut self, confirmed: u64) {
+        if self.cfg.lease_ticks == 0 {
+            return;
+        }
+        let lease = self.cfg.lease_ticks as u64;
+        let Role::Leader(l) = &mut self.role else { return };
+        while let Some(&(seq, sent)) = l.rounds.front() {
+            if seq > confirmed {
+                break;
+            }
+            l.rounds.pop_front();
+            l.lease_until = l.lease_until.max(sent + lease);
+        }
+    }
+
+    /// An unknown stretch of time passed (see `Event::ClockJump`): the lease, and the send ticks
+    /// of rounds still unconfirmed, no longer say how long ago anything happened.
+    pub(super) fn on_clock_jump(&mut self) {
+        if self.cfg.naive.lease_ignores_pauses {
+            return;
+        }
+        if let Role::Leader(l) = &mut self.role {
+            l.lease_until = 0;
+            l.rounds.clear();
+        }
+    }
+
     /// The highest read-index sequence a quorum of voters has echoed: leadership is confirmed
     /// for every round up to it.
     pub(super) fn confirmed_read_seq(&self) -> u64 {
@@ -111,8 +145,12 @@ impl Replica {
         echoes[quorum - 1]
     }
 
+    /// Executes every read whose leadership is confirmed and whose overlapping writes up to
+    /// its fence are applied.
     pub(super) fn try_reads(&mut self) {
-        let confirmed = if self.cfg.naive.unsafe_reads { u64::MAX } else { self.confirmed_read_seq() };
+        let confirmed = self.confirmed_read_seq();
+        self.renew_lease(confirmed);
+        let confirmed = if self.cfg.naive.unsafe_reads { u64::MAX } else { confirmed };
         let Role::Leader(l) = &mut self.role else {
             return;
         };

@@ -198,6 +198,8 @@ impl Replica {
             queue: VecDeque::new(),
             reads: Vec::new(),
             read_seq: 0,
+            rounds: VecDeque::new(),
+            lease_until: 0,
             unsent: Vec::new(),
             elected_tick: self.ticks,
             change: None,
@@ -288,7 +290,7 @@ impl Replica {
             }
         }
         if self.ticks.is_multiple_of(hb) {
-            self.broadcast_heartbeat(false);
+            self.broadcast_heartbeat();
         }
     }
 }

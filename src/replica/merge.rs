@@ -168,7 +168,7 @@ impl Replica {
         }
         self.try_apply();
         self.drain_queue();
-        self.broadcast_heartbeat(false);
+        self.broadcast_heartbeat();
     }
 
     /// Sends the decided log to `peer` (or a snapshot when it needs pruned entries, or more than

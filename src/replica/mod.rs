@@ -58,6 +58,10 @@ struct Progress {
     stall_tick: u64,
 }
 
+/// Bound of `LeaderState::rounds`: a heartbeat every two ticks fills it only if the followers
+/// stay silent for over a hundred ticks, long after the leader stepped down.
+const MAX_ROUNDS_TRACKED: usize = 64;
+
 #[derive(Clone, Debug)]
 struct PendingRead {
     id: RequestId,
@@ -93,7 +97,13 @@ struct LeaderState {
     floors: HashMap<ClientId, u64>,
     queue: VecDeque<ClientRequest>,
     reads: Vec<PendingRead>,
+    /// Every heartbeat broadcast starts a read-index round with the next sequence.
     read_seq: u64,
+    /// Rounds sent and not yet echoed by a quorum: (sequence, tick sent), oldest first, at
+    /// most [`MAX_ROUNDS_TRACKED`] (forgetting the oldest only delays a lease).
+    rounds: VecDeque<(u64, u64)>,
+    /// Reads need no round of their own while `ticks < lease_until` (`Config::lease_ticks`).
+    lease_until: u64,
     /// Entries appended during the current step, broadcast once at its end.
     unsent: Vec<Entry>,
     elected_tick: u64,
@@ -187,7 +197,11 @@ impl Replica {
             role: Role::Follower,
             leader_hint: None,
             ticks: 0,
-            last_leader_contact: None,
+            // A replica that ever took part (a term above 0 is durable before it echoes any
+            // round) counts its restart as leader contact: it may have echoed a round of a
+            // leader whose read lease still runs, and must not help elect another before the
+            // lease ends. A crash loses `last_leader_contact`; this puts it back, conservatively.
+            last_leader_contact: (hard.term > Term(0)).then_some(0),
             election_deadline: 0,
             next_token: 1,
             writes_in_flight: BTreeMap::new(),
@@ -301,6 +315,7 @@ impl Replica {
     pub fn step(&mut self, event: Event) {
         match event {
             Event::Tick => self.on_tick(),
+            Event::ClockJump => self.on_clock_jump(),
             Event::Receive { from, message } => self.on_message(from, message),
             Event::Propose(request) => self.on_propose(request),
             Event::ChangeMembership { id, change } => self.on_change_membership(id, change),
@@ -527,6 +542,13 @@ impl Replica {
                 // merging leader may hold entries after one that was committed elsewhere.)
                 assert_eq!(self.log.config_index(), self.log.last_index(), "entry appended past a pending config");
             }
+            assert!(l.rounds.len() <= MAX_ROUNDS_TRACKED, "read rounds unbounded");
+            assert!(
+                l.rounds.iter().zip(l.rounds.iter().skip(1)).all(|(a, b)| a.0 < b.0 && a.1 <= b.1),
+                "read rounds out of order"
+            );
+            assert!(l.rounds.back().is_none_or(|r| r.0 == l.read_seq && r.1 <= self.ticks), "stale read rounds");
+            assert!(l.lease_until <= self.ticks + self.cfg.lease_ticks as u64, "read lease beyond lease_ticks");
             if l.serving {
                 assert!(self.committed >= l.merge_end, "serving leader has not committed its merge");
                 assert_eq!(self.hard.sync, self.hard.term, "serving leader not synced to its term");

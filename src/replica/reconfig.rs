@@ -38,7 +38,7 @@ impl Replica {
             None => {}
         }
         l.change = Some(PendingChange { id, change, read_seq: l.read_seq + 1 });
-        self.broadcast_heartbeat(true); // the read-index round that confirms our leadership
+        self.broadcast_heartbeat(); // the read-index round that confirms our leadership
         self.drain_queue();
     }
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{Replica, Role};
+use super::{Replica, Role, MAX_ROUNDS_TRACKED};
 use crate::config::Mode;
 use crate::entry::{Entry, Op};
 use crate::io::{ClientError, ClientRequest};
@@ -125,21 +125,26 @@ impl Replica {
 
     /// Heartbeat round: retransmits unacknowledged entries, (re)sends syncs and snapshots,
     /// carries the commit notice and, with `read_round`, a new read-index sequence.
-    pub(super) fn broadcast_heartbeat(&mut self, read_round: bool) {
+    /// Sends every follower a heartbeat (and what it misses). Each broadcast is also a
+    /// read-index round: a quorum echoing its sequence confirms our leadership as of its
+    /// sending, which both releases the reads waiting for it and renews the read lease.
+    pub(super) fn broadcast_heartbeat(&mut self) {
         let term = self.hard.term;
         let checkpoint = self.log.checkpoint();
         let last = self.log.last_index();
         let batch = self.cfg.max_batch_entries;
         let commit = self.commit_notice();
+        let ticks = self.ticks;
         let Role::Leader(l) = &mut self.role else {
             return;
         };
-        if read_round {
-            l.read_seq += 1;
+        l.read_seq += 1;
+        if l.rounds.len() == MAX_ROUNDS_TRACKED {
+            l.rounds.pop_front();
         }
+        l.rounds.push_back((l.read_seq, ticks));
         let read_seq = l.read_seq;
         let serving = l.serving;
-        let ticks = self.ticks;
         // Entries in flight are resent only after the follower's durable prefix stalled this
         // long; otherwise a heartbeat sends only entries not sent yet, at most two batches
         // ahead of that prefix (a catch-up pipeline that never floods the link with copies).

@@ -207,6 +207,8 @@ struct Sim {
     history_index: HashMap<RequestId, usize>,
     blocked: BTreeSet<(usize, usize)>,
     paused_until: Vec<u64>,
+    /// A pause ended (or is under way) that the replica's driver has not reported yet.
+    clock_jumped: Vec<bool>,
     loss: f64,
     duplicate: f64,
     max_delay: u64,
@@ -270,6 +272,7 @@ impl Sim {
             history_index: HashMap::new(),
             blocked: BTreeSet::new(),
             paused_until: vec![0; nodes],
+            clock_jumped: vec![false; nodes],
             loss,
             duplicate,
             max_delay,
@@ -514,6 +517,11 @@ impl Sim {
                 self.schedule(until - self.now, ev);
                 return;
             }
+            if std::mem::take(&mut self.clock_jumped[r]) && self.replicas[r].replica.is_some() {
+                // What a real driver sees on its monotonic clock after a stall, before anything
+                // else it handles (the server checks before each frame).
+                self.step(r, Event::ClockJump);
+            }
         }
         match ev {
             Ev::Tick(r) => {
@@ -604,7 +612,13 @@ impl Sim {
                 Some(l) if self.rng.chance(0.7) => l,
                 _ => self.rng.range(0, n as u64) as usize,
             };
-            self.paused_until[r] = self.now + self.rng.range(200, 1500);
+            // A second pause during the first extends it, never shortens it: the tick held back
+            // to the first pause's end would otherwise leave a process that handles messages
+            // with its clock stopped, which no driver does (the server checks its clock every
+            // round).
+            let until = self.now + self.rng.range(200, 1500);
+            self.paused_until[r] = self.paused_until[r].max(until);
+            self.clock_jumped[r] = true;
             self.stats.pauses += 1;
         } else if roll < 35 {
             let r = self.rng.range(0, n as u64) as usize;

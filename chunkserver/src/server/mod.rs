@@ -115,6 +115,9 @@ pub(crate) fn group_config(opts: &ServerOptions, voters: Vec<ReplicaId>, chunk: 
     cfg.lbb_span = opts.lbb_span;
     cfg.election_timeout_min_ticks = 10;
     cfg.heartbeat_interval_ticks = 2;
+    // Reads skip the read-index round for 6 ticks after a confirmed heartbeat; the core loop
+    // reports a clock that ran more than a tick ahead of its ticks (Event::ClockJump).
+    cfg.lease_ticks = cfg.election_timeout_min_ticks - parallelraft::LEASE_MARGIN_TICKS;
     cfg.checkpoint_interval = opts.checkpoint_interval;
     cfg.max_batch_entries = 64;
     cfg.max_queued_proposals = 1024;
@@ -258,6 +261,17 @@ async fn wait_for_signal() {
 
 /// Runs on the runtime's only thread, with the connection tasks: it awaits only to wait for
 /// work and, after each round, to let those tasks read what arrived meanwhile.
+/// Tells every group that time passed unticked when the clock is more than a tick past the
+/// tick due (a stalled process or a long round): the ticks are not replayed, so a read lease
+/// counted in them would outlast the voters' promise not to elect anyone else.
+fn report_clock_jump(groups: &mut BTreeMap<u32, Group>, outbox: &mut Outbox, next_tick: Instant, tick: Duration) {
+    if Instant::now() > next_tick + tick {
+        for g in groups.values_mut() {
+            g.clock_jumped(outbox);
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn core_loop(
     opts: &ServerOptions,
@@ -315,7 +329,14 @@ async fn core_loop(
             }
         }
         let round_start = Instant::now();
+        let mut clock_checked = false;
         for item in batch.drain(..) {
+            if !clock_checked && matches!(item, Inbound::Frame { .. }) {
+                // Leases count ticks: a stall that held them back is reported before any
+                // frame is stepped (a frame may be a read the lease would serve).
+                clock_checked = true;
+                report_clock_jump(groups, outbox, next_tick, opts.tick);
+            }
             match item {
                 Inbound::Shutdown => {
                     // Records not yet durable were never acknowledged; an append in flight
@@ -348,6 +369,7 @@ async fn core_loop(
         }
         let now = Instant::now();
         if now >= next_tick {
+            report_clock_jump(groups, outbox, next_tick, opts.tick);
             for g in groups.values_mut() {
                 g.tick(outbox);
             }

@@ -638,6 +638,11 @@ impl Group {
         self.step(Event::Tick, out);
     }
 
+    /// The server's clock ran ahead of its ticks (see `Event::ClockJump`).
+    pub fn clock_jumped(&mut self, out: &mut Outbox) {
+        self.step(Event::ClockJump, out);
+    }
+
     /// Requests in progress from frontends.
     pub fn in_flight(&self) -> usize {
         self.waiting.len()

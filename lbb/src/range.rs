@@ -39,15 +39,29 @@ impl fmt::Debug for Range {
 
 /// A set of byte ranges kept sorted, non-empty, and with overlapping or touching ranges merged.
 ///
-/// Invariant: `ranges[k].end() < ranges[k + 1].offset` and no range is empty.
+/// Invariant: `ranges()[k].end() < ranges()[k + 1].offset` and no range is empty.
+///
+/// Every log entry carries the sets of its N predecessors (the look-behind buffer), nearly
+/// all of one range each, so a set of one range is held inline: a heap allocation per set
+/// was a tenth of a chunk server's CPU under 4 KiB random writes (clones and drops of look-
+/// behind buffers).
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct RangeSet {
-    ranges: Vec<Range>,
+    store: Store,
+}
+
+/// Canonical, so the derived equality is set equality: `Many` holds two ranges or more.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+enum Store {
+    #[default]
+    Empty,
+    One(Range),
+    Many(Vec<Range>),
 }
 
 impl RangeSet {
     pub fn new() -> RangeSet {
-        RangeSet { ranges: Vec::new() }
+        RangeSet { store: Store::Empty }
     }
 
     pub fn single(range: Range) -> RangeSet {
@@ -57,16 +71,20 @@ impl RangeSet {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ranges.is_empty()
+        matches!(self.store, Store::Empty)
     }
 
     pub fn ranges(&self) -> &[Range] {
-        &self.ranges
+        match &self.store {
+            Store::Empty => &[],
+            Store::One(r) => std::slice::from_ref(r),
+            Store::Many(v) => v,
+        }
     }
 
     /// Total bytes covered.
     pub fn len_bytes(&self) -> u64 {
-        self.ranges.iter().map(|r| r.len_bytes).sum()
+        self.ranges().iter().map(|r| r.len_bytes).sum()
     }
 
     /// Adds `range`, merging it with every range it overlaps or touches.
@@ -74,21 +92,38 @@ impl RangeSet {
         if range.is_empty() {
             return;
         }
-        // First range whose end reaches the new range's start (touching merges too).
-        let first = self.ranges.partition_point(|r| r.end() < range.offset);
-        let mut start = range.offset;
-        let mut end = range.end();
-        let mut last = first;
-        while last < self.ranges.len() && self.ranges[last].offset <= end {
-            start = start.min(self.ranges[last].offset);
-            end = end.max(self.ranges[last].end());
-            last += 1;
+        let touches = |r: &Range| r.end() >= range.offset && r.offset <= range.end();
+        match &mut self.store {
+            Store::Empty => self.store = Store::One(range),
+            Store::One(r) if touches(r) => {
+                let (start, end) = (r.offset.min(range.offset), r.end().max(range.end()));
+                *r = Range::new(start, end - start);
+            }
+            Store::One(r) => {
+                let pair = if r.offset < range.offset { vec![*r, range] } else { vec![range, *r] };
+                self.store = Store::Many(pair);
+            }
+            Store::Many(ranges) => {
+                // First range whose end reaches the new range's start (touching merges too).
+                let first = ranges.partition_point(|r| r.end() < range.offset);
+                let mut start = range.offset;
+                let mut end = range.end();
+                let mut last = first;
+                while last < ranges.len() && ranges[last].offset <= end {
+                    start = start.min(ranges[last].offset);
+                    end = end.max(ranges[last].end());
+                    last += 1;
+                }
+                ranges.splice(first..last, [Range::new(start, end - start)]);
+                if ranges.len() == 1 {
+                    self.store = Store::One(ranges[0]);
+                }
+            }
         }
-        self.ranges.splice(first..last, [Range::new(start, end - start)]);
     }
 
     pub fn union_with(&mut self, other: &RangeSet) {
-        for range in &other.ranges {
+        for range in other.ranges() {
             self.insert(*range);
         }
     }
@@ -98,21 +133,25 @@ impl RangeSet {
         if range.is_empty() {
             return false;
         }
-        let first = self.ranges.partition_point(|r| r.end() <= range.offset);
-        first < self.ranges.len() && self.ranges[first].offset < range.end()
+        let ranges = self.ranges();
+        let first = ranges.partition_point(|r| r.end() <= range.offset);
+        first < ranges.len() && ranges[first].offset < range.end()
     }
 
     /// True when some byte is in both sets.
     pub fn overlaps(&self, other: &RangeSet) -> bool {
-        let (small, large) = if self.ranges.len() <= other.ranges.len() { (self, other) } else { (other, self) };
-        small.ranges.iter().any(|r| large.overlaps_range(r))
+        let (small, large) = if self.ranges().len() <= other.ranges().len() { (self, other) } else { (other, self) };
+        small.ranges().iter().any(|r| large.overlaps_range(r))
     }
 
     pub fn check_invariants(&self) {
-        for r in &self.ranges {
+        if let Store::Many(ranges) = &self.store {
+            assert!(ranges.len() >= 2, "RangeSet of {} ranges not held inline", ranges.len());
+        }
+        for r in self.ranges() {
             assert!(!r.is_empty(), "empty range stored in RangeSet");
         }
-        for pair in self.ranges.windows(2) {
+        for pair in self.ranges().windows(2) {
             assert!(pair[0].end() < pair[1].offset, "RangeSet not sorted and merged: {:?}", self);
         }
     }
@@ -120,7 +159,7 @@ impl RangeSet {
 
 impl fmt::Debug for RangeSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_set().entries(self.ranges.iter()).finish()
+        f.debug_set().entries(self.ranges().iter()).finish()
     }
 }
 
@@ -148,6 +187,22 @@ mod tests {
         s.insert(Range::new(0, 40));
         assert_eq!(s.ranges(), &[Range::new(0, 40)]);
         s.check_invariants();
+        assert_eq!(s, RangeSet::single(Range::new(0, 40)), "a merged set must equal the same set built directly");
+    }
+
+    #[test]
+    fn one_range_merges_inline_from_either_side() {
+        let mut s = RangeSet::single(Range::new(100, 10));
+        s.insert(Range::new(90, 10)); // touches on the left
+        assert_eq!(s.ranges(), &[Range::new(90, 20)]);
+        s.insert(Range::new(50, 5)); // apart, on the left
+        assert_eq!(s.ranges(), &[Range::new(50, 5), Range::new(90, 20)]);
+        s.check_invariants();
+        let mut t = RangeSet::single(Range::new(10, 5));
+        t.insert(Range::new(40, 5)); // apart, on the right
+        assert_eq!(t.ranges(), &[Range::new(10, 5), Range::new(40, 5)]);
+        assert!(!RangeSet::new().overlaps(&t));
+        assert_eq!(RangeSet::new().ranges(), &[]);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::{LookBehind, RangeSet};
+use crate::{LookBehind, Range, RangeSet};
 
 /// Operating errors of the gate (misuse by the caller is a panic instead).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,7 +130,10 @@ impl ApplyGate {
     /// successors.
     pub fn ready(&self, blocked: &RangeSet) -> Vec<u64> {
         let mut out = Vec::new();
-        let mut unapplied = RangeSet::new();
+        // The ranges of the unapplied entries passed so far, unmerged: a window of N + 1
+        // entries makes this a few hundred comparisons, cheaper than merging each set into a
+        // sorted one (which was a twentieth of a chunk server's CPU in Parallel mode).
+        let mut unapplied: Vec<Range> = Vec::new();
         for (expected, (&index, slot)) in (self.applied_watermark + 1..).zip(self.slots.iter()) {
             if index != expected {
                 // A hole no successor's look-behind buffer describes: unknown, conflicts with all.
@@ -143,13 +146,14 @@ impl ApplyGate {
                 break;
             };
             let appliable = slot.held && slot.committed && !slot.applying;
-            if appliable && !unapplied.overlaps(ranges) && !blocked.overlaps(ranges) {
+            let conflicts = ranges.ranges().iter().any(|r| unapplied.iter().any(|u| u.overlaps(r)));
+            if appliable && !conflicts && !blocked.overlaps(ranges) {
                 out.push(index);
             }
             if self.strict_order {
                 break;
             }
-            unapplied.union_with(ranges);
+            unapplied.extend_from_slice(ranges.ranges());
         }
         out
     }

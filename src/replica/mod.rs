@@ -58,8 +58,9 @@ struct Progress {
     stall_tick: u64,
 }
 
-/// Bound of `LeaderState::rounds`: a heartbeat every two ticks fills it only if the followers
-/// stay silent for over a hundred ticks, long after the leader stepped down.
+/// Bound of `LeaderState::rounds`. Rounds start with every heartbeat (every two ticks) and
+/// with every read while the lease has lapsed; when full, the oldest unconfirmed round is
+/// forgotten, which can only delay the lease, never extend it.
 const MAX_ROUNDS_TRACKED: usize = 64;
 
 #[derive(Clone, Debug)]

@@ -123,11 +123,10 @@ impl Replica {
         CommitNotice { watermark: self.committed, above: self.committed_above.iter().copied().collect() }
     }
 
-    /// Heartbeat round: retransmits unacknowledged entries, (re)sends syncs and snapshots,
-    /// carries the commit notice and, with `read_round`, a new read-index sequence.
-    /// Sends every follower a heartbeat (and what it misses). Each broadcast is also a
-    /// read-index round: a quorum echoing its sequence confirms our leadership as of its
-    /// sending, which both releases the reads waiting for it and renews the read lease.
+    /// Heartbeat round: retransmits unacknowledged entries, (re)sends syncs and snapshots and
+    /// carries the commit notice. Each broadcast is also a read-index round: a quorum echoing
+    /// its sequence confirms our leadership as of its sending, which both releases the reads
+    /// waiting for it and renews the read lease.
     pub(super) fn broadcast_heartbeat(&mut self) {
         let term = self.hard.term;
         let checkpoint = self.log.checkpoint();

@@ -259,8 +259,6 @@ async fn wait_for_signal() {
     }
 }
 
-/// Runs on the runtime's only thread, with the connection tasks: it awaits only to wait for
-/// work and, after each round, to let those tasks read what arrived meanwhile.
 /// Tells every group that time passed unticked when the clock is more than a tick past the
 /// tick due (a stalled process or a long round): the ticks are not replayed, so a read lease
 /// counted in them would outlast the voters' promise not to elect anyone else.
@@ -272,6 +270,8 @@ fn report_clock_jump(groups: &mut BTreeMap<u32, Group>, outbox: &mut Outbox, nex
     }
 }
 
+/// Runs on the runtime's only thread, with the connection tasks: it awaits only to wait for
+/// work and, after each round, to let those tasks read what arrived meanwhile.
 #[allow(clippy::too_many_arguments)]
 async fn core_loop(
     opts: &ServerOptions,

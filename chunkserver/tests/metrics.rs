@@ -75,6 +75,12 @@ fn metrics_report_each_stage_and_profile_draws_them() {
     let f2 = parse_stages(&follower_text);
     assert!(f2.get("follower_durable").is_some_and(|s| s.3 > 0), "follower lacks follower_durable:\n{follower_text}");
     assert_eq!(counter(&lead, "parallelraft_written_bytes_total"), Some(16.0 * 4096.0));
+    // A healthy leader serves reads under its lease; a stalled clock may send a few through a
+    // read-index round instead, but every read is one or the other.
+    let leased = counter(&lead, "parallelraft_reads_leased_total").expect("reads_leased counter");
+    let with_round = counter(&lead, "parallelraft_reads_with_round_total").expect("reads_with_round counter");
+    assert!(leased >= 1.0, "no read was served under the lease:\n{lead}");
+    assert!(leased + with_round >= 8.0, "{lead}");
     assert!(lead.contains("parallelraft_is_leader{chunk=\"0\"} 1"), "{lead}");
     // The profile command reads the same endpoints and draws them.
     let svg = tempfile::NamedTempFile::new().unwrap();

@@ -82,6 +82,11 @@ impl Replica {
         }
         let fence = self.log.last_index();
         let leased = self.quorum() == 1 || self.cfg.naive.unsafe_reads || self.lease_valid();
+        if leased {
+            self.reads_leased += 1;
+        } else {
+            self.reads_with_round += 1;
+        }
         let Role::Leader(l) = &mut self.role else { unreachable!() };
         let ranges = RangeSet::single(granule_range(offset, len_bytes));
         // Sequence 0 is confirmed from the start; the next broadcast's is confirmed by its echoes.

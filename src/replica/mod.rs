@@ -166,6 +166,10 @@ pub struct Replica {
     executing_reads: BTreeMap<RequestId, RangeSet>,
     checkpoint_in_progress: Option<Index>,
     out: Vec<Command>,
+    /// Reads accepted as leader: served under the read lease (or alone in the group), and
+    /// confirmed by a read-index round of their own. For metrics.
+    reads_leased: u64,
+    reads_with_round: u64,
 }
 
 impl Replica {
@@ -211,6 +215,8 @@ impl Replica {
             executing_reads: BTreeMap::new(),
             checkpoint_in_progress: None,
             out: Vec::new(),
+            reads_leased: 0,
+            reads_with_round: 0,
             hard,
             cfg,
         };
@@ -298,6 +304,11 @@ impl Replica {
             Role::Leader(l) if l.serving => RoleKind::Leader,
             Role::Leader(_) => RoleKind::LeaderMerging,
         }
+    }
+
+    /// Reads accepted as leader since start: (without a round of their own, with one).
+    pub fn read_counts(&self) -> (u64, u64) {
+        (self.reads_leased, self.reads_with_round)
     }
 
     pub fn leader_hint(&self) -> Option<ReplicaId> {

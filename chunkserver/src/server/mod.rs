@@ -517,7 +517,11 @@ fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox, 
     let mut stages = own.clone();
     let mut c = GroupCounters::default();
     let mut repaired = 0;
+    let (mut reads_leased, mut reads_with_round) = (0, 0);
     for g in groups.values() {
+        let (leased, with_round) = g.replica().read_counts();
+        reads_leased += leased;
+        reads_with_round += with_round;
         stages.merge(&g.stages);
         let k = g.counters;
         c.writes += k.writes;
@@ -537,6 +541,8 @@ fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox, 
             ("reads", "Reads served as leader", c.reads),
             ("written_bytes", "Bytes written as leader", c.bytes_written),
             ("read_bytes", "Bytes read as leader", c.bytes_read),
+            ("reads_leased", "Reads served as leader under the read lease, without a round of their own", reads_leased),
+            ("reads_with_round", "Reads served as leader after a read-index round of their own", reads_with_round),
             ("leader_changes", "Times a replica here became leader", c.leader_changes),
             ("rebuild_sent_bytes", "Block bytes streamed to rebuild other replicas", c.catchup_bytes_sent),
             ("rebuild_received_bytes", "Block bytes received to rebuild replicas here", c.catchup_bytes_received),

@@ -92,34 +92,31 @@ impl RangeSet {
         if range.is_empty() {
             return;
         }
-        let touches = |r: &Range| r.end() >= range.offset && r.offset <= range.end();
-        match &mut self.store {
-            Store::Empty => self.store = Store::One(range),
-            Store::One(r) if touches(r) => {
-                let (start, end) = (r.offset.min(range.offset), r.end().max(range.end()));
-                *r = Range::new(start, end - start);
-            }
-            Store::One(r) => {
-                let pair = if r.offset < range.offset { vec![*r, range] } else { vec![range, *r] };
-                self.store = Store::Many(pair);
-            }
-            Store::Many(ranges) => {
-                // First range whose end reaches the new range's start (touching merges too).
-                let first = ranges.partition_point(|r| r.end() < range.offset);
-                let mut start = range.offset;
-                let mut end = range.end();
-                let mut last = first;
-                while last < ranges.len() && ranges[last].offset <= end {
-                    start = start.min(ranges[last].offset);
-                    end = end.max(ranges[last].end());
-                    last += 1;
-                }
-                ranges.splice(first..last, [Range::new(start, end - start)]);
-                if ranges.len() == 1 {
-                    self.store = Store::One(ranges[0]);
-                }
-            }
+        let ranges = self.ranges();
+        // First range whose end reaches the new range's start (touching merges too).
+        let first = ranges.partition_point(|r| r.end() < range.offset);
+        let mut start = range.offset;
+        let mut end = range.end();
+        let mut last = first;
+        while last < ranges.len() && ranges[last].offset <= end {
+            start = start.min(ranges[last].offset);
+            end = end.max(ranges[last].end());
+            last += 1;
         }
+        let merged = Range::new(start, end - start);
+        if first == 0 && last == ranges.len() {
+            // It absorbed every range held (or there was none).
+            self.store = Store::One(merged);
+            return;
+        }
+        // Some range stays apart: two or more remain.
+        let mut ranges = match std::mem::take(&mut self.store) {
+            Store::Many(v) => v,
+            Store::One(r) => vec![r],
+            Store::Empty => unreachable!("an empty set is absorbed whole"),
+        };
+        ranges.splice(first..last, [merged]);
+        self.store = Store::Many(ranges);
     }
 
     pub fn union_with(&mut self, other: &RangeSet) {

@@ -106,11 +106,9 @@ impl Replica {
         self.cfg.lease_ticks > 0 && self.ticks < l.lease_until
     }
 
-    /// Extends the lease by every round up to `confirmed` (echoed by a quorum).
+    /// Extends the lease by every round up to `confirmed` (echoed by a quorum). With
+    /// `lease_ticks` 0 the lease never reaches past the current tick, so it never holds.
     fn renew_lease(&mut self, confirmed: u64) {
-        if self.cfg.lease_ticks == 0 {
-            return;
-        }
         let lease = self.cfg.lease_ticks as u64;
         let Role::Leader(l) = &mut self.role else { return };
         while let Some(&(seq, sent)) = l.rounds.front() {

@@ -32,19 +32,28 @@ fn metrics_report_each_stage_and_profile_draws_them() {
     let leader = c.leader_of(0).expect("leader");
     let frontend_addr = format!("127.0.0.1:{}", c.metrics_port());
     let leader_addr = format!("127.0.0.1:{}", c.metrics_port() as u32 + leader);
+    // A follower times its own WAL writes of the leader's entries.
+    let follower = (1..=3).find(|s| *s != leader).unwrap();
+    let follower_addr = format!("127.0.0.1:{}", c.metrics_port() as u32 + follower);
     // Rendered every 500 ms: wait for the text to include the I/O.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let (front, lead) = loop {
         let front = fetch(&frontend_addr).unwrap();
         let lead = fetch(&leader_addr).unwrap();
-        // Each process renders on its own clock: wait until both texts include all the I/O.
+        let follower_text = fetch(&follower_addr).unwrap();
+        // Each process renders on its own clock: wait until all three texts include the I/O
+        // (the follower's, at least one WAL write of the leader's entries).
         let done = counter(&lead, "parallelraft_writes_total").unwrap_or(0.0) >= 16.0
             && counter(&lead, "parallelraft_reads_total").unwrap_or(0.0) >= 8.0
-            && parse_stages(&front).get("nbd_read").is_some_and(|s| s.3 >= 8);
+            && parse_stages(&front).get("nbd_read").is_some_and(|s| s.3 >= 8)
+            && parse_stages(&follower_text).get("follower_durable").is_some_and(|s| s.3 > 0);
         if done {
             break (front, lead);
         }
-        assert!(std::time::Instant::now() < deadline, "metrics never showed the I/O:\n{front}\n{lead}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics never showed the I/O:\n{front}\n{lead}\nfollower {follower}:\n{follower_text}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
     let f = parse_stages(&front);
@@ -69,11 +78,6 @@ fn metrics_report_each_stage_and_profile_draws_them() {
     // Each of the 16 entries is sent once and acknowledged once first.
     assert_eq!(l["replicate_send"].3, 16, "{lead}");
     assert_eq!(l["ack_received"].3, 16, "{lead}");
-    // A follower times its own WAL writes of the leader's entries.
-    let follower = (1..=3).find(|s| *s != leader).unwrap();
-    let follower_text = fetch(&format!("127.0.0.1:{}", c.metrics_port() as u32 + follower)).unwrap();
-    let f2 = parse_stages(&follower_text);
-    assert!(f2.get("follower_durable").is_some_and(|s| s.3 > 0), "follower lacks follower_durable:\n{follower_text}");
     assert_eq!(counter(&lead, "parallelraft_written_bytes_total"), Some(16.0 * 4096.0));
     // A healthy leader serves reads under its lease; a stalled clock may send a few through a
     // read-index round instead, but every read is one or the other.

@@ -11,11 +11,12 @@
 //!   group at a time and refuses snapshot installs meanwhile; `CheckpointDone` is stepped only
 //!   after both syncs and the checkpoint file are durable.
 
-use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{channel, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use parallelraft::{CheckpointState, Index};
+use tracing::warn;
 
 use crate::storage::blocks::SyncWork;
 use crate::storage::io::{open_engine, EngineKind};
@@ -104,7 +105,26 @@ pub fn spawn(inbox: InboxTx, engine: EngineKind) -> std::io::Result<Disk> {
         let (tx, rx) = channel::<WalJob>();
         let inbox = inbox.clone();
         std::thread::Builder::new().name(format!("wal-{k}")).spawn(move || {
-            while let Ok(job) = rx.recv() {
+            // The logs this thread has appended to: between jobs it prepares their next
+            // segments (`Wal::prepare_spare`), one small step at a time.
+            let mut logs: Vec<Weak<Mutex<Wal>>> = Vec::new();
+            loop {
+                let job = match rx.try_recv() {
+                    Ok(job) => job,
+                    Err(TryRecvError::Disconnected) => return,
+                    Err(TryRecvError::Empty) => {
+                        if prepare_spare_step(&mut logs) {
+                            continue;
+                        }
+                        match rx.recv() {
+                            Ok(job) => job,
+                            Err(_) => return,
+                        }
+                    }
+                };
+                if !logs.iter().any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&job.wal))) {
+                    logs.push(Arc::downgrade(&job.wal));
+                }
                 let start = Instant::now();
                 let result = job.wal.lock().unwrap_or_else(|e| e.into_inner()).append(&job.records);
                 let done = WalDone {
@@ -121,4 +141,21 @@ pub fn spawn(inbox: InboxTx, engine: EngineKind) -> std::io::Result<Disk> {
         wal.push(tx);
     }
     Ok(Disk { wal, checkpoint: ctx })
+}
+
+/// One step of spare-segment preparation for the first of `logs` that wants one; false when
+/// none did (the thread may then block for its next job). Forgets logs whose group is gone.
+fn prepare_spare_step(logs: &mut Vec<Weak<Mutex<Wal>>>) -> bool {
+    logs.retain(|w| w.strong_count() > 0);
+    for log in logs.iter() {
+        let Some(log) = log.upgrade() else { continue };
+        let mut wal = log.lock().unwrap_or_else(|e| e.into_inner());
+        match wal.prepare_spare() {
+            Ok(true) => return true,
+            Ok(false) => {}
+            // Not fatal: rotating zeroes the segment inline and reports any error there.
+            Err(e) => warn!("preparing a WAL segment ahead failed: {e}"),
+        }
+    }
+    false
 }

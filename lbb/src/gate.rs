@@ -23,6 +23,13 @@ struct Slot {
     applied: bool,
 }
 
+impl Slot {
+    /// Held, committed and not started: [`ApplyGate::ready`] may return it.
+    fn candidate(&self) -> bool {
+        self.held && self.committed && !self.applying && !self.applied
+    }
+}
+
 /// Decides which committed entries a replica may apply now.
 ///
 /// Rule: a committed, held entry `i` may start applying when every entry `j` with
@@ -35,20 +42,25 @@ struct Slot {
 /// In `strict_order` mode (classic Raft) only the entry right after the watermark may apply.
 ///
 /// Invariant: every slot is above `applied_watermark`; the slot at `applied_watermark + 1`, if
-/// any, is not applied (the watermark would have advanced).
+/// any, is not applied (the watermark would have advanced); `candidates` counts the slots that
+/// are held, committed and neither applying nor applied.
 #[derive(Clone, Debug)]
 pub struct ApplyGate {
     span: usize,
     strict_order: bool,
     applied_watermark: u64,
     slots: BTreeMap<u64, Slot>,
+    /// Slots [`ApplyGate::ready`] could return. The replica asks after every apply, commit and
+    /// arrival; most of those times nothing new can start, and this answers without a scan
+    /// (the scan was ~2% of all CPU under 4 KiB random writes at iodepth 32).
+    candidates: usize,
 }
 
 impl ApplyGate {
     /// A gate whose entries up to and including `applied_watermark` are applied.
     pub fn new(span: usize, strict_order: bool, applied_watermark: u64) -> ApplyGate {
         assert!(span >= 1, "look-behind span must be at least 1");
-        ApplyGate { span, strict_order, applied_watermark, slots: BTreeMap::new() }
+        ApplyGate { span, strict_order, applied_watermark, slots: BTreeMap::new(), candidates: 0 }
     }
 
     pub fn span(&self) -> usize {
@@ -68,6 +80,20 @@ impl ApplyGate {
         assert!(self.slots.values().all(|s| !s.applying), "reset with an apply in flight");
         self.applied_watermark = applied_watermark;
         self.slots.clear();
+        self.candidates = 0;
+    }
+
+    /// Applies `change` to the slot at `index` (created empty if absent), keeping the
+    /// candidate count.
+    fn update(&mut self, index: u64, change: impl FnOnce(&mut Slot)) {
+        let slot = self.slots.entry(index).or_default();
+        let before = slot.candidate();
+        change(slot);
+        match (before, slot.candidate()) {
+            (false, true) => self.candidates += 1,
+            (true, false) => self.candidates -= 1,
+            _ => {}
+        }
     }
 
     /// Records that the entry at `index` with `ranges` and look-behind `look_behind` is held.
@@ -76,10 +102,11 @@ impl ApplyGate {
         if index <= self.applied_watermark {
             return Err(GateError::AlreadyApplied);
         }
-        let slot = self.slots.entry(index).or_default();
-        assert!(!slot.applying && !slot.applied, "insert over an applying/applied entry {index}");
-        slot.ranges = Some(ranges);
-        slot.held = true;
+        self.update(index, |slot| {
+            assert!(!slot.applying && !slot.applied, "insert over an applying/applied entry {index}");
+            slot.ranges = Some(ranges);
+            slot.held = true;
+        });
         for distance in 1..=look_behind.span() {
             let Some(prev) = index.checked_sub(distance as u64) else {
                 break;
@@ -102,12 +129,16 @@ impl ApplyGate {
     pub fn forget_above(&mut self, index: u64) {
         let dropped = self.slots.split_off(&(index + 1));
         assert!(dropped.values().all(|s| !s.applying && !s.applied), "forget_above drops applied entries");
+        self.candidates -= dropped.values().filter(|s| s.candidate()).count();
     }
 
     /// Drops a held entry that was never applied (its copy was replaced or truncated).
     pub fn remove(&mut self, index: u64) {
         if let Some(slot) = self.slots.get(&index) {
             assert!(!slot.applying && !slot.applied, "remove of applying/applied entry {index}");
+            if slot.candidate() {
+                self.candidates -= 1;
+            }
             self.slots.remove(&index);
         }
     }
@@ -118,7 +149,7 @@ impl ApplyGate {
         if index <= self.applied_watermark {
             return;
         }
-        self.slots.entry(index).or_default().committed = true;
+        self.update(index, |slot| slot.committed = true);
     }
 
     pub fn is_committed(&self, index: u64) -> bool {
@@ -130,6 +161,11 @@ impl ApplyGate {
     /// successors.
     pub fn ready(&self, blocked: &RangeSet) -> Vec<u64> {
         let mut out = Vec::new();
+        // Entries past the last candidate cannot change the answer.
+        let mut candidates_left = self.candidates;
+        if candidates_left == 0 {
+            return out;
+        }
         // The ranges of the unapplied entries passed so far, unmerged: a window of N + 1
         // entries makes this a few hundred comparisons, cheaper than merging each set into a
         // sorted one (which was a twentieth of a chunk server's CPU in Parallel mode).
@@ -145,12 +181,14 @@ impl ApplyGate {
             let Some(ranges) = slot.ranges.as_ref() else {
                 break;
             };
-            let appliable = slot.held && slot.committed && !slot.applying;
-            let conflicts = ranges.ranges().iter().any(|r| unapplied.iter().any(|u| u.overlaps(r)));
-            if appliable && !conflicts && !blocked.overlaps(ranges) {
-                out.push(index);
+            if slot.candidate() {
+                let conflicts = ranges.ranges().iter().any(|r| unapplied.iter().any(|u| u.overlaps(r)));
+                if !conflicts && !blocked.overlaps(ranges) {
+                    out.push(index);
+                }
+                candidates_left -= 1;
             }
-            if self.strict_order {
+            if self.strict_order || candidates_left == 0 {
                 break;
             }
             unapplied.extend_from_slice(ranges.ranges());
@@ -192,8 +230,9 @@ impl ApplyGate {
     /// Marks `index` as being applied. It must have been returned by [`ApplyGate::ready`].
     pub fn start_apply(&mut self, index: u64) {
         let slot = self.slots.get_mut(&index).expect("start_apply of unknown index");
-        assert!(slot.held && slot.committed && !slot.applying && !slot.applied);
+        assert!(slot.candidate(), "start_apply of {index}, which ready() would not return");
         slot.applying = true;
+        self.candidates -= 1;
     }
 
     /// Marks `index` applied and advances the watermark over the applied prefix.
@@ -226,6 +265,11 @@ impl ApplyGate {
         if let Some(slot) = self.slots.get(&(self.applied_watermark + 1)) {
             assert!(!slot.applied, "applied slot right above the watermark was not folded");
         }
+        assert_eq!(
+            self.candidates,
+            self.slots.values().filter(|s| s.candidate()).count(),
+            "candidate count out of step with the slots"
+        );
         for (i, s) in &self.slots {
             assert!(!(s.applying && s.applied), "slot {i} both applying and applied");
             assert!(!(s.applying || s.applied) || (s.held && s.committed), "slot {i} applied but not held+committed");

@@ -1,5 +1,5 @@
 //! The disk engine: a small batched interface with two production implementations chosen at
-//! start-up (`uring`: io_uring with O_DIRECT; `sync`: pread/pwrite/fdatasync on a few threads)
+//! start-up (`uring`: io_uring with O_DIRECT; `sync`: pread/pwrite/fdatasync on the calling thread)
 //! and a crash-simulating in-memory one for tests.
 
 mod aligned;

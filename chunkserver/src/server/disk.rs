@@ -3,8 +3,10 @@
 //! - the WAL threads run group commits, each for the groups `chunk % WAL_THREADS` assigns it,
 //!   so the fdatasyncs of different groups overlap instead of queueing behind each other. A
 //!   group has at most one append in flight (it holds the next batch until the completion
-//!   arrives), so records reach the WAL in the order the core issued them. The completion comes back through the core's inbox as
-//!   [`Inbound::WalDone`]; only then are the batch's tokens reported `Persisted`.
+//!   arrives), so records reach the WAL in the order the core issued them. The completion
+//!   comes back through the core's inbox as [`Inbound::WalDone`]; only then are the batch's
+//!   tokens reported `Persisted`. With no job waiting, a WAL thread zeroes the next segment
+//!   of the logs it serves, a step at a time (`Wal::prepare_spare`).
 //! - the checkpoint thread syncs a block store and then writes the checkpoint that describes
 //!   it (a checkpoint syncs every block written since the last one, which can take a while;
 //!   on its own thread it delays no group commit). The core issues at most one checkpoint per

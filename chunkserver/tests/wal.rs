@@ -105,12 +105,32 @@ fn fill_until_spare_starts(wal: &mut Wal, mut next: u64) -> u64 {
     }
 }
 
-#[test]
-fn the_next_segment_is_zeroed_ahead_and_rotation_uses_it() {
+/// A crash-simulated log of chunk 1 in `/wal`, and where its spare segment is prepared.
+fn spare_test_log() -> (CrashEngine, &'static Path, std::path::PathBuf, Wal) {
     let engine = CrashEngine::new();
     let dir = Path::new("/wal");
     let spare = dir.join(format!("wal-{:016x}-spare.tmp", 1));
-    let (mut wal, _) = Wal::open(Box::new(engine.clone()), dir, 1, small()).unwrap();
+    let (wal, _) = Wal::open(Box::new(engine.clone()), dir, 1, small()).unwrap();
+    (engine, dir, spare, wal)
+}
+
+/// Appends single entries from `*next` until the log rotates to a new segment; returns the
+/// syncs the rotating append issued.
+fn append_until_rotation(wal: &mut Wal, engine: &CrashEngine, next: &mut u64) -> u64 {
+    let segments = wal.segment_count();
+    loop {
+        let syncs = engine.sync_count();
+        wal.append(&[WalRecord::Entry(entry(*next, 1))]).unwrap();
+        *next += 1;
+        if wal.segment_count() > segments {
+            return engine.sync_count() - syncs;
+        }
+    }
+}
+
+#[test]
+fn the_next_segment_is_zeroed_ahead_and_rotation_uses_it() {
+    let (engine, dir, spare, mut wal) = spare_test_log();
     // A fresh segment wants no spare yet: idle logs keep none.
     wal.append(&[WalRecord::Entry(entry(1, 1))]).unwrap();
     assert!(!wal.prepare_spare().unwrap() && !engine.exists(&spare));
@@ -120,26 +140,10 @@ fn the_next_segment_is_zeroed_ahead_and_rotation_uses_it() {
     assert!(wal.spare_ready());
     // Rotating onto the ready spare syncs once (the batch), not twice (zero fill + batch), and
     // renames it into the log.
-    let segments = wal.segment_count();
-    while wal.segment_count() == segments {
-        let syncs = engine.sync_count();
-        wal.append(&[WalRecord::Entry(entry(next, 1))]).unwrap();
-        next += 1;
-        if wal.segment_count() > segments {
-            assert_eq!(engine.sync_count() - syncs, 1, "rotation onto a ready spare zeroed again");
-        }
-    }
+    assert_eq!(append_until_rotation(&mut wal, &engine, &mut next), 1, "rotation onto a ready spare zeroed again");
     assert!(!engine.exists(&spare) && !wal.spare_ready());
     // Without a spare, rotation zeroes inline: one more sync.
-    let segments = wal.segment_count();
-    let mut rotation_syncs = 0;
-    while wal.segment_count() == segments {
-        let syncs = engine.sync_count();
-        wal.append(&[WalRecord::Entry(entry(next, 1))]).unwrap();
-        next += 1;
-        rotation_syncs = engine.sync_count() - syncs;
-    }
-    assert_eq!(rotation_syncs, 2);
+    assert_eq!(append_until_rotation(&mut wal, &engine, &mut next), 2);
     drop(wal);
     let (_, recovery) =
         Wal::open(Box::new(engine.crash(CrashPolicy::DropUnsynced, &mut Rng::new(1))), dir, 1, small()).unwrap();
@@ -149,20 +153,13 @@ fn the_next_segment_is_zeroed_ahead_and_rotation_uses_it() {
 
 #[test]
 fn a_half_prepared_spare_is_finished_at_rotation_or_removed_at_open() {
-    let engine = CrashEngine::new();
-    let dir = Path::new("/wal");
-    let spare = dir.join(format!("wal-{:016x}-spare.tmp", 1));
-    let (mut wal, _) = Wal::open(Box::new(engine.clone()), dir, 1, small()).unwrap();
+    let (engine, dir, spare, mut wal) = spare_test_log();
     let mut next = fill_until_spare_starts(&mut wal, 1);
     // One more step zeroes the whole (64 KiB) spare; its sync is still to do.
     assert!(wal.prepare_spare().unwrap());
     assert!(engine.exists(&spare) && !wal.spare_ready());
-    // Rotation finishes the spare inline.
-    let segments = wal.segment_count();
-    while wal.segment_count() == segments {
-        wal.append(&[WalRecord::Entry(entry(next, 1))]).unwrap();
-        next += 1;
-    }
+    // Rotation finishes the spare inline: its sync, then the batch's.
+    assert_eq!(append_until_rotation(&mut wal, &engine, &mut next), 2);
     assert!(!engine.exists(&spare));
     // A spare left behind by a crash is no part of the log and is removed at open.
     next = fill_until_spare_starts(&mut wal, next);

@@ -71,6 +71,11 @@ pub struct Config {
     pub lease_ticks: u32,
     /// Take a checkpoint (and prune the log) once this many entries are applied past the last.
     pub checkpoint_interval: u64,
+    /// ... or once this many payload bytes were applied since the last one started. The log
+    /// above the checkpoint is what a voter reports to a candidate in one VoteResponse (merge
+    /// phase 1), which must fit in one transport frame: 4,096 entries of 128 KiB made a 257
+    /// MiB response, the receiver refused the frame, and a restarted cluster kept electing.
+    pub checkpoint_bytes: u64,
     /// Entries per Append message.
     pub max_batch_entries: usize,
     /// Payload bytes of one Sync message (the decided log sent to a follower by a new leader,
@@ -98,6 +103,7 @@ impl Config {
             heartbeat_interval_ticks: 2,
             lease_ticks: 10 - LEASE_MARGIN_TICKS,
             checkpoint_interval: 64,
+            checkpoint_bytes: 16 << 20,
             max_batch_entries: 64,
             max_sync_bytes: 32 << 20,
             max_queued_proposals: 256,
@@ -127,8 +133,8 @@ impl Config {
                 "lease_ticks must be at most election_timeout_min_ticks - {LEASE_MARGIN_TICKS} (or 0 for no lease)"
             ));
         }
-        if self.checkpoint_interval == 0 || self.max_batch_entries == 0 {
-            return Err("checkpoint_interval and max_batch_entries must be positive".into());
+        if self.checkpoint_interval == 0 || self.checkpoint_bytes == 0 || self.max_batch_entries == 0 {
+            return Err("checkpoint_interval, checkpoint_bytes and max_batch_entries must be positive".into());
         }
         Ok(())
     }

@@ -36,12 +36,17 @@ struct Harness {
 
 impl Harness {
     fn new(naive: NaiveFlags) -> Harness {
+        Harness::configured(|cfg| cfg.naive = naive)
+    }
+
+    /// Three replicas whose configuration `tune` adjusts.
+    fn configured(tune: impl Fn(&mut Config)) -> Harness {
         let voters: Vec<ReplicaId> = (0..3).map(ReplicaId).collect();
         let replicas = (0..3)
             .map(|i| {
                 let mut cfg = Config::new(ReplicaId(i), voters.clone(), Mode::Parallel, 7 + i as u64);
-                cfg.naive = naive;
                 cfg.checkpoint_interval = 1_000;
+                tune(&mut cfg);
                 Replica::new(cfg)
             })
             .collect();
@@ -399,4 +404,32 @@ fn a_restarted_voter_keeps_its_promise_to_the_leaseholder() {
     assert!(pre_vote_granted(&mut restarted), "the restarted voter must grant once the timeout passed");
     let mut brand_new = Replica::new(cfg);
     assert!(pre_vote_granted(&mut brand_new), "a brand-new replica must grant at once");
+}
+
+/// Large writes are checkpointed by bytes long before `checkpoint_interval` entries. The log
+/// above a replica's checkpoint is what it reports to a candidate in one VoteResponse; before
+/// the byte trigger, 4,096 entries of 128 KiB made a 257 MiB message that the transport refused,
+/// and a restarted cluster never finished an election.
+#[test]
+fn large_writes_are_checkpointed_by_bytes() {
+    let id = RequestId { client: ClientId(1), seq: 1 };
+    let Op::Write { data, .. } = write_op(id, 0, 1) else { unreachable!() };
+    let write_bytes = data.len() as u64;
+    let run = |checkpoint_bytes: u64| {
+        let mut h = Harness::configured(|cfg| cfg.checkpoint_bytes = checkpoint_bytes);
+        h.elect(0);
+        for seq in 1..=20 {
+            h.propose(0, seq, seq);
+            h.run();
+        }
+        assert_eq!(h.acknowledged.len(), 20);
+        (0..3).map(|r| h.replicas[r].checkpoint_index()).collect::<Vec<_>>()
+    };
+    // Every fourth write's bytes start a checkpoint: 20 writes (and the leader's no-op) leave
+    // each replica's checkpoint at the 16th entry or later, with 1,000 entries as the interval.
+    for (r, checkpoint) in run(4 * write_bytes).iter().enumerate() {
+        assert!(*checkpoint >= Index(16), "replica {r} checkpointed only through {checkpoint:?}");
+    }
+    // With a byte threshold out of reach, the entry interval alone decides: no checkpoint.
+    assert!(run(u64::MAX).iter().all(|c| *c == Index(0)));
 }

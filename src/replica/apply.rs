@@ -59,6 +59,7 @@ impl Replica {
             let next = self.folded.next();
             let entry = self.log.entry(next).expect("applied entry not held");
             self.table.fold(entry);
+            self.folded_bytes += crate::io::write_data(&entry.op).map_or(0, |d| d.len() as u64);
             if let (Role::Leader(l), Some(id)) = (&mut self.role, entry.request) {
                 l.in_log.remove(&id);
             }
@@ -182,13 +183,17 @@ impl Replica {
         }
     }
 
-    /// Takes a checkpoint when enough entries were applied since the last one.
+    /// Takes a checkpoint when enough entries, or enough bytes, were applied since the last one.
     pub(super) fn maybe_checkpoint(&mut self) {
         let aw = self.applied_watermark();
-        if self.checkpoint_in_progress.is_some() || aw.0 < self.log.checkpoint().0 + self.cfg.checkpoint_interval {
+        let entries_due = aw.0 >= self.log.checkpoint().0 + self.cfg.checkpoint_interval;
+        let bytes_due = aw > self.log.checkpoint()
+            && self.folded_bytes - self.checkpoint_started_bytes >= self.cfg.checkpoint_bytes;
+        if self.checkpoint_in_progress.is_some() || !(entries_due || bytes_due) {
             return;
         }
         self.checkpoint_in_progress = Some(aw);
+        self.checkpoint_started_bytes = self.folded_bytes;
         let state = CheckpointState { index: aw, table: self.table.clone(), config: self.log.config_at(aw) };
         self.out.push(Command::Checkpoint { state });
     }

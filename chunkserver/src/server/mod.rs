@@ -102,6 +102,11 @@ pub struct ServerOptions {
     pub checkpoint_interval: u64,
 }
 
+/// A chunk also checkpoints after this many bytes of writes, so the log above its checkpoint
+/// (which a voter sends a candidate in one frame, see `Config::checkpoint_bytes`) stays well
+/// under `wire::MAX_FRAME_BYTES` with a full window of the largest (1 MiB) entries on top.
+pub const CHECKPOINT_BYTES: u64 = 32 << 20;
+
 /// Default of `--checkpoint-interval`.
 pub const DEFAULT_CHECKPOINT_INTERVAL: u64 = 4096;
 
@@ -119,6 +124,7 @@ pub(crate) fn group_config(opts: &ServerOptions, voters: Vec<ReplicaId>, chunk: 
     // reports a clock that ran more than a tick ahead of its ticks (Event::ClockJump).
     cfg.lease_ticks = cfg.election_timeout_min_ticks - parallelraft::LEASE_MARGIN_TICKS;
     cfg.checkpoint_interval = opts.checkpoint_interval;
+    cfg.checkpoint_bytes = CHECKPOINT_BYTES;
     cfg.max_batch_entries = 64;
     cfg.max_queued_proposals = 1024;
     cfg

@@ -20,7 +20,8 @@ fn fio_128k(uri: &str, verify_only: bool) -> Command {
     cmd
 }
 
-/// Runs `cmd` to success within `limit`; kills it and fails the test otherwise.
+/// Runs fio `cmd` to success within `limit` (checked by `fio_finished`); kills it and fails
+/// the test otherwise.
 fn finish_within(mut cmd: Command, limit: Duration, what: &str, c: &LocalCluster) {
     let mut child = cmd.spawn().unwrap();
     let deadline = Instant::now() + limit;
@@ -32,10 +33,7 @@ fn finish_within(mut cmd: Command, limit: Duration, what: &str, c: &LocalCluster
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{what} failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(fio_job(&stdout)["error"], 0, "{what}: {stdout}");
+    fio_finished(child);
 }
 
 /// Two passes of 128 KiB writes over one 64 MiB chunk leave 1,024 entries (128 MiB) above its

@@ -59,7 +59,7 @@ impl Replica {
             let next = self.folded.next();
             let entry = self.log.entry(next).expect("applied entry not held");
             self.table.fold(entry);
-            self.folded_bytes += crate::io::write_data(&entry.op).map_or(0, |d| d.len() as u64);
+            self.folded_bytes_since_checkpoint += crate::io::write_data(&entry.op).map_or(0, |d| d.len() as u64);
             if let (Role::Leader(l), Some(id)) = (&mut self.role, entry.request) {
                 l.in_log.remove(&id);
             }
@@ -187,13 +187,12 @@ impl Replica {
     pub(super) fn maybe_checkpoint(&mut self) {
         let aw = self.applied_watermark();
         let entries_due = aw.0 >= self.log.checkpoint().0 + self.cfg.checkpoint_interval;
-        let bytes_due = aw > self.log.checkpoint()
-            && self.folded_bytes - self.checkpoint_started_bytes >= self.cfg.checkpoint_bytes;
+        let bytes_due = aw > self.log.checkpoint() && self.folded_bytes_since_checkpoint >= self.cfg.checkpoint_bytes;
         if self.checkpoint_in_progress.is_some() || !(entries_due || bytes_due) {
             return;
         }
         self.checkpoint_in_progress = Some(aw);
-        self.checkpoint_started_bytes = self.folded_bytes;
+        self.folded_bytes_since_checkpoint = 0;
         let state = CheckpointState { index: aw, table: self.table.clone(), config: self.log.config_at(aw) };
         self.out.push(Command::Checkpoint { state });
     }

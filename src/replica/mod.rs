@@ -153,10 +153,9 @@ pub struct Replica {
     /// Client table folded over entries up to `folded` (== the applied watermark).
     table: ClientTable,
     folded: Index,
-    /// Payload bytes of the entries folded since this replica started, and their count when
-    /// the last checkpoint started (the byte trigger of `maybe_checkpoint`).
-    folded_bytes: u64,
-    checkpoint_started_bytes: u64,
+    /// Payload bytes of the entries folded since the last checkpoint started (or since this
+    /// replica started): the byte trigger of `maybe_checkpoint`.
+    folded_bytes_since_checkpoint: u64,
     role: Role,
     leader_hint: Option<ReplicaId>,
     ticks: u64,
@@ -203,8 +202,7 @@ impl Replica {
             committed_above: BTreeSet::new(),
             table: checkpoint.table,
             folded: checkpoint.index,
-            folded_bytes: 0,
-            checkpoint_started_bytes: 0,
+            folded_bytes_since_checkpoint: 0,
             role: Role::Follower,
             leader_hint: None,
             ticks: 0,

@@ -466,27 +466,24 @@ impl Wal {
 
     fn prepare_spare_step(&mut self) -> Result<bool> {
         let segment_bytes = self.options.segment_bytes;
-        let Some(spare) = &mut self.spare else {
+        let Some(spare) = &self.spare else {
             let path = Wal::spare_path(&self.dir, self.chunk_id);
             let file = self.engine.open(&path, OpenMode { create: true, direct: self.options.direct })?;
             self.spare = Some(Spare { path, file, zeroed: 0, synced: false });
             self.engine.allocate(file, segment_bytes)?;
             return Ok(true);
         };
+        let (file, zeroed) = (spare.file, spare.zeroed);
         if spare.synced {
             return Ok(false);
         }
-        if spare.zeroed < segment_bytes {
-            let n = (segment_bytes - spare.zeroed).min(SPARE_STEP_BYTES as u64) as usize;
-            let zeroes = AlignedBuf::zeroed(n);
-            let results =
-                self.engine.submit(&mut [IoOp::Write { file: spare.file, offset: spare.zeroed, buf: &zeroes }]);
-            check_batch(&results, &[n])?;
-            spare.zeroed += n as u64;
+        if zeroed < segment_bytes {
+            let to = segment_bytes.min(zeroed + SPARE_STEP_BYTES as u64);
+            self.write_zeroes(file, zeroed, to)?;
+            self.spare.as_mut().expect("spare checked above").zeroed = to;
         } else {
-            let results = self.engine.submit(&mut [IoOp::Sync { file: spare.file }]);
-            check_batch(&results, &[0])?;
-            spare.synced = true;
+            self.sync(file)?;
+            self.spare.as_mut().expect("spare checked above").synced = true;
         }
         Ok(true)
     }
@@ -494,16 +491,28 @@ impl Wal {
     /// Writes zeroes over `from..to` of `file` (both 4 KiB-aligned; the range may be empty) in
     /// pieces of at most [`ZERO_FILL_BYTES`], then fdatasyncs it.
     fn zero_fill(&mut self, file: FileId, from: u64, to: u64) -> Result<()> {
-        let mut offset = from;
-        if offset < to {
-            let zeroes = AlignedBuf::zeroed(ZERO_FILL_BYTES.min((to - from) as usize));
-            while offset < to {
-                let n = (to - offset).min(zeroes.len() as u64) as usize;
-                let results = self.engine.submit(&mut [IoOp::Write { file, offset, buf: &zeroes[..n] }]);
-                check_batch(&results, &[n])?;
-                offset += n as u64;
-            }
+        self.write_zeroes(file, from, to)?;
+        self.sync(file)
+    }
+
+    /// Writes zeroes over `from..to` of `file` (both 4 KiB-aligned; the range may be empty) in
+    /// pieces of at most [`ZERO_FILL_BYTES`], without syncing.
+    fn write_zeroes(&mut self, file: FileId, from: u64, to: u64) -> Result<()> {
+        if from >= to {
+            return Ok(());
         }
+        let zeroes = AlignedBuf::zeroed(ZERO_FILL_BYTES.min((to - from) as usize));
+        let mut offset = from;
+        while offset < to {
+            let n = (to - offset).min(zeroes.len() as u64) as usize;
+            let results = self.engine.submit(&mut [IoOp::Write { file, offset, buf: &zeroes[..n] }]);
+            check_batch(&results, &[n])?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self, file: FileId) -> Result<()> {
         let results = self.engine.submit(&mut [IoOp::Sync { file }]);
         check_batch(&results, &[0])?;
         Ok(())

@@ -81,6 +81,12 @@ pub fn encode_entry(entry: &Entry, out: &mut BytesMut) {
 }
 
 /// Bytes `encode_entry` produces for `entry`.
+/// Bytes `entry` takes in a message's entry list (with its length prefix): what the limits on
+/// merge reports and sync chunks count.
+pub fn listed_len(entry: &Entry) -> u64 {
+    4 + encoded_len(entry) as u64
+}
+
 pub fn encoded_len(entry: &Entry) -> usize {
     let op = match &entry.op {
         Op::Noop => 1,
@@ -262,9 +268,9 @@ pub fn encode_message(message: &Message, out: &mut BytesMut) {
             }
             put_entries(entries, out);
         }
-        Message::Sync { term, base, end, entries } => {
+        Message::Sync { term, base, upto, end, entries } => {
             out.put_u8(5);
-            for v in [term.0, base.0, end.0] {
+            for v in [term.0, base.0, upto.0, end.0] {
                 out.put_u64_le(v);
             }
             put_entries(entries, out);
@@ -281,7 +287,7 @@ pub fn encode_message(message: &Message, out: &mut BytesMut) {
             put_commit(commit, out);
             out.put_u64_le(*read_seq);
         }
-        Message::Ack { term, acked, durable, committed, synced, read_seq } => {
+        Message::Ack { term, acked, durable, committed, synced, sync_received, read_seq } => {
             out.put_u8(8);
             out.put_u64_le(term.0);
             out.put_u32_le(acked.len() as u32);
@@ -291,9 +297,10 @@ pub fn encode_message(message: &Message, out: &mut BytesMut) {
             out.put_u64_le(durable.0);
             out.put_u64_le(committed.0);
             out.put_u8(*synced as u8);
+            out.put_u64_le(sync_received.0);
             out.put_u64_le(*read_seq);
         }
-        Message::Snapshot { term, checkpoint, table, config, end, entries } => {
+        Message::Snapshot { term, checkpoint, table, config, upto, end, entries } => {
             out.put_u8(9);
             out.put_u64_le(term.0);
             out.put_u64_le(checkpoint.0);
@@ -302,6 +309,7 @@ pub fn encode_message(message: &Message, out: &mut BytesMut) {
             out.put_u32_le(t.len() as u32);
             out.put_slice(&t);
             encode_config(config, out);
+            out.put_u64_le(upto.0);
             out.put_u64_le(end.0);
             put_entries(entries, out);
         }
@@ -390,7 +398,13 @@ pub fn decode_message(buf: &[u8]) -> Result<Message, DecodeError> {
             checkpoint: r.index()?,
             entries: r.entries()?,
         },
-        5 => Message::Sync { term: r.term()?, base: r.index()?, end: r.index()?, entries: r.entries()? },
+        5 => Message::Sync {
+            term: r.term()?,
+            base: r.index()?,
+            upto: r.index()?,
+            end: r.index()?,
+            entries: r.entries()?,
+        },
         6 => Message::Append { term: r.term()?, entries: r.entries()?, commit: r.commit()? },
         7 => Message::Heartbeat { term: r.term()?, commit: r.commit()?, read_seq: r.u64()? },
         8 => Message::Ack {
@@ -399,6 +413,7 @@ pub fn decode_message(buf: &[u8]) -> Result<Message, DecodeError> {
             durable: r.index()?,
             committed: r.index()?,
             synced: r.bool()?,
+            sync_received: r.index()?,
             read_seq: r.u64()?,
         },
         9 => {
@@ -407,7 +422,8 @@ pub fn decode_message(buf: &[u8]) -> Result<Message, DecodeError> {
             let len = r.u32()? as usize;
             let table = ClientTable::decode(r.take(len)?)?;
             let config = r.config()?;
-            Message::Snapshot { term, checkpoint, table, config, end: r.index()?, entries: r.entries()? }
+            let upto = r.index()?;
+            Message::Snapshot { term, checkpoint, table, config, upto, end: r.index()?, entries: r.entries()? }
         }
         _ => return Err(DecodeError("unknown message tag")),
     };
@@ -459,7 +475,13 @@ mod tests {
                 checkpoint: Index(1),
                 entries: vec![entry.clone(), entry.clone()],
             },
-            Message::Sync { term: Term(3), base: Index(1), end: Index(5), entries: vec![entry.clone()] },
+            Message::Sync {
+                term: Term(3),
+                base: Index(1),
+                upto: Index(2),
+                end: Index(5),
+                entries: vec![entry.clone()],
+            },
             Message::Append { term: Term(3), entries: vec![entry.clone()], commit: commit.clone() },
             Message::Heartbeat { term: Term(3), commit, read_seq: 77 },
             Message::Ack {
@@ -468,6 +490,7 @@ mod tests {
                 durable: Index(3),
                 committed: Index(2),
                 synced: true,
+                sync_received: Index(9),
                 read_seq: 8,
             },
             Message::Snapshot {
@@ -475,6 +498,7 @@ mod tests {
                 checkpoint: Index(2),
                 table,
                 config: ConfigState { index: Index(1), membership: config.clone() },
+                upto: Index(4),
                 end: Index(5),
                 entries: vec![entry, config_entry],
             },

@@ -71,20 +71,23 @@ pub struct Config {
     pub lease_ticks: u32,
     /// Take a checkpoint (and prune the log) once this many entries are applied past the last.
     pub checkpoint_interval: u64,
-    /// ... or once this many payload bytes were applied since the last one started. The log
-    /// above the checkpoint is what a voter reports to a candidate in one VoteResponse (merge
-    /// phase 1), which must fit in one transport frame: 4,096 entries of 128 KiB made a 257
-    /// MiB response, the receiver refused the frame, and a restarted cluster kept electing.
+    /// ... or once this many payload bytes were applied since the last one started: the log
+    /// above the checkpoint is held in memory, replayed at a restart, and (its part above a
+    /// follower's committed watermark) re-sent by a new leader. Entries alone let 4,096 writes
+    /// of 128 KiB (512 MiB) accumulate.
     pub checkpoint_bytes: u64,
     /// Entries per Append message.
     pub max_batch_entries: usize,
-    /// Payload bytes of one Sync message (the decided log sent to a follower by a new leader,
-    /// or to a new learner). A follower that needs more is caught up from the block image
-    /// instead, which streams in bounded frames: one Sync holding a whole unpruned log of large
-    /// writes stalls both ends and exceeds the transport's frame limit. Keep it above a full
-    /// in-flight window of the largest entries: entries above the leader's applied watermark
-    /// are never in its image, so they must fit in one Sync.
+    /// Bytes of entries (encoded) in one Sync message: a new leader sends its decided log (or a new
+    /// learner's) in chunks of this much (one entry at least). A follower that needs pruned
+    /// entries is caught up from the block image instead, which streams in bounded frames.
     pub max_sync_bytes: u64,
+    /// Bytes of entries (encoded) in one VoteResponse: what a voter holds that the candidate lacks (merge
+    /// phase 1). A voter refuses a candidate that lacks more (and more than one entry) rather
+    /// than send a message the transport would refuse; a fresher candidate wins instead. Keep
+    /// it as large as one transport frame allows: a cluster in which every candidate lacks more
+    /// than this of some voter's log cannot elect (phase 1 is a single round).
+    pub max_vote_bytes: u64,
     /// Proposals queued at the leader while the in-flight window is full; beyond it: `Busy`.
     pub max_queued_proposals: usize,
     /// Seed of the replica's election-timeout randomness.
@@ -106,6 +109,7 @@ impl Config {
             checkpoint_bytes: 16 << 20,
             max_batch_entries: 64,
             max_sync_bytes: 32 << 20,
+            max_vote_bytes: 64 << 20,
             max_queued_proposals: 256,
             seed,
             naive: NaiveFlags::default(),

@@ -54,12 +54,14 @@ pub enum Message {
         /// sync term equals the candidate's.
         entries: Vec<Entry>,
     },
-    /// Phase 2 of the merge: the decided log `(base, end]` at ballot `term`. The receiver
-    /// replaces its entries in that span, truncates after `end`, and adopts `term` as its sync
-    /// term once durable.
+    /// Phase 2 of the merge: the decided log `(base, end]` at ballot `term`, in chunks of at
+    /// most `Config::max_sync_bytes`: this one carries `(base, upto]`. The receiver replaces its
+    /// entries in that span (truncating after `end` at the first chunk) and adopts `term` as its
+    /// sync term once it holds the whole span durably.
     Sync {
         term: Term,
         base: Index,
+        upto: Index,
         end: Index,
         entries: Vec<Entry>,
     },
@@ -84,17 +86,22 @@ pub enum Message {
         committed: Index,
         /// The follower's sync term equals `term`: it accepts appends.
         synced: bool,
+        /// Not synced, but adopting this term's decided log: it holds it through here (the
+        /// next chunk starts here); 0 when not adopting it.
+        sync_received: Index,
         read_seq: u64,
     },
     /// Streaming catch-up: the sender's block image (carried beside the message by the
     /// driver) as of at least `checkpoint`, with the client table and membership at `checkpoint`.
-    /// A receiver not yet synced to `term` also adopts the decided log `(checkpoint, end]` in
-    /// `entries`, exactly as from a `Sync` based at the checkpoint.
+    /// A receiver not yet synced to `term` also adopts the decided log `(checkpoint, end]`,
+    /// exactly as from a `Sync` based at the checkpoint: `entries` carry `(checkpoint, upto]`
+    /// and chunks of `Sync` the rest.
     Snapshot {
         term: Term,
         checkpoint: Index,
         table: ClientTable,
         config: ConfigState,
+        upto: Index,
         end: Index,
         entries: Vec<Entry>,
     },

@@ -13,26 +13,45 @@ fn sweep(start: u64, seeds: u64, replicas: usize, mode: Mode) -> Vec<String> {
 }
 
 fn sweep_with(start: u64, seeds: u64, replicas: usize, mode: Mode, membership: bool) -> Vec<String> {
+    sweep_tuned(start, seeds, replicas, mode, move |cfg| cfg.membership = membership).0
+}
+
+/// Runs `seeds` seeds, each configuration adjusted by `tune`: the failures, and the summed
+/// count of Sync messages that carried part of a decided log.
+fn sweep_tuned(
+    start: u64,
+    seeds: u64,
+    replicas: usize,
+    mode: Mode,
+    tune: impl Fn(&mut SimConfig) + Copy + Send + 'static,
+) -> (Vec<String>, u64) {
     let half = seeds / 2;
     let ranges = [(start, start + half), (start + half, start + seeds)];
     let handles: Vec<_> = ranges
         .into_iter()
         .map(|(a, b)| {
             thread::spawn(move || {
-                let mut failures = Vec::new();
+                let (mut failures, mut partial_syncs) = (Vec::new(), 0);
                 for seed in a..b {
                     let mut cfg = SimConfig::new(seed, replicas, mode);
-                    cfg.membership = membership;
+                    tune(&mut cfg);
                     let report = sim::run(&cfg);
+                    partial_syncs += report.stats.partial_syncs;
                     if !report.passed() {
                         failures.push(format!("seed {seed}: {:?}", report.violations));
                     }
                 }
-                failures
+                (failures, partial_syncs)
             })
         })
         .collect();
-    handles.into_iter().flat_map(|h| h.join().expect("sweep thread panicked")).collect()
+    let (mut failures, mut partial_syncs) = (Vec::new(), 0);
+    for h in handles {
+        let (f, p) = h.join().expect("sweep thread panicked");
+        failures.extend(f);
+        partial_syncs += p;
+    }
+    (failures, partial_syncs)
 }
 
 #[test]
@@ -68,6 +87,24 @@ fn parallel_mode_membership_changes() {
 #[test]
 fn raft_mode_membership_changes() {
     let failures = sweep_with(6_000_000, 300, 3, Mode::Raft, true);
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// New leaders send their decided logs in chunks of at most `max_sync_bytes`; with the limit
+/// at one entry of the simulator's largest write, most syncs take several chunks (checked), and
+/// every seed must still pass, also with membership changes.
+#[test]
+fn decided_logs_sent_in_small_chunks() {
+    let tight = |cfg: &mut SimConfig| cfg.max_sync_bytes = 9_000;
+    for (start, mode) in [(7_000_000, Mode::Parallel), (8_000_000, Mode::Raft)] {
+        let (failures, partial_syncs) = sweep_tuned(start, 300, 3, mode, tight);
+        assert!(failures.is_empty(), "{failures:#?}");
+        assert!(partial_syncs > 1_000, "{mode:?}: only {partial_syncs} partial syncs in 300 seeds");
+    }
+    let (failures, _) = sweep_tuned(9_000_000, 200, 3, Mode::Parallel, move |cfg| {
+        tight(cfg);
+        cfg.membership = true;
+    });
     assert!(failures.is_empty(), "{failures:#?}");
 }
 

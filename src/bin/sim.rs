@@ -1,7 +1,7 @@
 //! Runs the deterministic simulator over many seeds.
 //!
 //! `sim --seeds N [--seed-start S] [--replicas 3|5] [--mode parallel|raft] [--soak]
-//!      [--naive paper-merge|raft-truncation|unsafe-reads|lease-ignores-pauses] [--no-faults] [--membership] [--verbose]`
+//!      [--naive paper-merge|raft-truncation|unsafe-reads|lease-ignores-pauses] [--no-faults] [--membership] [--max-sync-bytes N] [--verbose]`
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -18,11 +18,13 @@ struct Args {
     naive: NaiveFlags,
     faults: bool,
     membership: bool,
+    max_sync_bytes: Option<u64>,
     verbose: bool,
 }
 
 const USAGE: &str = "usage: sim --seeds N [--seed-start S] [--replicas 3|5] [--mode parallel|raft] [--soak] \
-[--naive paper-merge|raft-truncation|unsafe-reads|lease-ignores-pauses] [--no-faults] [--membership] [--verbose]";
+[--naive paper-merge|raft-truncation|unsafe-reads|lease-ignores-pauses] [--no-faults] [--membership] \
+[--max-sync-bytes N] [--verbose]";
 
 fn parse() -> Result<Args, String> {
     let mut args = Args {
@@ -34,6 +36,7 @@ fn parse() -> Result<Args, String> {
         naive: NaiveFlags::default(),
         faults: true,
         membership: false,
+        max_sync_bytes: None,
         verbose: false,
     };
     let mut it = std::env::args().skip(1);
@@ -54,6 +57,13 @@ fn parse() -> Result<Args, String> {
             "--soak" => args.soak = true,
             "--no-faults" => args.faults = false,
             "--membership" => args.membership = true,
+            "--max-sync-bytes" => {
+                let bytes: u64 = value("--max-sync-bytes")?.parse().map_err(|e| format!("--max-sync-bytes: {e}"))?;
+                if bytes == 0 {
+                    return Err("--max-sync-bytes must be positive".into());
+                }
+                args.max_sync_bytes = Some(bytes);
+            }
             "--verbose" => args.verbose = true,
             "--naive" => match value("--naive")?.as_str() {
                 "paper-merge" => args.naive.paper_merge = true,
@@ -90,6 +100,9 @@ fn main() -> ExitCode {
         cfg.naive = args.naive;
         cfg.faults = args.faults;
         cfg.membership = args.membership;
+        if let Some(bytes) = args.max_sync_bytes {
+            cfg.max_sync_bytes = bytes;
+        }
         if args.soak {
             cfg = cfg.soak();
         }
@@ -142,6 +155,9 @@ fn main() -> ExitCode {
             }
             if args.membership {
                 replay.push_str(" --membership");
+            }
+            if let Some(bytes) = args.max_sync_bytes {
+                replay.push_str(&format!(" --max-sync-bytes {bytes}"));
             }
             println!("  replay: {replay}");
         }

@@ -231,9 +231,8 @@ impl Replica {
         let checkpoint = self.applied_watermark();
         let table = self.table.clone();
         let config = self.log.config_at(checkpoint);
-        let entries =
-            self.log.iter_from(checkpoint).take_while(|s| s.entry.index <= end).map(|s| s.entry.clone()).collect();
-        let message = Message::Snapshot { term, checkpoint, table, config, end, entries };
+        let (entries, upto) = self.decided_chunk(checkpoint, end);
+        let message = Message::Snapshot { term, checkpoint, table, config, upto, end, entries };
         self.out.push(Command::SendSnapshot { to: peer, message });
     }
 
@@ -242,6 +241,7 @@ impl Replica {
         from: ReplicaId,
         term: Term,
         state: CheckpointState,
+        upto: Index,
         end: Index,
         entries: Vec<Entry>,
     ) {
@@ -252,7 +252,9 @@ impl Replica {
         let busy = !self.applying.is_empty()
             || !self.executing_reads.is_empty()
             || self.checkpoint_in_progress.is_some()
-            || self.sync_pending.is_some();
+            // A sync still writing; one waiting only for chunks gives way (the leader pruned
+            // what the next chunk needed, so the image replaces it).
+            || self.sync_pending.as_ref().is_some_and(|p| !p.tokens.is_empty());
         if checkpoint <= self.committed || busy {
             self.send_ack(from, Vec::new(), 0);
             return;
@@ -281,7 +283,10 @@ impl Replica {
             let entries: Vec<Entry> = entries.into_iter().filter(|e| e.index > checkpoint).collect();
             let sync_end = end.max(checkpoint);
             let tokens = self.replace_log(entries, sync_end);
-            self.start_sync_wait(term, sync_end, tokens);
+            self.start_sync_wait(term, sync_end, upto.max(checkpoint), tokens);
+            if self.sync_lacks_chunks() {
+                self.send_ack(from, Vec::new(), 0); // asks for the rest in Sync chunks
+            }
         } else {
             self.send_ack(from, Vec::new(), 0);
         }

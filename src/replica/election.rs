@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use super::{LeaderState, Progress, Replica, Role, VoteInfo};
+use crate::entry::{Entry, Op};
 use crate::io::ClientError;
 use crate::message::{Candidacy, Message};
 use crate::types::{Index, ReplicaId, Term};
@@ -114,36 +115,30 @@ impl Replica {
     }
 
     pub(super) fn on_vote(&mut self, from: ReplicaId, term: Term, candidate: Candidacy) {
-        let Candidacy { sync, committed, .. } = candidate;
         if term > self.hard.term {
             if !matches!(self.role, Role::Leader(_)) && self.leader_recently_heard() {
                 return; // Sticky leader: ignore disruptive candidates (they pre-voted wrongly).
             }
             self.become_follower(term, None);
         }
-        let granted = term == self.hard.term
+        let allowed = term == self.hard.term
             && self.hard.voted_for.is_none_or(|v| v == from)
             && !matches!(self.role, Role::Leader(_))
             && self.candidate_allowed(&candidate);
-        let mut entries = Vec::new();
+        // The report is gathered before granting: one too large to send refuses the vote.
+        let report = if allowed { self.vote_report(&candidate) } else { None };
+        let granted = report.is_some();
+        if allowed && !granted {
+            self.oversized_vote_refusals += 1;
+        }
         if granted {
             if self.hard.voted_for.is_none() {
                 self.hard.voted_for = Some(from);
                 self.persist_hard_state();
             }
             self.reset_election_deadline();
-            // Merge phase 1: report what we hold above the candidate's committed watermark, but
-            // only copies of the candidate's own sync epoch (older epochs are superseded).
-            if self.cfg.naive.paper_merge || self.hard.sync == sync {
-                let from_index = committed.max(self.log.checkpoint());
-                entries = self
-                    .log
-                    .iter_from(from_index)
-                    .filter(|s| !(self.cfg.naive.paper_merge && matches!(s.entry.op, crate::entry::Op::Noop)))
-                    .map(|s| s.entry.clone())
-                    .collect();
-            }
         }
+        let entries = report.unwrap_or_default();
         let message = Message::VoteResponse {
             term: self.hard.term,
             granted,
@@ -153,6 +148,49 @@ impl Replica {
             entries,
         };
         self.send(from, message);
+    }
+
+    /// Merge phase 1 at a voter: the copies the candidate's merge needs from us, or `None` when
+    /// they exceed `max_vote_bytes` and are more than one entry (the vote is then refused).
+    ///
+    /// Only copies of the candidate's own sync epoch count (older epochs are superseded), and
+    /// only above its committed watermark. Copies at or below its durable prefix are skipped
+    /// too, unless their ballot is above our sync term: the candidate holds a copy of each such
+    /// index, and with equal sync terms a copy with a ballot at or below it is either the one
+    /// copy the leader of that term wrote there (equal to the candidate's, or beaten by a newer
+    /// ballot of its own) or the decided copy of a committed index (the same proposal as the
+    /// candidate's), so it cannot change what the merge decides. (A copy above our sync term
+    /// comes from a newer merge we had not finished adopting; it is still sent.) Without the
+    /// skip, every voter of a restarted cluster reported its whole log above its checkpoint,
+    /// since a restart forgets the committed watermark.
+    ///
+    /// The cap keeps the response within one transport frame (see `Config::max_vote_bytes`).
+    fn vote_report(&self, c: &Candidacy) -> Option<Vec<Entry>> {
+        let paper = self.cfg.naive.paper_merge;
+        if !paper && self.hard.sync != c.sync {
+            return Some(Vec::new());
+        }
+        let sync = self.hard.sync;
+        let from = c.committed.max(self.log.checkpoint());
+        let (mut entries, mut bytes) = (Vec::new(), 0u64);
+        for s in self.log.iter_from(from) {
+            let e = &s.entry;
+            let skip = if paper {
+                // Naive variant: the paper's literal merge, which also drops the no-ops.
+                matches!(e.op, Op::Noop)
+            } else {
+                e.index <= c.durable && e.ballot <= sync
+            };
+            if skip {
+                continue;
+            }
+            bytes += crate::codec::listed_len(e);
+            if bytes > self.cfg.max_vote_bytes && !entries.is_empty() {
+                return None; // (one entry always fits, as in a Sync chunk)
+            }
+            entries.push(e.clone());
+        }
+        Some(entries)
     }
 
     pub(super) fn on_vote_response(&mut self, from: ReplicaId, term: Term, granted: bool, info: VoteInfo) {
@@ -249,6 +287,7 @@ impl Replica {
                 durable: Index(0),
                 committed: self.committed,
                 synced: false,
+                sync_received: Index(0),
                 read_seq: 0,
             };
             self.send(from, message);

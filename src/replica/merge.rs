@@ -63,7 +63,7 @@ impl Replica {
         let voter_committed = votes.iter().map(|(id, v)| (*id, v.committed)).collect();
         let tokens = self.replace_log(decided.into_values().collect(), end);
         self.install_leader(end, voter_committed);
-        self.start_sync_wait(term, end, tokens);
+        self.start_sync_wait(term, end, end, tokens);
         // Send the decided log to the voters right away; others get it when they answer.
         for peer in self.peers() {
             self.send_sync(peer);
@@ -72,9 +72,6 @@ impl Replica {
 
     /// Replaces the log in the span of `entries` by them and drops everything after `end`.
     /// Returns the disk tokens whose completion makes the new log durable.
-    ///
-    /// Committed entries are never dropped: a committed index's decided copy must carry the
-    /// same operation (asserted), so only its ballot changes.
     pub(super) fn replace_log(&mut self, entries: Vec<Entry>, end: Index) -> BTreeSet<u64> {
         let mut tokens = BTreeSet::new();
         for dropped in self.log.truncate_after(end) {
@@ -83,6 +80,16 @@ impl Replica {
         }
         self.gate.forget_above(end.0);
         tokens.insert(self.truncate_log(end));
+        tokens.extend(self.put_decided(entries));
+        tokens
+    }
+
+    /// Puts decided copies in place of whatever the log holds at their indices (a later
+    /// chunk of a sync, after `replace_log` took the first). Returns their disk tokens.
+    ///
+    /// Committed entries are never dropped: a committed index's decided copy must carry the
+    /// same operation (asserted), so only its ballot changes.
+    fn put_decided(&mut self, entries: Vec<Entry>) -> BTreeSet<u64> {
         for e in &entries {
             let committed = self.is_committed(e.index);
             if committed {
@@ -101,21 +108,23 @@ impl Replica {
                 self.log.mark_durable(e.index, e.ballot, e.term);
             }
         }
-        tokens.extend(self.persist_entries(entries));
-        tokens
+        self.persist_entries(entries).into_iter().collect()
     }
 
-    pub(super) fn start_sync_wait(&mut self, term: Term, end: Index, tokens: BTreeSet<u64>) {
-        self.sync_pending = Some(SyncPending { term, end, tokens });
+    /// Waits for the decided log of `term` to be durable through `end`; `received` is how far
+    /// it is in place so far (chunks of a follower's sync), `tokens` the writes in flight.
+    pub(super) fn start_sync_wait(&mut self, term: Term, end: Index, received: Index, tokens: BTreeSet<u64>) {
+        self.sync_pending = Some(SyncPending { term, end, received, tokens });
         self.check_sync_done();
     }
 
-    /// Completes a merge or sync once its writes are durable: adopt the sync term.
+    /// Completes a merge or sync once the whole decided log is in place and durable: adopt
+    /// the sync term.
     pub(super) fn check_sync_done(&mut self) {
         let Some(pending) = &self.sync_pending else {
             return;
         };
-        if !pending.tokens.is_empty() {
+        if !pending.tokens.is_empty() || self.sync_held(pending) < pending.end {
             return;
         }
         let (term, end) = (pending.term, pending.end);
@@ -131,6 +140,27 @@ impl Replica {
         } else if let Some(leader) = self.leader_hint {
             self.send_ack(leader, Vec::new(), 0);
         }
+    }
+
+    /// How far a sync of our term under way holds the leader's log (0 when none): reported in
+    /// every ack, so the leader sends the next chunk from there (or nothing, once complete).
+    pub(super) fn sync_received(&self) -> Index {
+        match &self.sync_pending {
+            Some(p) if p.term == self.hard.term => self.sync_held(p),
+            _ => Index(0),
+        }
+    }
+
+    /// A sync of our term under way still lacks chunks.
+    pub(super) fn sync_lacks_chunks(&self) -> bool {
+        self.sync_pending.as_ref().is_some_and(|p| p.term == self.hard.term && self.sync_held(p) < p.end)
+    }
+
+    /// How far the log being adopted is in place: the chunks received, and below our
+    /// committed watermark everything (a committed index's copy is the decided one; a snapshot
+    /// can move the watermark past the chunks).
+    fn sync_held(&self, p: &SyncPending) -> Index {
+        p.received.max(self.committed)
     }
 
     /// The leader serves once a quorum (itself included) durably adopted its merged log.
@@ -171,8 +201,9 @@ impl Replica {
         self.broadcast_heartbeat();
     }
 
-    /// Sends the decided log to `peer` (or a snapshot when it needs pruned entries, or more than
-    /// `max_sync_bytes` of them).
+    /// Sends `peer` the next chunk of the decided log: from where its last ack said its sync
+    /// stands, else from its committed watermark; at most `max_sync_bytes` encoded (one
+    /// entry at least). A snapshot instead when it needs pruned entries.
     pub(super) fn send_sync(&mut self, peer: ReplicaId) {
         let term = self.hard.term;
         let checkpoint = self.log.checkpoint();
@@ -188,34 +219,69 @@ impl Replica {
             self.send(peer, Message::Heartbeat { term, commit, read_seq: 0 });
             return;
         };
-        if peer_committed < checkpoint {
+        let base = peer_committed.max(p.sync_received);
+        if base < checkpoint {
             self.maybe_send_snapshot(peer);
             return;
         }
         p.last_sync_tick = Some(ticks);
-        let (mut entries, mut bytes) = (Vec::new(), 0u64);
-        for s in self.log.iter_from(peer_committed).take_while(|s| s.entry.index <= end) {
-            bytes += crate::io::write_data(&s.entry.op).map_or(0, |d| d.len() as u64);
-            if bytes > self.cfg.max_sync_bytes {
-                break;
-            }
-            entries.push(s.entry.clone());
-        }
-        if bytes > self.cfg.max_sync_bytes {
-            self.maybe_send_snapshot(peer);
-            return;
-        }
-        self.send(peer, Message::Sync { term, base: peer_committed, end, entries });
+        let (entries, upto) = self.decided_chunk(base, end);
+        self.send(peer, Message::Sync { term, base, upto, end, entries });
     }
 
-    /// Follower side of merge phase 2.
-    pub(super) fn on_sync(&mut self, from: ReplicaId, term: Term, base: Index, end: Index, entries: Vec<Entry>) {
+    /// The decided log from `base` on: entries up to `end` within `max_sync_bytes` (encoded)
+    /// (one entry at least), and the index they reach.
+    pub(super) fn decided_chunk(&self, base: Index, end: Index) -> (Vec<Entry>, Index) {
+        let (mut entries, mut bytes) = (Vec::new(), 0u64);
+        for s in self.log.iter_from(base).take_while(|s| s.entry.index <= end) {
+            let len = crate::codec::listed_len(&s.entry);
+            if !entries.is_empty() && bytes + len > self.cfg.max_sync_bytes {
+                let upto = entries.last().map_or(base, |e: &Entry| e.index);
+                return (entries, upto);
+            }
+            bytes += len;
+            entries.push(s.entry.clone());
+        }
+        (entries, end.max(base))
+    }
+
+    /// Follower side of merge phase 2: the first chunk of a leader's decided log replaces our
+    /// log from our committed watermark on and truncates after its end; later chunks continue
+    /// where the last one stopped. Every chunk is acknowledged at once, so the leader sends the
+    /// next while this one is written; the sync term is adopted once all of it is durable.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn on_sync(
+        &mut self,
+        from: ReplicaId,
+        term: Term,
+        base: Index,
+        upto: Index,
+        end: Index,
+        entries: Vec<Entry>,
+    ) {
         if !self.accept_leader(from, term) {
             return;
         }
-        if self.hard.sync == term || self.sync_pending.as_ref().is_some_and(|p| p.term == term) {
-            // Duplicate: we adopted (or are adopting) this term's log; never truncate again.
+        if self.hard.sync == term {
+            // Duplicate: we adopted this term's log; never truncate again.
             self.send_ack(from, Vec::new(), 0);
+            return;
+        }
+        if let Some(pending) = self.sync_pending.as_ref().filter(|p| p.term == term) {
+            // A chunk of the log we are adopting: take it if it continues what we hold.
+            let received = self.sync_held(pending);
+            if base <= received && upto > received && end == pending.end {
+                let entries: Vec<Entry> = entries.into_iter().filter(|e| e.index > received).collect();
+                assert!(entries.iter().all(|e| e.ballot <= term && e.index <= upto), "malformed sync chunk");
+                let tokens = self.put_decided(entries);
+                let pending = self.sync_pending.as_mut().expect("sync pending");
+                pending.tokens.extend(tokens);
+                pending.received = upto;
+                self.check_sync_done();
+            }
+            if self.sync_lacks_chunks() {
+                self.send_ack(from, Vec::new(), 0); // asks for the next chunk
+            }
             return;
         }
         if base > self.committed || !self.applying.is_empty() || self.checkpoint_in_progress.is_some() {
@@ -225,8 +291,11 @@ impl Replica {
         }
         let keep_from = self.committed.max(self.log.checkpoint());
         let entries: Vec<Entry> = entries.into_iter().filter(|e| e.index > keep_from).collect();
-        assert!(entries.iter().all(|e| e.ballot <= term && e.index <= end), "malformed sync");
+        assert!(entries.iter().all(|e| e.ballot <= term && e.index <= upto && upto <= end), "malformed sync");
         let tokens = self.replace_log(entries, end);
-        self.start_sync_wait(term, end, tokens);
+        self.start_sync_wait(term, end, upto.max(keep_from), tokens);
+        if self.sync_lacks_chunks() {
+            self.send_ack(from, Vec::new(), 0); // asks for the next chunk
+        }
     }
 }

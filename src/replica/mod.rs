@@ -51,6 +51,9 @@ struct Progress {
     last_heard_tick: Option<u64>,
     last_snapshot_tick: Option<u64>,
     last_sync_tick: Option<u64>,
+    /// While not synced: the follower holds our decided log through here (its last ack), so
+    /// the next Sync chunk starts here; 0 when it is not adopting it.
+    sync_received: Index,
     /// Highest index sent to the follower in an Append since it was last synced: entries up to
     /// here are in flight (or lost) and are resent only when the follower stalls.
     sent_upto: Index,
@@ -126,6 +129,9 @@ enum Role {
 struct SyncPending {
     term: Term,
     end: Index,
+    /// The decided log is in place through here (the chunks received so far); the sync
+    /// completes once it reaches `end`.
+    received: Index,
     tokens: BTreeSet<u64>,
 }
 
@@ -173,6 +179,8 @@ pub struct Replica {
     /// confirmed by a read-index round of their own. For metrics.
     reads_leased: u64,
     reads_with_round: u64,
+    /// Votes refused because the merge report would exceed `max_vote_bytes` (since start).
+    oversized_vote_refusals: u64,
 }
 
 impl Replica {
@@ -221,6 +229,7 @@ impl Replica {
             out: Vec::new(),
             reads_leased: 0,
             reads_with_round: 0,
+            oversized_vote_refusals: 0,
             hard,
             cfg,
         };
@@ -315,6 +324,11 @@ impl Replica {
         (self.reads_leased, self.reads_with_round)
     }
 
+    /// Votes refused since start because what the candidate lacked exceeded `max_vote_bytes`.
+    pub fn oversized_vote_refusals(&self) -> u64 {
+        self.oversized_vote_refusals
+    }
+
     pub fn leader_hint(&self) -> Option<ReplicaId> {
         match self.role {
             Role::Leader(_) => Some(self.cfg.id),
@@ -373,15 +387,15 @@ impl Replica {
             Message::VoteResponse { term, granted, sync, committed, checkpoint: _, entries } => {
                 self.on_vote_response(from, term, granted, VoteInfo { sync, committed, entries })
             }
-            Message::Sync { term, base, end, entries } => self.on_sync(from, term, base, end, entries),
+            Message::Sync { term, base, upto, end, entries } => self.on_sync(from, term, base, upto, end, entries),
             Message::Append { term, entries, commit } => self.on_append(from, term, entries, commit),
             Message::Heartbeat { term, commit, read_seq } => self.on_heartbeat(from, term, commit, read_seq),
-            Message::Ack { term, acked, durable, committed, synced, read_seq } => {
-                self.on_ack(from, term, acked, durable, committed, synced, read_seq)
+            Message::Ack { term, acked, durable, committed, synced, sync_received, read_seq } => {
+                self.on_ack(from, term, acked, durable, committed, synced, sync_received, read_seq)
             }
-            Message::Snapshot { term, checkpoint, table, config, end, entries } => {
+            Message::Snapshot { term, checkpoint, table, config, upto, end, entries } => {
                 let state = CheckpointState { index: checkpoint, table, config };
-                self.on_snapshot(from, term, state, end, entries)
+                self.on_snapshot(from, term, state, upto, end, entries)
             }
         }
     }
@@ -526,7 +540,13 @@ impl Replica {
             "above_w=[{}] committed_above={} sync_pending={} applying={} pending_list={}{}",
             held.join(" "),
             self.committed_above.len(),
-            self.sync_pending.is_some(),
+            self.sync_pending.as_ref().map_or("none".to_string(), |p| format!(
+                "t{} received{} end{} tokens{}",
+                p.term.0,
+                p.received.0,
+                p.end.0,
+                p.tokens.len()
+            )),
             self.applying.len(),
             self.gate.pending(&RangeSet::new()).len(),
             progress

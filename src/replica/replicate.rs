@@ -276,6 +276,7 @@ impl Replica {
             durable: self.log.durable_prefix(),
             committed: self.committed,
             synced,
+            sync_received: self.sync_received(),
             read_seq,
         };
         self.send(to, message);
@@ -321,6 +322,7 @@ impl Replica {
         durable: Index,
         committed: Index,
         synced: bool,
+        sync_received: Index,
         read_seq: u64,
     ) {
         if term > self.hard.term {
@@ -350,10 +352,12 @@ impl Replica {
             p.acked.extend(acked);
             let floor = p.durable;
             p.acked = p.acked.split_off(&floor.next());
+            p.sync_received = Index(0);
         } else {
             p.durable = Index(0);
             p.acked.clear();
             p.sent_upto = Index(0);
+            p.sync_received = sync_received;
         }
         if !synced {
             // Sync (or snapshot) it now rather than waiting for the next heartbeat, but at

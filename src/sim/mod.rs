@@ -51,6 +51,11 @@ pub struct SimConfig {
     pub naive: NaiveFlags,
     pub lbb_span: usize,
     pub checkpoint_interval: u64,
+    /// `Config::max_sync_bytes` of every replica: a tight one makes new leaders send their
+    /// decided logs in many chunks.
+    pub max_sync_bytes: u64,
+    /// `Config::max_vote_bytes` of every replica.
+    pub max_vote_bytes: u64,
     pub clients: usize,
     pub ops_per_client: u64,
     pub volume_blocks: u64,
@@ -70,6 +75,7 @@ pub const SPARES: usize = 2;
 
 impl SimConfig {
     pub fn new(seed: u64, replicas: usize, mode: Mode) -> SimConfig {
+        let defaults = Config::new(ReplicaId(0), Vec::new(), mode, 0);
         SimConfig {
             seed,
             replicas,
@@ -77,6 +83,8 @@ impl SimConfig {
             naive: NaiveFlags::default(),
             lbb_span: lbb::DEFAULT_SPAN,
             checkpoint_interval: 24,
+            max_sync_bytes: defaults.max_sync_bytes,
+            max_vote_bytes: defaults.max_vote_bytes,
             clients: 3,
             ops_per_client: 40,
             volume_blocks: 12,
@@ -109,6 +117,10 @@ pub struct SimStats {
     pub torn_records: u64,
     pub out_of_order_applies: u64,
     pub membership_changes: u64,
+    /// Votes refused because the candidate lacked more than `max_vote_bytes`.
+    pub oversized_vote_refusals: u64,
+    /// Sync messages that carried only part of a decided log (`max_sync_bytes`).
+    pub partial_syncs: u64,
     pub end_time: u64,
 }
 
@@ -312,6 +324,8 @@ impl Sim {
         let mut c = Config::new(ReplicaId(r as u32), voters, self.cfg.mode, seed);
         c.lbb_span = self.cfg.lbb_span;
         c.checkpoint_interval = self.cfg.checkpoint_interval;
+        c.max_sync_bytes = self.cfg.max_sync_bytes;
+        c.max_vote_bytes = self.cfg.max_vote_bytes;
         c.naive = self.cfg.naive;
         c.max_batch_entries = 16;
         c
@@ -362,6 +376,8 @@ impl Sim {
             }
         }
         self.stats.end_time = self.now;
+        self.stats.oversized_vote_refusals +=
+            self.replicas.iter().filter_map(|s| s.replica.as_ref()).map(|r| r.oversized_vote_refusals()).sum::<u64>();
         self.stats.max_term = self.leaders.keys().next_back().map_or(0, |t| t.0);
         if !self.violations.is_empty() {
             return;
@@ -660,6 +676,29 @@ impl Sim {
         self.schedule(next, Ev::Fault);
     }
 
+    /// A merge report, Sync or snapshot must fit in one transport frame: their entries stay
+    /// within `max_vote_bytes` or `max_sync_bytes` (encoded), or are a single entry (the real
+    /// transport refuses a frame over its limit).
+    fn check_message_bytes(&mut self, r: usize, message: &Message) {
+        if let Message::Sync { upto, end, .. } = message {
+            if upto < end {
+                self.stats.partial_syncs += 1;
+            }
+        }
+        let (entries, limit) = match message {
+            Message::VoteResponse { entries, .. } => (entries, self.cfg.max_vote_bytes),
+            Message::Sync { entries, .. } | Message::Snapshot { entries, .. } => (entries, self.cfg.max_sync_bytes),
+            _ => return,
+        };
+        let bytes: u64 = entries.iter().map(crate::codec::listed_len).sum();
+        if bytes > limit && entries.len() > 1 {
+            self.violations.push(format!(
+                "replica {r} sent {bytes} bytes of entries in {} entries, over its limit {limit}",
+                entries.len()
+            ));
+        }
+    }
+
     fn current_leader(&self) -> Option<usize> {
         self.replicas
             .iter()
@@ -672,7 +711,9 @@ impl Sim {
 
     fn crash(&mut self, r: usize) {
         self.stats.crashes += 1;
-        self.replicas[r].replica = None;
+        if let Some(old) = self.replicas[r].replica.take() {
+            self.stats.oversized_vote_refusals += old.oversized_vote_refusals();
+        }
         let torn = 0.3;
         let mut rng = Rng::new(self.rng.next_u64());
         self.replicas[r].disk.crash(&mut rng, torn);
@@ -771,6 +812,7 @@ impl Sim {
             }
             Command::PruneLog { through } => self.replicas[r].disk.prune(through),
             Command::Send { to, message } => {
+                self.check_message_bytes(r, &message);
                 self.net_send(Node::Replica(r), Node::Replica(to.0 as usize), Net::Peer(message, None));
             }
             Command::Apply { entry } => {
@@ -794,6 +836,7 @@ impl Sim {
                 self.schedule(d, Ev::CheckpointDone { r, incarnation, state });
             }
             Command::SendSnapshot { to, message } => {
+                self.check_message_bytes(r, &message);
                 let image = Arc::new(self.replicas[r].disk.image());
                 self.net_send(Node::Replica(r), Node::Replica(to.0 as usize), Net::Peer(message, Some(image)));
             }

@@ -102,10 +102,13 @@ pub struct ServerOptions {
     pub checkpoint_interval: u64,
 }
 
-/// A chunk also checkpoints after this many bytes of writes, so the log above its checkpoint
-/// (which a voter sends a candidate in one frame, see `Config::checkpoint_bytes`) stays well
-/// under `wire::MAX_FRAME_BYTES` with a full window of the largest (1 MiB) entries on top.
+/// A chunk also checkpoints after this many bytes of writes (see `Config::checkpoint_bytes`).
 pub const CHECKPOINT_BYTES: u64 = 32 << 20;
+
+/// Encoded entries of one merge report (`Config::max_vote_bytes`): as much as one frame holds,
+/// with room for the message around them.
+pub const MAX_VOTE_BYTES: u64 = 80 << 20;
+const _: () = assert!(MAX_VOTE_BYTES + (16 << 20) <= crate::wire::MAX_FRAME_BYTES as u64);
 
 /// Default of `--checkpoint-interval`.
 pub const DEFAULT_CHECKPOINT_INTERVAL: u64 = 4096;
@@ -125,6 +128,7 @@ pub(crate) fn group_config(opts: &ServerOptions, voters: Vec<ReplicaId>, chunk: 
     cfg.lease_ticks = cfg.election_timeout_min_ticks - parallelraft::LEASE_MARGIN_TICKS;
     cfg.checkpoint_interval = opts.checkpoint_interval;
     cfg.checkpoint_bytes = CHECKPOINT_BYTES;
+    cfg.max_vote_bytes = MAX_VOTE_BYTES;
     cfg.max_batch_entries = 64;
     cfg.max_queued_proposals = 1024;
     cfg
@@ -523,9 +527,10 @@ fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox, 
     let mut stages = own.clone();
     let mut c = GroupCounters::default();
     let mut repaired = 0;
-    let (mut reads_leased, mut reads_with_round) = (0, 0);
+    let (mut reads_leased, mut reads_with_round, mut votes_refused) = (0, 0, 0);
     for g in groups.values() {
         let (leased, with_round) = g.replica().read_counts();
+        votes_refused += g.replica().oversized_vote_refusals();
         reads_leased += leased;
         reads_with_round += with_round;
         stages.merge(&g.stages);
@@ -550,6 +555,11 @@ fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox, 
             ("reads_leased", "Reads served as leader under the read lease, without a round of their own", reads_leased),
             ("reads_with_round", "Reads served as leader after a read-index round of their own", reads_with_round),
             ("leader_changes", "Times a replica here became leader", c.leader_changes),
+            (
+                "votes_refused_oversized",
+                "Votes refused because the candidate lacked more of the log than one message carries",
+                votes_refused,
+            ),
             ("rebuild_sent_bytes", "Block bytes streamed to rebuild other replicas", c.catchup_bytes_sent),
             ("rebuild_received_bytes", "Block bytes received to rebuild replicas here", c.catchup_bytes_received),
             (

@@ -30,6 +30,7 @@ pub struct LocalOptions {
     pub jitter: Jitter,
     pub rebuild_rate: u64,
     pub checkpoint_interval: u64,
+    pub max_sync_bytes: u64,
     /// Chunk servers to run (default: 3 for a new directory, what it has for an existing one).
     pub servers: Option<u32>,
     /// `/metrics` of the frontend on this port of `bind`, of server N on port + N; 0: none.
@@ -122,7 +123,9 @@ fn spawn_server(opts: &LocalOptions, id: u32) -> Result<Child, String> {
         .arg("--rebuild-rate")
         .arg(opts.rebuild_rate.to_string())
         .arg("--checkpoint-interval")
-        .arg(opts.checkpoint_interval.to_string());
+        .arg(opts.checkpoint_interval.to_string())
+        .arg("--max-sync-bytes")
+        .arg(opts.max_sync_bytes.to_string());
     if opts.metrics_port != 0 {
         cmd.arg("--metrics").arg(format!("{}:{}", opts.bind, opts.metrics_port as u32 + id));
     }

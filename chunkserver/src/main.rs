@@ -11,7 +11,9 @@ use chunkserver::local::{self, LocalOptions};
 use chunkserver::nbd::{self, Export};
 use chunkserver::server::group::StorageOptions;
 use chunkserver::server::transport::Jitter;
-use chunkserver::server::{self, ServerOptions, DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_LBB_SPAN, DEFAULT_REBUILD_RATE};
+use chunkserver::server::{
+    self, ServerOptions, DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_LBB_SPAN, DEFAULT_MAX_SYNC_BYTES, DEFAULT_REBUILD_RATE,
+};
 use chunkserver::storage::io::EngineKind;
 use chunkserver::volume::Volume;
 
@@ -49,6 +51,11 @@ struct Tuning {
     /// replica further behind is rebuilt from the block image instead of the log).
     #[arg(long, default_value_t = DEFAULT_CHECKPOINT_INTERVAL)]
     checkpoint_interval: u64,
+    /// Most bytes of log entries in one Sync message (at most 64M): a new leader sends each
+    /// follower its decided log in chunks of this size. Tests set it small, so that every
+    /// election sends many.
+    #[arg(long, default_value = DEFAULT_MAX_SYNC_BYTES)]
+    max_sync_bytes: String,
 }
 
 impl Tuning {
@@ -58,6 +65,15 @@ impl Tuning {
 
     fn rebuild_rate_bytes(&self) -> Result<u64, String> {
         chunkserver::config::parse_size(&self.rebuild_rate).map_err(|e| format!("--rebuild-rate: {e}"))
+    }
+
+    fn max_sync_bytes(&self) -> Result<u64, String> {
+        let bytes =
+            chunkserver::config::parse_size(&self.max_sync_bytes).map_err(|e| format!("--max-sync-bytes: {e}"))?;
+        if bytes == 0 || bytes > 64 << 20 {
+            return Err(format!("--max-sync-bytes must be between 1 and 64M, not {}", self.max_sync_bytes));
+        }
+        Ok(bytes)
     }
 }
 
@@ -272,6 +288,7 @@ fn run(cli: Cli) -> Result<(), String> {
         } => {
             engine(&io_engine)?;
             let rebuild_rate = tuning.rebuild_rate_bytes()?;
+            let max_sync_bytes = tuning.max_sync_bytes()?;
             let jitter = tuning.jitter()?;
             let Tuning { lbb_span, checkpoint_interval, .. } = tuning;
             if checkpoint_interval == 0 {
@@ -299,12 +316,14 @@ fn run(cli: Cli) -> Result<(), String> {
                 jitter,
                 rebuild_rate,
                 checkpoint_interval,
+                max_sync_bytes,
                 servers,
                 metrics_port,
             })
         }
         Cmd::Serve { config, id, data_dir, io_engine, tick_ms, tuning, metrics } => {
             let rebuild_rate = tuning.rebuild_rate_bytes()?;
+            let max_sync_bytes = tuning.max_sync_bytes()?;
             let jitter = tuning.jitter()?;
             let Tuning { lbb_span, checkpoint_interval, .. } = tuning;
             let cluster = Cluster::load(&config)?;
@@ -335,6 +354,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     config_path,
                     rebuild_rate,
                     checkpoint_interval,
+                    max_sync_bytes,
                 },
                 None,
             )

@@ -68,4 +68,10 @@ fn bad_config_busy_port_and_missing_data_dir_are_one_line_errors() {
         Command::new(BIN).args(["local", "--straggler-per-mille", "2000", "--data-dir"]).arg(&local_dir),
         "--straggler-per-mille must be at most 1000",
     );
+    for bad in ["0", "65M"] {
+        fails_with(
+            Command::new(BIN).args(["local", "--max-sync-bytes", bad, "--data-dir"]).arg(&local_dir),
+            "--max-sync-bytes must be between 1 and 64M",
+        );
+    }
 }

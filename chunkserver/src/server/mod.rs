@@ -100,6 +100,8 @@ pub struct ServerOptions {
     pub rebuild_rate: u64,
     /// Entries between a chunk's checkpoints.
     pub checkpoint_interval: u64,
+    /// Bytes of entries in one Sync (`Config::max_sync_bytes`).
+    pub max_sync_bytes: u64,
 }
 
 /// A chunk also checkpoints after this many bytes of writes (see `Config::checkpoint_bytes`).
@@ -109,6 +111,9 @@ pub const CHECKPOINT_BYTES: u64 = 32 << 20;
 /// with room for the message around them.
 pub const MAX_VOTE_BYTES: u64 = 80 << 20;
 const _: () = assert!(MAX_VOTE_BYTES + (16 << 20) <= crate::wire::MAX_FRAME_BYTES as u64);
+
+/// Default of `--max-sync-bytes`.
+pub const DEFAULT_MAX_SYNC_BYTES: &str = "32M";
 
 /// Default of `--checkpoint-interval`.
 pub const DEFAULT_CHECKPOINT_INTERVAL: u64 = 4096;
@@ -129,6 +134,7 @@ pub(crate) fn group_config(opts: &ServerOptions, voters: Vec<ReplicaId>, chunk: 
     cfg.checkpoint_interval = opts.checkpoint_interval;
     cfg.checkpoint_bytes = CHECKPOINT_BYTES;
     cfg.max_vote_bytes = MAX_VOTE_BYTES;
+    cfg.max_sync_bytes = opts.max_sync_bytes;
     cfg.max_batch_entries = 64;
     cfg.max_queued_proposals = 1024;
     cfg
@@ -543,6 +549,7 @@ fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox, 
         c.catchup_bytes_sent += k.catchup_bytes_sent;
         c.catchup_bytes_received += k.catchup_bytes_received;
         c.catchup_log_bytes_received += k.catchup_log_bytes_received;
+        c.partial_syncs_received += k.partial_syncs_received;
         repaired += g.repair_counts().1;
     }
     let per_chunk = |f: &dyn Fn(&Group) -> i64| groups.values().map(|g| (g.chunk, f(g))).collect::<Vec<_>>();
@@ -555,6 +562,11 @@ fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox, 
             ("reads_leased", "Reads served as leader under the read lease, without a round of their own", reads_leased),
             ("reads_with_round", "Reads served as leader after a read-index round of their own", reads_with_round),
             ("leader_changes", "Times a replica here became leader", c.leader_changes),
+            (
+                "partial_syncs_received",
+                "Sync messages received that carried part of a new leader's decided log (--max-sync-bytes)",
+                c.partial_syncs_received,
+            ),
             (
                 "votes_refused_oversized",
                 "Votes refused because the candidate lacked more of the log than one message carries",

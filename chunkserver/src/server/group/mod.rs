@@ -53,6 +53,8 @@ pub struct GroupCounters {
     pub catchup_bytes_received: u64,
     /// Write payload bytes received in log entries while not a voter (a learner's log tail).
     pub catchup_log_bytes_received: u64,
+    /// Sync messages received that carried only part of a new leader's decided log.
+    pub partial_syncs_received: u64,
 }
 
 /// Storage settings shared by all groups of a server.
@@ -654,6 +656,9 @@ impl Group {
     }
 
     pub fn receive(&mut self, from: ReplicaId, message: Message, out: &mut Outbox) {
+        if let Message::Sync { upto, end, .. } = &message {
+            self.counters.partial_syncs_received += u64::from(upto < end);
+        }
         match &message {
             Message::Ack { acked, durable, synced: true, .. } => self.traces.acked(acked, *durable, &mut self.stages),
             Message::Append { entries, .. } | Message::Sync { entries, .. }

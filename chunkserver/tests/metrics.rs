@@ -10,10 +10,6 @@ use chunkserver::metrics::parse_stages;
 use chunkserver::profile::fetch;
 use support::*;
 
-fn counter(text: &str, name: &str) -> Option<f64> {
-    text.lines().find(|l| l.starts_with(&format!("{name} "))).and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 #[test]
 fn metrics_report_each_stage_and_profile_draws_them() {
     let _g = serial();

@@ -70,10 +70,6 @@ fn a_restart_with_small_sync_chunks_elects_and_serves() {
     }
 }
 
-fn counter(text: &str, name: &str) -> Option<f64> {
-    text.lines().find(|l| l.starts_with(&format!("{name} "))).and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 fn restart_after_large_writes(extra: &[&str]) -> LocalCluster {
     let _g = serial();
     require_tool("fio");

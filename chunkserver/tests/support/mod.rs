@@ -363,3 +363,8 @@ pub fn fio_job(stdout: &str) -> serde_json::Value {
         serde_json::from_str(&stdout[stdout.find('{').expect("fio printed no JSON")..]).expect("fio json");
     json["jobs"][0].clone()
 }
+
+/// The value of `name` (a whole metric name, labels included) in a `/metrics` text.
+pub fn counter(text: &str, name: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(&format!("{name} "))).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}

@@ -569,6 +569,14 @@ impl Replica {
         for i in self.applying.keys() {
             assert!(self.is_committed(*i), "applying an uncommitted entry");
         }
+        if let Some(p) = self.sync_pending.as_ref().filter(|p| p.term == self.hard.term) {
+            // The decided log is in place as far as the chunks reached: every index held, at
+            // most at the new ballot (its committed prefix keeps the ballots it had).
+            for i in self.committed.0 + 1..=p.received.min(p.end).0 {
+                let ballot = self.log.entry(Index(i)).map(|e| e.ballot);
+                assert!(ballot.is_some_and(|b| b <= p.term), "sync of {:?} not in place at {i}: {ballot:?}", p.term);
+            }
+        }
         if let Role::Leader(l) = &self.role {
             assert_eq!(self.hard.voted_for, Some(self.cfg.id), "leader did not vote for itself");
             let peers: BTreeSet<ReplicaId> = self.peers().into_iter().collect();

@@ -252,14 +252,14 @@ fn run(cli: Cli) -> Result<(), String> {
     }
     let results: Results = measured.iter().map(|(k, v)| (k.clone(), fio::median(v))).collect();
     let table = report::table(&results, runs);
-    let goals = report::goals(&results);
+    let goals = report::goals(&results, &measured);
     let goals_text = report::goals_text(&goals);
     println!("{table}\n{goals_text}");
     let write = |name: &str, text: String| {
         std::fs::write(out.join(name), text).map_err(|e| format!("cannot write {name}: {e}"))
     };
     write("table.txt", format!("{table}\n{goals_text}"))?;
-    let summary = report::summary_json(&results, &goals, runs);
+    let summary = report::summary_json(&results, &measured, &goals, runs);
     write("summary.json", serde_json::to_string_pretty(&summary).unwrap())?;
     // Figure 7 of the paper: 4k random writes against iodepth, both modes.
     let depth_of = |job: &str| job.strip_prefix("randwrite-4k-qd").and_then(|d| d.parse::<f64>().ok());

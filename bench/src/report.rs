@@ -46,10 +46,17 @@ pub fn table(results: &Results, runs: usize) -> String {
     s
 }
 
+/// Every run's measure per (job, target), in run order (runs are interleaved across targets,
+/// so run k of two targets ran close together).
+pub type PerRun = BTreeMap<(String, String), Vec<Measure>>;
+
 /// A benchmark goal: a ratio between two measured figures and the bound it should meet.
 pub struct Goal {
     pub what: &'static str,
+    /// Of the medians.
     pub ratio: Option<f64>,
+    /// Of run k against run k, for each run both targets completed.
+    pub per_run: Vec<f64>,
     /// `true`: the ratio should be at least `bound`; `false`: at most.
     pub at_least: bool,
     pub bound: f64,
@@ -61,10 +68,6 @@ impl Goal {
     }
 }
 
-fn get<'a>(r: &'a Results, job: &str, target: &str) -> Option<&'a Measure> {
-    r.get(&(job.to_string(), target.to_string()))
-}
-
 fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 && a.is_finite() && b.is_finite() => Some(a / b),
@@ -72,56 +75,106 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
+/// What a goal compares: `field` of (job, target) over `field` of (job, anchor).
+struct Spec {
+    what: &'static str,
+    job: &'static str,
+    target: &'static str,
+    anchor: &'static str,
+    field: fn(&Measure) -> f64,
+    at_least: bool,
+    bound: f64,
+}
+
+const SPECS: [Spec; 7] = [
+    Spec {
+        what: "4k randwrite qd32 IOPS, parallel / nbdkit-file",
+        job: "randwrite-4k-qd32",
+        target: "parallel",
+        anchor: "nbdkit-file",
+        field: |m| m.iops,
+        at_least: true,
+        bound: 1.5,
+    },
+    Spec {
+        what: "4k randwrite qd1 p50 latency, parallel / nbdkit-file",
+        job: "randwrite-4k-qd1",
+        target: "parallel",
+        anchor: "nbdkit-file",
+        field: |m| m.p50_us,
+        at_least: false,
+        bound: 3.0,
+    },
+    Spec {
+        what: "4k randread qd32 IOPS, parallel / nbdkit-memory",
+        job: "randread-4k-qd32",
+        target: "parallel",
+        anchor: "nbdkit-memory",
+        field: |m| m.iops,
+        at_least: true,
+        bound: 0.7,
+    },
+    Spec {
+        what: "128k seq write MiB/s, parallel / nbdkit-memory",
+        job: "seqwrite-128k-qd16",
+        target: "parallel",
+        anchor: "nbdkit-memory",
+        field: |m| m.mib_s,
+        at_least: true,
+        bound: 0.5,
+    },
+    Spec {
+        what: "4k randwrite qd32 IOPS with jitter, parallel / raft",
+        job: "randwrite-4k-qd32",
+        target: "parallel-jitter",
+        anchor: "raft-jitter",
+        field: |m| m.iops,
+        at_least: true,
+        bound: 2.0,
+    },
+    Spec {
+        what: "4k randwrite qd32 IOPS with stragglers, parallel / raft",
+        job: "randwrite-4k-qd32",
+        target: "parallel-straggler",
+        anchor: "raft-straggler",
+        field: |m| m.iops,
+        at_least: true,
+        bound: 2.0,
+    },
+    Spec {
+        what: "4k randwrite qd32 IOPS without jitter, parallel / raft",
+        job: "randwrite-4k-qd32",
+        target: "parallel",
+        anchor: "raft",
+        field: |m| m.iops,
+        at_least: true,
+        bound: 0.95,
+    },
+];
+
 /// The goals of issue 5, from what was measured (a goal whose figures were not measured in
 /// this run has no ratio).
-pub fn goals(r: &Results) -> Vec<Goal> {
-    let iops = |job: &str, t: &str| get(r, job, t).map(|m| m.iops);
-    let p50 = |job: &str, t: &str| get(r, job, t).map(|m| m.p50_us);
-    let mib = |job: &str, t: &str| get(r, job, t).map(|m| m.mib_s);
-    vec![
-        Goal {
-            what: "4k randwrite qd32 IOPS, parallel / nbdkit-file",
-            ratio: ratio(iops("randwrite-4k-qd32", "parallel"), iops("randwrite-4k-qd32", "nbdkit-file")),
-            at_least: true,
-            bound: 1.5,
-        },
-        Goal {
-            what: "4k randwrite qd1 p50 latency, parallel / nbdkit-file",
-            ratio: ratio(p50("randwrite-4k-qd1", "parallel"), p50("randwrite-4k-qd1", "nbdkit-file")),
-            at_least: false,
-            bound: 3.0,
-        },
-        Goal {
-            what: "4k randread qd32 IOPS, parallel / nbdkit-memory",
-            ratio: ratio(iops("randread-4k-qd32", "parallel"), iops("randread-4k-qd32", "nbdkit-memory")),
-            at_least: true,
-            bound: 0.7,
-        },
-        Goal {
-            what: "128k seq write MiB/s, parallel / nbdkit-memory",
-            ratio: ratio(mib("seqwrite-128k-qd16", "parallel"), mib("seqwrite-128k-qd16", "nbdkit-memory")),
-            at_least: true,
-            bound: 0.5,
-        },
-        Goal {
-            what: "4k randwrite qd32 IOPS with jitter, parallel / raft",
-            ratio: ratio(iops("randwrite-4k-qd32", "parallel-jitter"), iops("randwrite-4k-qd32", "raft-jitter")),
-            at_least: true,
-            bound: 2.0,
-        },
-        Goal {
-            what: "4k randwrite qd32 IOPS with stragglers, parallel / raft",
-            ratio: ratio(iops("randwrite-4k-qd32", "parallel-straggler"), iops("randwrite-4k-qd32", "raft-straggler")),
-            at_least: true,
-            bound: 2.0,
-        },
-        Goal {
-            what: "4k randwrite qd32 IOPS without jitter, parallel / raft",
-            ratio: ratio(iops("randwrite-4k-qd32", "parallel"), iops("randwrite-4k-qd32", "raft")),
-            at_least: true,
-            bound: 0.95,
-        },
-    ]
+pub fn goals(r: &Results, per_run: &PerRun) -> Vec<Goal> {
+    let key = |job: &str, target: &str| (job.to_string(), target.to_string());
+    SPECS
+        .iter()
+        .map(|s| {
+            let median = |target: &str| r.get(&key(s.job, target)).map(s.field);
+            let runs = |target: &str| per_run.get(&key(s.job, target)).map_or(&[][..], |v| v.as_slice());
+            let per_run = runs(s.target)
+                .iter()
+                .zip(runs(s.anchor))
+                .filter_map(|(a, b)| ratio(Some((s.field)(a)), Some((s.field)(b))))
+                .collect();
+            Goal {
+                what: s.what,
+                ratio: ratio(median(s.target), median(s.anchor)),
+                per_run,
+                at_least: s.at_least,
+                bound: s.bound,
+            }
+        })
+        .collect()
 }
 
 pub fn goals_text(goals: &[Goal]) -> String {
@@ -133,25 +186,38 @@ pub fn goals_text(goals: &[Goal]) -> String {
             (Some(r), _) => (format!("{r:.2}"), "NOT met"),
             (None, _) => ("-".into(), "not measured"),
         };
-        let _ = writeln!(s, "  {:<58} {:>8} (goal {bound}): {verdict}", g.what, ratio);
+        let runs = if g.per_run.len() > 1 {
+            let each: Vec<String> = g.per_run.iter().map(|r| format!("{r:.2}")).collect();
+            format!(" (per run {})", each.join(" / "))
+        } else {
+            String::new()
+        };
+        let _ = writeln!(s, "  {:<58} {:>8} (goal {bound}): {verdict}{runs}", g.what, ratio);
     }
     s
 }
 
-/// The summary document: medians per job and target, and the goals.
-pub fn summary_json(r: &Results, goals: &[Goal], runs: usize) -> serde_json::Value {
+/// The summary document: medians per job and target (with each run's IOPS and MiB/s), and
+/// the goals (with each run's ratio).
+pub fn summary_json(r: &Results, per_run: &PerRun, goals: &[Goal], runs: usize) -> serde_json::Value {
     let rows: Vec<serde_json::Value> = r
         .iter()
-        .map(|((job, target), m)| {
+        .map(|(key, m)| {
+            let each = per_run.get(key).map_or(&[][..], |v| v.as_slice());
             serde_json::json!({
-                "job": job, "target": target, "iops": m.iops, "mib_s": m.mib_s, "mean_us": m.mean_us,
+                "job": key.0, "target": key.1, "iops": m.iops, "mib_s": m.mib_s, "mean_us": m.mean_us,
                 "p50_us": m.p50_us, "p99_us": m.p99_us, "p999_us": m.p999_us,
+                "iops_runs": each.iter().map(|m| m.iops).collect::<Vec<_>>(),
+                "mib_s_runs": each.iter().map(|m| m.mib_s).collect::<Vec<_>>(),
             })
         })
         .collect();
     let goals: Vec<serde_json::Value> = goals
         .iter()
-        .map(|g| serde_json::json!({"goal": g.what, "ratio": g.ratio, "bound": g.bound, "at_least": g.at_least, "met": g.met()}))
+        .map(|g| {
+            serde_json::json!({"goal": g.what, "ratio": g.ratio, "per_run": g.per_run, "bound": g.bound,
+                "at_least": g.at_least, "met": g.met()})
+        })
         .collect();
     serde_json::json!({ "runs": runs, "results": rows, "goals": goals })
 }
@@ -169,12 +235,33 @@ mod tests {
         r.insert(("randwrite-4k-qd32".into(), "raft".into()), m(40_000.0, 1000.0));
         let t = table(&r, 1);
         assert!(t.contains("1.50"), "{t}");
-        let g = goals(&r);
+        let g = goals(&r, &PerRun::new());
         assert_eq!(g[0].ratio, Some(1.5));
         assert_eq!(g[0].met(), Some(true));
         assert_eq!(g[6].met(), Some(false), "parallel at 0.75x raft");
         assert_eq!(g[5].ratio, None, "no straggler targets ran");
         assert_eq!(g[1].ratio, None, "qd1 not measured");
         assert!(goals_text(&g).contains("not measured"));
+        assert!(g.iter().all(|g| g.per_run.is_empty()));
+    }
+
+    #[test]
+    fn per_run_ratios_pair_run_k_with_run_k() {
+        let m = |iops: f64| Measure { iops, ..Default::default() };
+        let mut per_run = PerRun::new();
+        per_run.insert(("randread-4k-qd32".into(), "parallel".into()), vec![m(50.0), m(40.0), m(60.0)]);
+        per_run.insert(("randread-4k-qd32".into(), "nbdkit-memory".into()), vec![m(100.0), m(80.0), m(100.0)]);
+        let medians: Results = per_run.iter().map(|(k, v)| (k.clone(), crate::fio::median(v))).collect();
+        let g = goals(&medians, &per_run);
+        assert_eq!(g[2].ratio, Some(0.5), "median 50 over median 100");
+        assert_eq!(g[2].per_run, vec![0.5, 0.5, 0.6]);
+        assert!(
+            goals_text(&g).contains("0.50 (goal >= 0.70): NOT met (per run 0.50 / 0.50 / 0.60)"),
+            "{}",
+            goals_text(&g)
+        );
+        let json = summary_json(&medians, &per_run, &g, 3);
+        assert_eq!(json["results"][1]["iops_runs"], serde_json::json!([50.0, 40.0, 60.0]), "{json}");
+        assert_eq!(json["goals"][2]["per_run"], serde_json::json!([0.5, 0.5, 0.6]));
     }
 }

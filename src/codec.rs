@@ -80,13 +80,13 @@ pub fn encode_entry(entry: &Entry, out: &mut BytesMut) {
     }
 }
 
-/// Bytes `encode_entry` produces for `entry`.
 /// Bytes `entry` takes in a message's entry list (with its length prefix): what the limits on
 /// merge reports and sync chunks count.
 pub fn listed_len(entry: &Entry) -> u64 {
     4 + encoded_len(entry) as u64
 }
 
+/// Bytes `encode_entry` produces for `entry`.
 pub fn encoded_len(entry: &Entry) -> usize {
     let op = match &entry.op {
         Op::Noop => 1,

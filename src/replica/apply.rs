@@ -213,7 +213,6 @@ impl Replica {
         let ticks = self.ticks;
         let limit = self.cfg.election_timeout_min_ticks as u64;
         let term = self.hard.term;
-        let checkpoint = self.log.checkpoint();
         let Role::Leader(l) = &mut self.role else {
             return;
         };
@@ -227,7 +226,6 @@ impl Replica {
         // of the log tail above the watermark makes good, since replay is ordered per range).
         // A follower not yet synced also gets our decided merge log above that point.
         let end = l.merge_end;
-        let _ = checkpoint;
         let checkpoint = self.applied_watermark();
         let table = self.table.clone();
         let config = self.log.config_at(checkpoint);

@@ -172,25 +172,16 @@ impl Replica {
         }
         let sync = self.hard.sync;
         let from = c.committed.max(self.log.checkpoint());
-        let (mut entries, mut bytes) = (Vec::new(), 0u64);
-        for s in self.log.iter_from(from) {
-            let e = &s.entry;
-            let skip = if paper {
+        let needed = self.log.iter_from(from).map(|s| &s.entry).filter(|e| {
+            if paper {
                 // Naive variant: the paper's literal merge, which also drops the no-ops.
-                matches!(e.op, Op::Noop)
+                !matches!(e.op, Op::Noop)
             } else {
-                e.index <= c.durable && e.ballot <= sync
-            };
-            if skip {
-                continue;
+                e.index > c.durable || e.ballot > sync
             }
-            bytes += crate::codec::listed_len(e);
-            if bytes > self.cfg.max_vote_bytes && !entries.is_empty() {
-                return None; // (one entry always fits, as in a Sync chunk)
-            }
-            entries.push(e.clone());
-        }
-        Some(entries)
+        });
+        let (entries, all) = super::merge::within_bytes(needed, self.cfg.max_vote_bytes);
+        all.then_some(entries)
     }
 
     pub(super) fn on_vote_response(&mut self, from: ReplicaId, term: Term, granted: bool, info: VoteInfo) {

@@ -232,17 +232,10 @@ impl Replica {
     /// The decided log from `base` on: entries up to `end` within `max_sync_bytes` (encoded)
     /// (one entry at least), and the index they reach.
     pub(super) fn decided_chunk(&self, base: Index, end: Index) -> (Vec<Entry>, Index) {
-        let (mut entries, mut bytes) = (Vec::new(), 0u64);
-        for s in self.log.iter_from(base).take_while(|s| s.entry.index <= end) {
-            let len = crate::codec::listed_len(&s.entry);
-            if !entries.is_empty() && bytes + len > self.cfg.max_sync_bytes {
-                let upto = entries.last().map_or(base, |e: &Entry| e.index);
-                return (entries, upto);
-            }
-            bytes += len;
-            entries.push(s.entry.clone());
-        }
-        (entries, end.max(base))
+        let decided = self.log.iter_from(base).map(|s| &s.entry).take_while(|e| e.index <= end);
+        let (entries, all) = within_bytes(decided, self.cfg.max_sync_bytes);
+        let upto = if all { end.max(base) } else { entries.last().expect("one entry at least").index };
+        (entries, upto)
     }
 
     /// Follower side of merge phase 2: the first chunk of a leader's decided log replaces our
@@ -298,4 +291,21 @@ impl Replica {
             self.send_ack(from, Vec::new(), 0); // asks for the next chunk
         }
     }
+}
+
+/// Copies of `entries`, in order, until the next would take their encoded size
+/// ([`crate::codec::listed_len`]) over `limit_bytes`; the first always goes in, so one large
+/// entry still moves. The flag says whether all of them went in. What bounds a Sync chunk and
+/// a merge report alike.
+pub(super) fn within_bytes<'a>(entries: impl Iterator<Item = &'a Entry>, limit_bytes: u64) -> (Vec<Entry>, bool) {
+    let (mut taken, mut bytes) = (Vec::new(), 0u64);
+    for e in entries {
+        let len = crate::codec::listed_len(e);
+        if !taken.is_empty() && bytes + len > limit_bytes {
+            return (taken, false);
+        }
+        bytes += len;
+        taken.push(e.clone());
+    }
+    (taken, true)
 }

@@ -117,8 +117,6 @@ pub struct SimStats {
     pub torn_records: u64,
     pub out_of_order_applies: u64,
     pub membership_changes: u64,
-    /// Votes refused because the candidate lacked more than `max_vote_bytes`.
-    pub oversized_vote_refusals: u64,
     /// Sync messages that carried only part of a decided log (`max_sync_bytes`).
     pub partial_syncs: u64,
     pub end_time: u64,
@@ -376,8 +374,6 @@ impl Sim {
             }
         }
         self.stats.end_time = self.now;
-        self.stats.oversized_vote_refusals +=
-            self.replicas.iter().filter_map(|s| s.replica.as_ref()).map(|r| r.oversized_vote_refusals()).sum::<u64>();
         self.stats.max_term = self.leaders.keys().next_back().map_or(0, |t| t.0);
         if !self.violations.is_empty() {
             return;
@@ -711,9 +707,7 @@ impl Sim {
 
     fn crash(&mut self, r: usize) {
         self.stats.crashes += 1;
-        if let Some(old) = self.replicas[r].replica.take() {
-            self.stats.oversized_vote_refusals += old.oversized_vote_refusals();
-        }
+        self.replicas[r].replica = None;
         let torn = 0.3;
         let mut rng = Rng::new(self.rng.next_u64());
         self.replicas[r].disk.crash(&mut rng, torn);

@@ -9,7 +9,7 @@
 //! mode = "parallel"        # or "raft"
 //! [[server]]
 //! id = 1
-//! addr = "127.0.0.1:20001"  # peers and frontends connect here
+//! addr = "127.0.0.1:20001"  # peers and frontends connect here (or unix:/path, unix:@name)
 //! ```
 //!
 //! Chunk `c` starts on three servers: the non-spare servers sorted by id, starting at `c mod n`.
@@ -19,11 +19,12 @@
 //! empty and receives replicas only by membership changes (a listed non-spare server that
 //! started empty would create bootstrap replicas of groups that moved on).
 
-use std::net::SocketAddr;
 use std::path::Path;
 
 use parallelraft::{Mode, ReplicaId};
 use serde::{Deserialize, Serialize};
+
+use crate::net::ServerAddr;
 
 pub const REPLICAS_PER_CHUNK: usize = 3;
 const BLOCK_BYTES: u64 = 4096;
@@ -70,7 +71,7 @@ pub struct Cluster {
     pub chunk_bytes: u64,
     pub mode: Mode,
     /// Sorted by id.
-    pub servers: Vec<(ReplicaId, SocketAddr)>,
+    pub servers: Vec<(ReplicaId, ServerAddr)>,
     /// The servers of the bootstrap placement (not spares), sorted by id.
     pub placed: Vec<ReplicaId>,
 }
@@ -122,8 +123,7 @@ impl Cluster {
         let mut servers = Vec::new();
         let mut placed = Vec::new();
         for s in &file.servers {
-            let addr: SocketAddr =
-                s.addr.parse().map_err(|_| format!("server {}: bad address {:?} (want host:port)", s.id, s.addr))?;
+            let addr: ServerAddr = s.addr.parse().map_err(|e| format!("server {}: {e}", s.id))?;
             if s.id == 0 || s.id == u32::MAX {
                 return Err(format!("server id {} is reserved", s.id));
             }
@@ -173,8 +173,8 @@ impl Cluster {
         r
     }
 
-    pub fn addr_of(&self, id: ReplicaId) -> Option<SocketAddr> {
-        self.servers.iter().find(|(s, _)| *s == id).map(|(_, a)| *a)
+    pub fn addr_of(&self, id: ReplicaId) -> Option<ServerAddr> {
+        self.servers.iter().find(|(s, _)| *s == id).map(|(_, a)| a.clone())
     }
 
     /// The chunks server `id` holds in the bootstrap placement.
@@ -200,7 +200,7 @@ impl ClusterWatch {
 
     /// The servers added since `current` (with their addresses), if the file changed and its
     /// change is acceptable.
-    pub fn poll(&mut self, current: &Cluster) -> Result<Vec<(ReplicaId, SocketAddr)>, String> {
+    pub fn poll(&mut self, current: &Cluster) -> Result<Vec<(ReplicaId, ServerAddr)>, String> {
         let modified = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
         if modified == self.modified {
             return Ok(Vec::new());
@@ -213,7 +213,7 @@ impl ClusterWatch {
 
 impl Cluster {
     /// The servers `next` adds to `self`, if that is all it changes (see [`ClusterWatch`]).
-    pub fn additions(&self, next: &Cluster) -> Result<Vec<(ReplicaId, SocketAddr)>, String> {
+    pub fn additions(&self, next: &Cluster) -> Result<Vec<(ReplicaId, ServerAddr)>, String> {
         let same_volume = next.cluster_id == self.cluster_id
             && next.volume_name == self.volume_name
             && next.size_bytes == self.size_bytes
@@ -226,11 +226,11 @@ impl Cluster {
         if let Some((id, _)) = self.servers.iter().find(|s| !next.servers.contains(s)) {
             return Err(format!("server {} was removed or moved in the cluster file; change ignored", id.0));
         }
-        Ok(next.servers.iter().filter(|s| !self.servers.contains(s)).copied().collect())
+        Ok(next.servers.iter().filter(|s| !self.servers.contains(s)).cloned().collect())
     }
 
     /// Adds servers (spares) found by a [`ClusterWatch`].
-    pub fn add_servers(&mut self, added: &[(ReplicaId, SocketAddr)]) {
+    pub fn add_servers(&mut self, added: &[(ReplicaId, ServerAddr)]) {
         self.servers.extend_from_slice(added);
         self.servers.sort();
     }

@@ -9,12 +9,14 @@
 //! - [`nbd`]: the NBD server in front of a volume.
 //! - [`local`]: the one-command local cluster.
 //! - [`admin`]: operator commands (membership changes, moving replicas, scrub).
+//! - [`net`]: server addresses and connections (TCP or unix sockets).
 
 pub mod admin;
 pub mod config;
 pub mod local;
 pub mod metrics;
 pub mod nbd;
+pub mod net;
 pub mod profile;
 pub mod server;
 pub mod storage;

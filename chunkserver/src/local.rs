@@ -1,4 +1,4 @@
-//! The one-command local cluster: chunk server processes on 127.0.0.1 (three by default;
+//! The one-command local cluster: chunk server processes on this host (three by default;
 //! `--servers 4` leaves room to move replicas when one dies) and the NBD frontend in this
 //! process.
 //!
@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::config::{parse_size, Cluster, ClusterFile, ServerFile, VolumeFile};
 use crate::nbd::{self, Export};
+use crate::net::StdListener;
 use crate::server::transport::Jitter;
 use crate::volume::Volume;
 
@@ -25,6 +26,9 @@ pub struct LocalOptions {
     pub chunk_size: Option<String>,
     pub mode: Option<String>,
     pub io_engine: String,
+    /// Servers of a new cluster file listen on abstract unix sockets (else on TCP ports from
+    /// `peer_base_port`).
+    pub unix_sockets: bool,
     pub peer_base_port: u16,
     pub lbb_span: usize,
     pub jitter: Jitter,
@@ -68,7 +72,7 @@ fn prepare(opts: &LocalOptions) -> Result<Cluster, String> {
             // New servers join as spares: they hold nothing until replicas are moved to them.
             let next = file.servers.iter().map(|s| s.id).max().unwrap_or(0);
             for id in next + 1..=next + (n - have) {
-                file.servers.push(server_file(opts, id, true));
+                file.servers.push(server_file(opts, file.cluster_id, id, true));
             }
         }
         if let Some(size) = &opts.size {
@@ -84,10 +88,13 @@ fn prepare(opts: &LocalOptions) -> Result<Cluster, String> {
     } else {
         let size = opts.size.clone().unwrap_or_else(|| DEFAULT_SIZE.into());
         let chunk_size = opts.chunk_size.clone().unwrap_or_else(|| DEFAULT_CHUNK_SIZE.into());
+        let cluster_id = std::process::id() as u64 ^ 0x7072_6166_7400_0000;
         ClusterFile {
-            cluster_id: std::process::id() as u64 ^ 0x7072_6166_7400_0000,
+            cluster_id,
             volume: VolumeFile { name: "vol0".into(), size, chunk_size, mode: "parallel".into() },
-            servers: (1..=opts.servers.unwrap_or(DEFAULT_SERVERS)).map(|i| server_file(opts, i, false)).collect(),
+            servers: (1..=opts.servers.unwrap_or(DEFAULT_SERVERS))
+                .map(|i| server_file(opts, cluster_id, i, false))
+                .collect(),
         }
     };
     if let Some(mode) = &opts.mode {
@@ -99,8 +106,16 @@ fn prepare(opts: &LocalOptions) -> Result<Cluster, String> {
     Ok(cluster)
 }
 
-fn server_file(opts: &LocalOptions, id: u32, spare: bool) -> ServerFile {
-    ServerFile { id, addr: format!("127.0.0.1:{}", opts.peer_base_port as u32 + id - 1), spare }
+/// Server `id`'s entry in a cluster file: an abstract unix socket named after the cluster (two
+/// local clusters on one host never collide; a restart finds its servers under the same
+/// names), or a TCP port.
+fn server_file(opts: &LocalOptions, cluster_id: u64, id: u32, spare: bool) -> ServerFile {
+    let addr = if opts.unix_sockets {
+        format!("unix:@parallelraft-{cluster_id:016x}-server-{id}")
+    } else {
+        format!("127.0.0.1:{}", opts.peer_base_port as u32 + id - 1)
+    };
+    ServerFile { id, addr, spare }
 }
 
 fn spawn_server(opts: &LocalOptions, id: u32) -> Result<Child, String> {
@@ -155,7 +170,7 @@ pub fn run(opts: LocalOptions) -> Result<(), String> {
         std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen for NBD on {addr}: {e}"))?;
     std_listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     for (id, peer_addr) in &cluster.servers {
-        if let Err(e) = std::net::TcpListener::bind(peer_addr) {
+        if let Err(e) = StdListener::bind(peer_addr) {
             return Err(format!("chunk server {} cannot listen on {peer_addr}: {e}", id.0));
         }
     }

@@ -105,7 +105,16 @@ enum Cmd {
         /// IOPS of uring; at iodepth 1, p50 465-489 µs against 586-651 µs).
         #[arg(long, default_value = "sync")]
         io_engine: String,
-        /// First of the chunk servers' ports (server N listens on this + N - 1).
+        /// How the frontend and the chunk servers of a new data directory reach each other:
+        /// unix (the default: sockets in the abstract namespace, as all run on this host) or
+        /// tcp (127.0.0.1, server N on --peer-base-port + N - 1). A unix socket spares each
+        /// message the loopback TCP stack (measured: the frontend's CPU per 4 KiB read at
+        /// iodepth 32 8.2-9.3 µs against 9.7-10.9 µs over TCP). An existing directory keeps
+        /// the addresses in its cluster.toml.
+        #[arg(long, default_value = "unix")]
+        transport: String,
+        /// First of the chunk servers' TCP ports (server N listens on this + N - 1) with
+        /// `--transport tcp`.
         #[arg(long, default_value_t = 20101)]
         peer_base_port: u16,
         /// Chunk servers to run (at least 3). Each chunk keeps three replicas; a fourth server
@@ -281,12 +290,18 @@ fn run(cli: Cli) -> Result<(), String> {
             chunk_size,
             mode,
             io_engine,
+            transport,
             peer_base_port,
             servers,
             tuning,
             metrics_port,
         } => {
             engine(&io_engine)?;
+            let unix_sockets = match transport.as_str() {
+                "unix" => true,
+                "tcp" => false,
+                other => return Err(format!("--transport {other:?}: want unix or tcp")),
+            };
             let rebuild_rate = tuning.rebuild_rate_bytes()?;
             let max_sync_bytes = tuning.max_sync_bytes()?;
             let jitter = tuning.jitter()?;
@@ -311,6 +326,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 chunk_size,
                 mode,
                 io_engine,
+                unix_sockets,
                 peer_base_port,
                 lbb_span,
                 jitter,

@@ -9,7 +9,6 @@
 //! majority for [`STALL_LIMIT`] returns an error (EIO at the NBD edge).
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -17,12 +16,12 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use parallelraft::{ClientId, MembershipChange, MembershipError, ReplicaId, RequestId};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::config::Cluster;
 use crate::metrics::{Published, Stage, Stages, Totals};
+use crate::net::{ServerAddr, Stream};
 use crate::wire::{encode, read_frame, Body, Frame, Outcome, RequestOp, Role};
 
 /// Largest single request to a group: bounds entry and message sizes.
@@ -114,7 +113,7 @@ impl Volume {
 
     /// Starts talking to a server (one added to the cluster file while running). Call inside a
     /// tokio runtime.
-    pub fn add_server(&self, id: ReplicaId, addr: SocketAddr) {
+    pub fn add_server(&self, id: ReplicaId, addr: ServerAddr) {
         let mut links = self.inner.links.write().unwrap();
         if links.contains_key(&id) {
             return;
@@ -139,7 +138,7 @@ impl Volume {
                     Ok(added) => {
                         for (id, addr) in &added {
                             tracing::info!(server = id.0, %addr, "server added to the cluster file");
-                            volume.add_server(*id, *addr);
+                            volume.add_server(*id, addr.clone());
                         }
                         known.add_servers(&added);
                     }
@@ -416,14 +415,14 @@ impl Volume {
 async fn link_task(
     cluster_id: u64,
     server: ReplicaId,
-    addr: SocketAddr,
+    addr: ServerAddr,
     mut rx: mpsc::Receiver<Bytes>,
     pending: Pending,
     up: Arc<AtomicBool>,
 ) {
     let mut backoff = Duration::from_millis(20);
     loop {
-        let mut stream = match TcpStream::connect(addr).await {
+        let stream = match Stream::connect(&addr).await {
             Ok(s) => s,
             Err(_) => {
                 while rx.try_recv().is_ok() {}
@@ -432,15 +431,14 @@ async fn link_task(
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
+        let (reader, mut writer) = stream.into_split();
         let mut hello = BytesMut::new();
         encode(&Frame { cluster_id, sender: 0, group: 0, body: Body::Hello { role: Role::Frontend } }, &mut hello);
-        if stream.write_all(&hello).await.is_err() {
+        if writer.write_all(&hello).await.is_err() {
             continue;
         }
         backoff = Duration::from_millis(20);
         up.store(true, Ordering::Relaxed);
-        let (reader, mut writer) = stream.into_split();
         let reader_pending = pending.clone();
         let mut reader_task = tokio::spawn(async move {
             let mut reader = tokio::io::BufReader::with_capacity(crate::server::transport::READ_BUFFER_BYTES, reader);

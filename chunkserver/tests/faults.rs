@@ -1,5 +1,6 @@
-//! Fault tests with real processes: SIGKILL the leader during a verifying fio run, kill a
-//! follower for good, kill two servers (writes stall, then resume when one returns).
+//! Fault tests with real processes: SIGKILL the leader during a verifying fio run (servers
+//! linked by TCP), kill a follower for good, kill two servers (writes stall, then resume when
+//! one returns).
 
 mod support;
 
@@ -8,11 +9,15 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
+/// Over TCP links (`--transport tcp`); the other real-process tests run on `local`'s default
+/// unix sockets.
 #[test]
 fn leader_kill_during_verifying_fio_run() {
     let _g = serial();
     require_tool("fio");
-    let mut c = LocalCluster::start("parallel", "128M");
+    let mut c = LocalCluster::start_with("parallel", "128M", 3, &["--transport", "tcp"]);
+    let config = std::fs::read_to_string(c.data().join("cluster.toml")).unwrap();
+    assert!(config.contains(&format!("addr = \"127.0.0.1:{}\"", c.peer_base)), "TCP addresses:\n{config}");
     let leader = c.leader_of(0).expect("chunk 0 has a leader");
     let fio = fio_verify(&c.uri(), 16, 2, 24, 32).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(2));

@@ -74,6 +74,10 @@ fn restart_after_large_writes(extra: &[&str]) -> LocalCluster {
     let _g = serial();
     require_tool("fio");
     let mut c = LocalCluster::start_with("parallel", "64M", 3, extra);
+    // `local`'s default links: abstract unix sockets, found again under the same names after
+    // the restart below.
+    let config = std::fs::read_to_string(c.data().join("cluster.toml")).unwrap();
+    assert_eq!(config.matches("addr = \"unix:@parallelraft-").count(), 3, "unix socket addresses:\n{config}");
     for pass in 1..=2 {
         finish_within(fio_128k(&c.uri(), false), Duration::from_secs(120), &format!("write pass {pass}"), &c);
     }

@@ -22,8 +22,9 @@ use std::io::ErrorKind;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
+
+use crate::net::WriteHalf;
 
 /// Coalesced into one write by the task, at most.
 const DRAIN_WRITE_BYTES: usize = 1 << 20;
@@ -46,7 +47,7 @@ pub struct LinkWriter {
 }
 
 struct State {
-    writer: Option<Arc<OwnedWriteHalf>>,
+    writer: Option<Arc<WriteHalf>>,
     /// Bumped on every connection change, so a task of an old connection stops.
     epoch: u64,
     backlog: VecDeque<Bytes>,
@@ -106,7 +107,7 @@ impl LinkWriter {
 
     /// Makes `writer` the connection (or none): what was queued for the old one is discarded.
     /// Returns the epoch to pass to [`LinkWriter::drain`].
-    pub fn connect(&self, writer: Option<OwnedWriteHalf>) -> u64 {
+    pub fn connect(&self, writer: Option<WriteHalf>) -> u64 {
         let mut st = self.state.lock().unwrap();
         st.writer = writer.map(Arc::new);
         st.epoch += 1;
@@ -148,7 +149,7 @@ impl LinkWriter {
 
     /// The task's next write: the backlog's front batches coalesced (empty: nothing queued,
     /// and the core may write directly again). `None`: connection `epoch` is over.
-    fn take(&self, epoch: u64) -> Option<(Arc<OwnedWriteHalf>, Bytes)> {
+    fn take(&self, epoch: u64) -> Option<(Arc<WriteHalf>, Bytes)> {
         let mut st = self.state.lock().unwrap();
         if st.epoch != epoch {
             return None;
@@ -179,19 +180,39 @@ impl LinkWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::{ServerAddr, StdListener, Stream};
     use tokio::io::AsyncReadExt;
+
+    /// A connected pair over TCP (`unix`: false) or a unix socket.
+    async fn pair(unix: bool) -> (Stream, Stream, Option<tempfile::TempDir>) {
+        let (addr, dir) = if unix {
+            let dir = tempfile::tempdir().unwrap();
+            (ServerAddr::UnixPath(dir.path().join("s")), Some(dir))
+        } else {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+            (ServerAddr::Tcp(port), None)
+        };
+        let listener = StdListener::bind(&addr).unwrap().into_tokio().unwrap();
+        let client = Stream::connect(&addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, server, dir)
+    }
 
     /// Everything sent arrives once and in order, whether written at once or through the
     /// backlog (a reader that starts late fills the socket first); a new connection starts
-    /// empty; sends without a connection are dropped.
+    /// empty; sends without a connection are dropped. Over TCP and over a unix socket.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bytes_arrive_in_order_through_a_full_socket() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        for unix in [false, true] {
+            in_order_through_a_full_socket(unix).await;
+        }
+    }
+
+    async fn in_order_through_a_full_socket(unix: bool) {
         let link = LinkWriter::new(64 << 20);
         assert_eq!(link.send(Bytes::from_static(b"x")), Err(Dropped::NotConnected));
-        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut server, _) = listener.accept().await.unwrap();
+        let (client, server, _dir) = pair(unix).await;
+        let (mut server, _w) = server.into_split();
         let (_r, w) = client.into_split();
         let epoch = link.connect(Some(w));
         let drainer = tokio::spawn({
@@ -221,9 +242,9 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let mut got = vec![0u8; total];
         server.read_exact(&mut got).await.unwrap();
-        assert!(sender.join().unwrap(), "the socket never filled: the backlog path was not taken");
+        assert!(sender.join().unwrap(), "the socket never filled: the backlog path was not taken (unix: {unix})");
         for (i, b) in got.iter().enumerate() {
-            assert_eq!(*b, (i % 251) as u8, "byte {i} out of order");
+            assert_eq!(*b, (i % 251) as u8, "byte {i} out of order (unix: {unix})");
         }
         // A new connection: the old task stops; nothing stale reaches the new stream.
         link.connect(None);
@@ -235,9 +256,7 @@ mod tests {
     /// A full backlog drops whole batches and says so.
     #[tokio::test]
     async fn a_full_backlog_drops_whole_batches() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let _server = listener.accept().await.unwrap();
+        let (client, _server, _dir) = pair(false).await;
         let (_r, w) = client.into_split();
         let link = LinkWriter::new(1 << 20);
         link.connect(Some(w));

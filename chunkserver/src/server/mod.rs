@@ -43,6 +43,7 @@ use tracing::{info, warn};
 
 use crate::config::{Cluster, ClusterWatch};
 use crate::metrics::{Published, Stage, Stages, Totals};
+use crate::net::{ServerAddr, StdListener};
 use crate::wire::{Body, Outcome, RequestOp};
 use group::rebuild::RateLimiter;
 use group::{Group, GroupCounters, StorageOptions};
@@ -93,7 +94,7 @@ pub struct ServerOptions {
     /// Where `/metrics` is served, if anywhere.
     pub metrics: Option<SocketAddr>,
     /// Override of the listen address (default: this server's address in the cluster file).
-    pub listen: Option<SocketAddr>,
+    pub listen: Option<ServerAddr>,
     /// The cluster file, followed for servers added while running (none: not followed).
     pub config_path: Option<PathBuf>,
     /// Cap on the bytes per second this server sends to rebuild other replicas (0: none).
@@ -151,12 +152,11 @@ fn seed(chunk: u32) -> u64 {
 pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>) -> Result<(), String> {
     let cluster = &opts.cluster;
     let me = opts.id;
-    let listen = match opts.listen {
+    let listen = match opts.listen.clone() {
         Some(a) => a,
         None => cluster.addr_of(me).ok_or_else(|| format!("server {} is not in the cluster file", me.0))?,
     };
-    let std_listener = std::net::TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    std_listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let std_listener = StdListener::bind(&listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let (inbox_tx, inbox) = sync_channel::<Inbound>(INBOX_CAPACITY);
     let ready = Arc::new(Notify::new());
     let inbox_tx = InboxTx::new(inbox_tx, ready.clone());
@@ -193,7 +193,7 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
     }
     {
         let _guard = runtime.enter();
-        let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
+        let listener = std_listener.into_tokio().map_err(|e| e.to_string())?;
         runtime.spawn(transport::accept_loop(shared.clone(), listener, peers.accept_from.clone()));
         let shared_for_stop = shared.clone();
         runtime.spawn(async move {
@@ -234,7 +234,7 @@ struct Peers {
 
 impl Peers {
     /// Starts the link to `peer`: the lower id dials, the higher accepts.
-    fn connect(&mut self, peer: ReplicaId, addr: SocketAddr, outbox: &mut Outbox) {
+    fn connect(&mut self, peer: ReplicaId, addr: ServerAddr, outbox: &mut Outbox) {
         let me = self.shared.me;
         if peer == me {
             return;
@@ -256,7 +256,7 @@ impl Peers {
             Ok(added) => {
                 for (peer, addr) in &added {
                     info!(server = peer.0, %addr, "server added to the cluster file; connecting");
-                    self.connect(*peer, *addr, outbox);
+                    self.connect(*peer, addr.clone(), outbox);
                 }
                 self.cluster.add_servers(&added);
             }

@@ -1,13 +1,13 @@
 //! Peer and frontend connections (tokio, epoll), on the core's thread.
 //!
-//! Between two servers there is one TCP connection, shared by all groups and used in both
+//! Between two servers there is one connection (TCP, or a unix socket on one host; see
+//! [`crate::net`]), shared by all groups and used in both
 //! directions: the server with the lower id dials, the other accepts. Each side writes the
 //! batches the core could not write at once (see [`super::link`]) and forwards every frame it
 //! reads to the core. A broken connection is redialled with exponential backoff (50 ms to
 //! 1 s); frames in flight on it are lost, which the protocol tolerates. Frontends connect to
 //! any server and say so in their hello.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
@@ -16,13 +16,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parallelraft::ReplicaId;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
 use super::link::LinkWriter;
 use super::outbox::{ConnId, FRONTEND_BACKLOG_BYTES};
+use crate::net::{Listener, ReadHalf, ServerAddr, Stream, WriteHalf};
 use crate::wire::{encode, read_frame, Body, Frame, Role};
 
 /// What the connection tasks hand to the core thread.
@@ -183,7 +182,7 @@ impl Shared {
 }
 
 /// Reads frames from a peer connection into the core thread until it fails.
-async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, reader: tokio::net::tcp::OwnedReadHalf) {
+async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, reader: ReadHalf) {
     let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let mut rng = parallelraft::rng::Rng::new(crate::process_entropy(conn));
     let jitter = shared.jitter;
@@ -226,25 +225,25 @@ async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, reader: tokio:
 pub async fn peer_link(
     shared: Shared,
     peer: ReplicaId,
-    addr: SocketAddr,
+    addr: ServerAddr,
     dial: bool,
     link: Arc<LinkWriter>,
-    mut streams: mpsc::Receiver<TcpStream>,
+    mut streams: mpsc::Receiver<Stream>,
 ) {
     let mut backoff = Duration::from_millis(50);
     let mut connected_once = false;
-    let mut next_stream: Option<TcpStream> = None;
+    let mut next_stream: Option<Stream> = None;
     loop {
         let stream = if let Some(s) = next_stream.take() {
             s
         } else if dial {
-            match TcpStream::connect(addr).await {
-                Ok(mut s) => {
-                    let _ = s.set_nodelay(true);
-                    if s.write_all(&shared.hello()).await.is_err() {
+            match Stream::connect(&addr).await {
+                Ok(s) => {
+                    let (reader, mut writer) = s.into_split();
+                    if writer.write_all(&shared.hello()).await.is_err() {
                         continue;
                     }
-                    s
+                    reader.reunite(writer).expect("halves of one stream")
                 }
                 Err(e) => {
                     if connected_once {
@@ -292,9 +291,9 @@ pub async fn peer_link(
 /// Accepts connections: peers are handed to their link, frontends get their own tasks.
 /// Where accepted connections of peers that dial us go (peers with a lower id); servers added
 /// while running are added to it.
-pub type AcceptFrom = Arc<std::sync::Mutex<Vec<(ReplicaId, mpsc::Sender<TcpStream>)>>>;
+pub type AcceptFrom = Arc<std::sync::Mutex<Vec<(ReplicaId, mpsc::Sender<Stream>)>>>;
 
-pub async fn accept_loop(shared: Shared, listener: TcpListener, peer_streams: AcceptFrom) {
+pub async fn accept_loop(shared: Shared, listener: Listener, peer_streams: AcceptFrom) {
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(s) => s,
@@ -304,7 +303,6 @@ pub async fn accept_loop(shared: Shared, listener: TcpListener, peer_streams: Ac
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let peer_streams = peer_streams.clone();
         tokio::spawn(async move {
@@ -338,7 +336,7 @@ pub async fn accept_loop(shared: Shared, listener: TcpListener, peer_streams: Ac
     }
 }
 
-async fn frontend(shared: Shared, reader: tokio::net::tcp::OwnedReadHalf, writer: OwnedWriteHalf) {
+async fn frontend(shared: Shared, reader: ReadHalf, writer: WriteHalf) {
     let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let link = LinkWriter::new(FRONTEND_BACKLOG_BYTES);

@@ -1,12 +1,12 @@
 //! Peer and frontend connections (tokio, epoll), on the core's thread.
 //!
-//! Between two servers there is one connection (TCP, or a unix socket on one host; see
-//! [`crate::net`]), shared by all groups and used in both
-//! directions: the server with the lower id dials, the other accepts. Each side writes the
-//! batches the core could not write at once (see [`super::link`]) and forwards every frame it
-//! reads to the core. A broken connection is redialled with exponential backoff (50 ms to
-//! 1 s); frames in flight on it are lost, which the protocol tolerates. Frontends connect to
-//! any server and say so in their hello.
+//! Between two servers there is one connection (TCP, or a unix socket on one host: see
+//! [`crate::net`]), shared by all groups and used in both directions: the server with the
+//! lower id dials, the other accepts. Each side writes the batches the core could not write at
+//! once (see [`super::link`]) and forwards every frame it reads to the core. A broken
+//! connection is redialled with exponential backoff (50 ms to 1 s); frames in flight on it are
+//! lost, which the protocol tolerates. Frontends connect to any server and say so in their
+//! hello.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
@@ -238,12 +238,11 @@ pub async fn peer_link(
             s
         } else if dial {
             match Stream::connect(&addr).await {
-                Ok(s) => {
-                    let (reader, mut writer) = s.into_split();
-                    if writer.write_all(&shared.hello()).await.is_err() {
+                Ok(mut s) => {
+                    if s.write_all(&shared.hello()).await.is_err() {
                         continue;
                     }
-                    reader.reunite(writer).expect("halves of one stream")
+                    s
                 }
                 Err(e) => {
                     if connected_once {

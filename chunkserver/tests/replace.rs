@@ -79,7 +79,10 @@ fn killed_server_is_replaced_online_under_a_verifying_fio_job() {
     scrub_ok(&c);
     // A new server joins the running cluster (listed as a spare; servers and the frontend read
     // the file again) and takes over every replica of server 1, which is alive: its old
-    // replicas are deleted.
+    // replicas are deleted. It listens on TCP while the others use `local`'s unix sockets: one
+    // cluster, both kinds of link.
+    let config = std::fs::read_to_string(c.data().join("cluster.toml")).unwrap();
+    assert_eq!(config.matches("addr = \"unix:@").count(), 4, "{config}");
     let spare_port = free_ports(1);
     let mut file = std::fs::OpenOptions::new().append(true).open(c.data().join("cluster.toml")).unwrap();
     use std::io::Write;

@@ -1,7 +1,7 @@
 //! `bench compare`: the engine against its anchors, in one interleaved run.
 //!
 //! ```text
-//! cargo run --release -p bench -- compare [--quick] [--out DIR]
+//! cargo run --release -p bench -- compare [--quick] [--out DIR] [--targets ...] [--jobs ...]
 //! ```
 //! Every run starts each target afresh, fills the measured range once (reads never read
 //! holes), runs every job on it, and stops it; runs are interleaved (run 1 of every target,
@@ -61,6 +61,10 @@ enum Cmd {
         /// parallel-straggler, raft-straggler, nbdkit-memory, nbdkit-file, local-disk.
         #[arg(long, value_delimiter = ',')]
         targets: Vec<String>,
+        /// Only these jobs (comma-separated, as the table names them, e.g. randread-4k-qd32);
+        /// a target that runs none of them is skipped.
+        #[arg(long, value_delimiter = ',')]
+        jobs: Vec<String>,
         /// Directory for the targets' data (the local-disk file lives here).
         #[arg(long)]
         work: Option<PathBuf>,
@@ -147,6 +151,28 @@ fn plan(target: &Target, quick: bool) -> Vec<Job> {
     jobs
 }
 
+/// `target`'s plan narrowed to `wanted` (all of it when `wanted` is empty).
+fn select(target: &Target, quick: bool, wanted: &[String]) -> Vec<Job> {
+    let mut jobs = plan(target, quick);
+    if !wanted.is_empty() {
+        jobs.retain(|j| wanted.contains(&j.name));
+    }
+    jobs
+}
+
+/// Fails on a wanted job that no chosen target runs (a typo would otherwise measure nothing).
+fn check_jobs(chosen: &[Target], quick: bool, wanted: &[String]) -> Result<(), String> {
+    for w in wanted {
+        if !chosen.iter().any(|t| plan(t, quick).iter().any(|j| &j.name == w)) {
+            let mut known: Vec<String> = chosen.iter().flat_map(|t| plan(t, quick)).map(|j| j.name).collect();
+            known.sort();
+            known.dedup();
+            return Err(format!("no chosen target runs job {w} (they run: {})", known.join(", ")));
+        }
+    }
+    Ok(())
+}
+
 /// Builds the engine binary (when run through cargo) and returns its path.
 fn chunkserver_binary() -> Result<PathBuf, String> {
     if let Ok(cargo) = std::env::var("CARGO") {
@@ -185,6 +211,7 @@ fn run(cli: Cli) -> Result<(), String> {
         straggler_per_mille,
         lbb_span,
         targets,
+        jobs: wanted_jobs,
         work,
     } = cli.command;
     let delays =
@@ -208,6 +235,8 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         chosen.retain(|c| targets.contains(&c.name));
     }
+    check_jobs(&chosen, quick, &wanted_jobs)?;
+    chosen.retain(|t| !select(t, quick, &wanted_jobs).is_empty());
     let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fio-configs");
     let chunkserver = chunkserver_binary()?;
     let work = work.unwrap_or_else(std::env::temp_dir);
@@ -218,7 +247,7 @@ fn run(cli: Cli) -> Result<(), String> {
     let mut measured: BTreeMap<(String, String), Vec<Measure>> = BTreeMap::new();
     for r in 1..=runs {
         for target in &chosen {
-            let jobs = plan(target, quick);
+            let jobs = select(target, quick, &wanted_jobs);
             eprintln!(
                 "run {r}/{runs}: {} ({} jobs) at {:.0} s",
                 target.name,
@@ -344,5 +373,21 @@ mod tests {
         assert_eq!(names(&targets[6], true).len(), 4, "anchors run the common jobs only");
         assert_eq!(names(&targets[8], false).len(), 8);
         assert!(plan(&targets[0], false).iter().any(|j| j.name == "randwrite-4k-qd8" && j.iodepth == Some(8)));
+    }
+
+    #[test]
+    fn a_job_filter_narrows_plans_and_refuses_unknown_names() {
+        let targets = all_targets(Delays { jitter: Jitter::default(), straggler: Jitter::default() }, 2);
+        let wanted = vec!["randread-4k-qd32".to_string()];
+        let names = |t: &Target| select(t, false, &wanted).into_iter().map(|j| j.name).collect::<Vec<_>>();
+        assert_eq!(names(&targets[0]), ["randread-4k-qd32"]);
+        assert!(names(&targets[2]).is_empty(), "the delayed targets only sweep writes");
+        assert_eq!(select(&targets[0], false, &[]).len(), plan(&targets[0], false).len(), "no filter: everything");
+        assert!(check_jobs(&targets, false, &wanted).is_ok());
+        let e = check_jobs(&targets, false, &["randread-4k-qd64".to_string()]).unwrap_err();
+        assert!(e.contains("randread-4k-qd64") && e.contains("randread-4k-qd32"), "{e}");
+        // A sweep job exists only where a chosen target sweeps.
+        let anchors = &targets[6..];
+        assert!(check_jobs(anchors, false, &["randwrite-4k-qd8".to_string()]).is_err());
     }
 }

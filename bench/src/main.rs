@@ -162,15 +162,15 @@ fn select(target: &Target, quick: bool, wanted: &[String]) -> Vec<Job> {
 
 /// Fails on a wanted job that no chosen target runs (a typo would otherwise measure nothing).
 fn check_jobs(chosen: &[Target], quick: bool, wanted: &[String]) -> Result<(), String> {
-    for w in wanted {
-        if !chosen.iter().any(|t| plan(t, quick).iter().any(|j| &j.name == w)) {
-            let mut known: Vec<String> = chosen.iter().flat_map(|t| plan(t, quick)).map(|j| j.name).collect();
-            known.sort();
-            known.dedup();
-            return Err(format!("no chosen target runs job {w} (they run: {})", known.join(", ")));
-        }
+    let known: std::collections::BTreeSet<String> =
+        chosen.iter().flat_map(|t| plan(t, quick)).map(|j| j.name).collect();
+    match wanted.iter().find(|w| !known.contains(*w)) {
+        Some(w) => Err(format!(
+            "no chosen target runs job {w} (they run: {})",
+            known.into_iter().collect::<Vec<_>>().join(", ")
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Builds the engine binary (when run through cargo) and returns its path.

@@ -113,46 +113,11 @@ impl Stream {
     }
 }
 
-/// Writes to a whole stream (the hello before it is split).
-impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
 /// The reading half of a [`Stream`].
 #[derive(Debug)]
 pub enum ReadHalf {
     Tcp(tcp::OwnedReadHalf),
     Unix(unix::OwnedReadHalf),
-}
-
-impl ReadHalf {
-    /// The stream again, if `writer` is this half's other half.
-    pub fn reunite(self, writer: WriteHalf) -> Option<Stream> {
-        match (self, writer) {
-            (ReadHalf::Tcp(r), WriteHalf::Tcp(w)) => r.reunite(w).ok().map(Stream::Tcp),
-            (ReadHalf::Unix(r), WriteHalf::Unix(w)) => r.reunite(w).ok().map(Stream::Unix),
-            _ => None,
-        }
-    }
 }
 
 impl AsyncRead for ReadHalf {
@@ -301,7 +266,7 @@ mod tests {
         assert!(format!("unix:@{}", "n".repeat(107)).parse::<ServerAddr>().is_err());
     }
 
-    /// Bytes cross each kind of socket both ways, and the halves of a stream reunite.
+    /// Bytes cross each kind of socket both ways.
     async fn round_trip(addr: ServerAddr) {
         let listener = StdListener::bind(&addr).unwrap().into_tokio().unwrap();
         let client = tokio::spawn({
@@ -322,7 +287,6 @@ mod tests {
         w.writable().await.unwrap();
         assert_eq!(w.try_write(b"pong").unwrap(), 4);
         assert_eq!(&client.await.unwrap(), b"pong");
-        assert!(r.reunite(w).is_some());
     }
 
     #[tokio::test]

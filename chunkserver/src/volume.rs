@@ -422,7 +422,7 @@ async fn link_task(
 ) {
     let mut backoff = Duration::from_millis(20);
     loop {
-        let mut stream = match Stream::connect(&addr).await {
+        let stream = match Stream::connect(&addr).await {
             Ok(s) => s,
             Err(_) => {
                 while rx.try_recv().is_ok() {}
@@ -431,14 +431,14 @@ async fn link_task(
                 continue;
             }
         };
+        let (reader, mut writer) = stream.into_split();
         let mut hello = BytesMut::new();
         encode(&Frame { cluster_id, sender: 0, group: 0, body: Body::Hello { role: Role::Frontend } }, &mut hello);
-        if stream.write_all(&hello).await.is_err() {
+        if writer.write_all(&hello).await.is_err() {
             continue;
         }
         backoff = Duration::from_millis(20);
         up.store(true, Ordering::Relaxed);
-        let (reader, mut writer) = stream.into_split();
         let reader_pending = pending.clone();
         let mut reader_task = tokio::spawn(async move {
             let mut reader = tokio::io::BufReader::with_capacity(crate::server::transport::READ_BUFFER_BYTES, reader);

@@ -22,6 +22,9 @@ use tracing::{debug, info, warn};
 use super::link::LinkWriter;
 use super::outbox::{ConnId, FRONTEND_BACKLOG_BYTES};
 use crate::net::{Listener, ReadHalf, ServerAddr, Stream, WriteHalf};
+
+/// A connection, split: what `peer_link` runs a link on.
+pub type Halves = (ReadHalf, WriteHalf);
 use crate::wire::{encode, read_frame, Body, Frame, Role};
 
 /// What the connection tasks hand to the core thread.
@@ -220,7 +223,7 @@ async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, reader: ReadHa
 
 /// One peer link: keeps a connection to `peer` up, makes it the one `link` writes to, and
 /// drains what the core could not write at once. `dial`: this side connects (lower id);
-/// otherwise it waits for accepted streams on `streams`. Without a connection, what the core
+/// otherwise it waits for accepted connections (their hello read) on `streams`. Without a connection, what the core
 /// sends is dropped (it would be stale by the time one is up).
 pub async fn peer_link(
     shared: Shared,
@@ -228,21 +231,22 @@ pub async fn peer_link(
     addr: ServerAddr,
     dial: bool,
     link: Arc<LinkWriter>,
-    mut streams: mpsc::Receiver<Stream>,
+    mut streams: mpsc::Receiver<Halves>,
 ) {
     let mut backoff = Duration::from_millis(50);
     let mut connected_once = false;
-    let mut next_stream: Option<Stream> = None;
+    let mut next_stream: Option<Halves> = None;
     loop {
-        let stream = if let Some(s) = next_stream.take() {
-            s
+        let (reader, writer) = if let Some(halves) = next_stream.take() {
+            halves
         } else if dial {
             match Stream::connect(&addr).await {
-                Ok(mut s) => {
-                    if s.write_all(&shared.hello()).await.is_err() {
+                Ok(s) => {
+                    let (reader, mut writer) = s.into_split();
+                    if writer.write_all(&shared.hello()).await.is_err() {
                         continue;
                     }
-                    s
+                    (reader, writer)
                 }
                 Err(e) => {
                     if connected_once {
@@ -265,7 +269,6 @@ pub async fn peer_link(
         }
         connected_once = true;
         let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-        let (reader, writer) = stream.into_split();
         let epoch = link.connect(Some(writer));
         let mut reader_task = tokio::spawn(read_peer(shared.clone(), conn, peer, reader));
         // Until the reader fails (the connection is gone) or, on the accepting side, a newer
@@ -290,7 +293,7 @@ pub async fn peer_link(
 /// Accepts connections: peers are handed to their link, frontends get their own tasks.
 /// Where accepted connections of peers that dial us go (peers with a lower id); servers added
 /// while running are added to it.
-pub type AcceptFrom = Arc<std::sync::Mutex<Vec<(ReplicaId, mpsc::Sender<Stream>)>>>;
+pub type AcceptFrom = Arc<std::sync::Mutex<Vec<(ReplicaId, mpsc::Sender<Halves>)>>>;
 
 pub async fn accept_loop(shared: Shared, listener: Listener, peer_streams: AcceptFrom) {
     loop {
@@ -325,8 +328,7 @@ pub async fn accept_loop(shared: Shared, listener: Listener, peer_streams: Accep
                         warn!(%from, peer = peer.0, "hello from an unknown or lower-id peer; closing");
                         return;
                     };
-                    let stream = reader.reunite(writer).expect("halves of one stream");
-                    let _ = tx.send(stream).await;
+                    let _ = tx.send((reader, writer)).await;
                 }
                 Body::Hello { role: Role::Frontend } => frontend(shared, reader, writer).await,
                 _ => warn!(%from, "first frame is not a hello; closing"),

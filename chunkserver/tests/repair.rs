@@ -107,9 +107,9 @@ fn bad_blocks_are_repaired_from_peers_and_never_served() {
     assert!(!out.contains("verification failed"), "{out}");
 }
 
-/// The offset in a replica's WAL segments of the record of `index`.
+/// The offset in a server's WAL segments of the record of chunk 0's `index`.
 fn wal_record(c: &LocalCluster, server: u32, index: u64) -> Option<(PathBuf, u64)> {
-    let dir = c.data().join(format!("server-{server}")).join("chunk-00000000");
+    let dir = c.data().join(format!("server-{server}")).join("wal");
     for e in std::fs::read_dir(&dir).unwrap() {
         let path = e.unwrap().path();
         if !path.file_name().unwrap().to_string_lossy().starts_with("wal-") {
@@ -118,7 +118,8 @@ fn wal_record(c: &LocalCluster, server: u32, index: u64) -> Option<(PathBuf, u64
         let bytes = std::fs::read(&path).unwrap();
         for at in (0..bytes.len().saturating_sub(88)).step_by(4096) {
             let magic = &bytes[at..at + 4] == b"PRWL";
-            if magic && u64::from_le_bytes(bytes[at + 48..at + 56].try_into().unwrap()) == index {
+            let field = |o: usize| u64::from_le_bytes(bytes[at + o..at + o + 8].try_into().unwrap());
+            if magic && field(40) == 0 && field(48) == index {
                 return Some((path, at as u64));
             }
         }

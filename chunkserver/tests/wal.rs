@@ -223,6 +223,7 @@ fn replay(batches: &[Vec<WalRecord>]) -> Vec<Entry> {
                 WalRecord::Truncate { after } => {
                     log.split_off(&after.next());
                 }
+                WalRecord::Reset => log.clear(),
             }
         }
     }
@@ -355,6 +356,11 @@ fn failed_sync_is_fatal() {
         Err(StorageError::Fatal(e)) => assert_eq!(e.raw_os_error(), Some(libc_eio())),
         other => panic!("expected a fatal error, got {other:?}"),
     }
+    // The log's state on disk is unknown now: a later batch would make recovery take the
+    // failed one for lost synced data, so every later append fails too.
+    let syncs = engine.sync_count();
+    assert!(matches!(wal.append(&[WalRecord::Entry(entry(2, 1))]), Err(StorageError::Fatal(_))));
+    assert_eq!(engine.sync_count(), syncs, "nothing was written after the failure");
 }
 
 fn libc_eio() -> i32 {

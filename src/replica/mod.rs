@@ -299,6 +299,12 @@ impl Replica {
         self.log.entry(index)
     }
 
+    /// The entries held above the checkpoint, in index order: what a recovery from the log
+    /// would need (a driver rewriting its log elsewhere writes these).
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> + '_ {
+        self.log.iter_from(self.log.checkpoint()).map(|slot| &slot.entry)
+    }
+
     /// Indexes between the checkpoint and the last index that this replica does not hold.
     pub fn holes(&self) -> u64 {
         let span = self.log.last_index().0 - self.log.checkpoint().0;

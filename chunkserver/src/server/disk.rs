@@ -1,20 +1,22 @@
 //! The disk threads of a chunk server, so the core thread keeps stepping messages (acks,
 //! requests, applies) while data is made durable:
-//! - the WAL threads run group commits, each for the groups `chunk % WAL_THREADS` assigns it,
-//!   so the fdatasyncs of different groups overlap instead of queueing behind each other. A
-//!   group has at most one append in flight (it holds the next batch until the completion
-//!   arrives), so records reach the WAL in the order the core issued them. The completion
-//!   comes back through the core's inbox as [`Inbound::WalDone`]; only then are the batch's
-//!   tokens reported `Persisted`. With no job waiting, a WAL thread zeroes the next segment
-//!   of the logs it serves, a step at a time (`Wal::prepare_spare`).
+//! - the WAL thread runs the group commits of the server's one log (see
+//!   `crate::storage::wal`): each round the core hands it the records of every group that has
+//!   some and no append in flight, as one job; jobs that queued meanwhile are merged into one
+//!   batch (one write, one fdatasync). A group has at most one append in flight (it holds the
+//!   next records until the completion arrives), and jobs run in the order they were sent, so
+//!   a group's records reach the log in the order the core issued them. The completion comes
+//!   back through the core's inbox as [`Inbound::WalDone`]; only then are the tokens reported
+//!   `Persisted`. Between jobs the thread zeroes the log's next segment a step at a time
+//!   (`Wal::prepare_spare`).
 //! - the checkpoint thread syncs a block store and then writes the checkpoint that describes
 //!   it (a checkpoint syncs every block written since the last one, which can take a while;
 //!   on its own thread it delays no group commit). The core issues at most one checkpoint per
 //!   group at a time and refuses snapshot installs meanwhile; `CheckpointDone` is stepped only
 //!   after both syncs and the checkpoint file are durable.
 
-use std::sync::mpsc::{channel, Sender, TryRecvError};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use parallelraft::{CheckpointState, Index};
@@ -27,19 +29,36 @@ use crate::storage::wal::{Wal, WalRecord};
 
 use super::transport::{Inbound, InboxTx};
 
-pub struct WalJob {
+/// One group's part of a group commit.
+pub struct GroupAppend {
     pub chunk: u32,
-    pub wal: Arc<Mutex<Wal>>,
     pub records: Vec<WalRecord>,
     pub tokens: Vec<u64>,
 }
 
-/// The result of a job: `error` is set when the append failed (the group fail-stops).
+/// What the core sends the WAL thread, in order.
+pub enum WalJob {
+    /// Group commits: appended (with any others queued) as one batch.
+    Append {
+        appends: Vec<GroupAppend>,
+        /// Report the chunks pinning the log's oldest segment once it has more segments.
+        max_segments: usize,
+    },
+    /// A chunk's durable checkpoint covers its entries up to `through`.
+    Cover { chunk: u32, through: Index },
+    /// A chunk's replica is gone from this server.
+    Forget { chunk: u32 },
+}
+
+/// The result of an append: `error` is set when it failed (every group in it fail-stops, and
+/// so will every later one: the log is poisoned).
 pub struct WalDone {
-    pub chunk: u32,
-    pub tokens: Vec<u64>,
+    /// Per group, the tokens now durable.
+    pub appends: Vec<(u32, Vec<u64>)>,
     pub error: Option<String>,
     pub took: Duration,
+    /// Chunks whose uncovered entries keep the oldest of too many segments (`Wal::pinning`).
+    pub pinning: Vec<u32>,
 }
 
 pub struct CheckpointJob {
@@ -57,30 +76,32 @@ pub struct CheckpointDone {
     pub took: Duration,
 }
 
-/// The job queues of a server's disk threads. Unbounded in type, bounded in fact: one job
-/// of each kind per group at most.
+/// The job queues of a server's disk threads, and the server's log. Unbounded in type, bounded
+/// in fact: one append per group and round, one checkpoint per group at most.
 #[derive(Clone)]
 pub struct Disk {
-    wal: Vec<Sender<WalJob>>,
+    wal: Sender<WalJob>,
+    /// The WAL thread holds it during an append; the core locks it only for the rare
+    /// synchronous append (a new replica's reset, a migrated log) and at start-up.
+    pub log: Arc<Mutex<Wal>>,
     pub checkpoint: Sender<CheckpointJob>,
 }
 
-/// WAL threads per server. With one, a leader's write waited for its group commit p50 4.3 ms
-/// while the append and fdatasync took p50 0.7 ms: the queue was the other groups' syncs
-/// (`chunkserver profile` after fio 4 KiB random writes at iodepth 32 on a default `local`
-/// cluster). Four: 2,531 against 2,220 IOPS, medians of three interleaved 10 s fio runs of that
-/// job; the disk serializes concurrent fdatasyncs, so more threads gain little.
-pub const WAL_THREADS: usize = 4;
-
 impl Disk {
-    /// Hands a group commit to the WAL thread of its chunk; false when that thread is gone.
-    pub fn append(&self, job: WalJob) -> bool {
-        self.wal[job.chunk as usize % self.wal.len()].send(job).is_ok()
+    /// Hands a job to the WAL thread; false when that thread is gone.
+    pub fn send(&self, job: WalJob) -> bool {
+        self.wal.send(job).is_ok()
+    }
+
+    /// Locks the log (for synchronous use on the core thread, see [`Disk::log`]).
+    pub fn lock_log(&self) -> std::sync::MutexGuard<'_, Wal> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// Starts the disk threads; they end when every sender is dropped or the core's inbox closes.
-pub fn spawn(inbox: InboxTx, engine: EngineKind) -> std::io::Result<Disk> {
+/// Starts the disk threads over the server's log; they end when every sender is dropped or the
+/// core's inbox closes.
+pub fn spawn(inbox: InboxTx, engine: EngineKind, log: Wal) -> std::io::Result<Disk> {
     let (ctx, crx) = channel::<CheckpointJob>();
     let mut checkpoint_engine = open_engine(engine)?;
     let checkpoint_inbox = inbox.clone();
@@ -102,62 +123,72 @@ pub fn spawn(inbox: InboxTx, engine: EngineKind) -> std::io::Result<Disk> {
             }
         }
     })?;
-    let mut wal = Vec::new();
-    for k in 0..WAL_THREADS {
-        let (tx, rx) = channel::<WalJob>();
-        let inbox = inbox.clone();
-        std::thread::Builder::new().name(format!("wal-{k}")).spawn(move || {
-            // The logs this thread has appended to: between jobs it prepares their next
-            // segments (`Wal::prepare_spare`), one small step at a time.
-            let mut logs: Vec<Weak<Mutex<Wal>>> = Vec::new();
-            loop {
-                let job = match rx.try_recv() {
-                    Ok(job) => job,
-                    Err(TryRecvError::Disconnected) => return,
-                    Err(TryRecvError::Empty) => {
-                        if prepare_spare_step(&mut logs) {
-                            continue;
-                        }
-                        match rx.recv() {
-                            Ok(job) => job,
-                            Err(_) => return,
-                        }
-                    }
-                };
-                if !logs.iter().any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&job.wal))) {
-                    logs.push(Arc::downgrade(&job.wal));
-                }
-                let start = Instant::now();
-                let result = job.wal.lock().unwrap_or_else(|e| e.into_inner()).append(&job.records);
-                let done = WalDone {
-                    chunk: job.chunk,
-                    tokens: job.tokens,
-                    error: result.err().map(|e| e.to_string()),
-                    took: start.elapsed(),
-                };
-                if !inbox.send_blocking(Inbound::WalDone(done)) {
-                    return;
-                }
-            }
-        })?;
-        wal.push(tx);
-    }
-    Ok(Disk { wal, checkpoint: ctx })
+    let log = Arc::new(Mutex::new(log));
+    let (tx, rx) = channel::<WalJob>();
+    let thread_log = log.clone();
+    std::thread::Builder::new().name("wal".into()).spawn(move || wal_thread(&rx, &thread_log, &inbox))?;
+    Ok(Disk { wal: tx, log, checkpoint: ctx })
 }
 
-/// One step of spare-segment preparation for the first of `logs` that wants one; false when
-/// none did (the thread may then block for its next job). Forgets logs whose group is gone.
-fn prepare_spare_step(logs: &mut Vec<Weak<Mutex<Wal>>>) -> bool {
-    logs.retain(|w| w.strong_count() > 0);
-    for log in logs.iter() {
-        let Some(log) = log.upgrade() else { continue };
-        let mut wal = log.lock().unwrap_or_else(|e| e.into_inner());
-        match wal.prepare_spare() {
-            Ok(true) => return true,
-            Ok(false) => {}
-            // Not fatal: rotating zeroes the segment inline and reports any error there.
-            Err(e) => warn!("preparing a WAL segment ahead failed: {e}"),
+fn wal_thread(rx: &Receiver<WalJob>, log: &Mutex<Wal>, inbox: &InboxTx) {
+    let lock = || log.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let first = match rx.try_recv() {
+            Ok(job) => job,
+            Err(TryRecvError::Disconnected) => return,
+            Err(TryRecvError::Empty) => {
+                match lock().prepare_spare() {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    // Not fatal: rotating zeroes the segment inline and reports any error there.
+                    Err(e) => warn!("preparing a WAL segment ahead failed: {e}"),
+                }
+                match rx.recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                }
+            }
+        };
+        // Everything queued joins this batch. Covers and forgets commute with the appends
+        // merged here (a group is forgotten only with no append in flight, and a new replica's
+        // first records come after its reset), so they are applied first.
+        let mut appends: Vec<GroupAppend> = Vec::new();
+        let mut max_segments = usize::MAX;
+        let mut wal = lock();
+        let mut take = |job: WalJob, wal: &mut Wal| match job {
+            WalJob::Append { appends: more, max_segments: m } => {
+                appends.extend(more);
+                max_segments = m;
+            }
+            WalJob::Cover { chunk, through } => wal.cover(chunk as u64, through),
+            WalJob::Forget { chunk } => wal.forget(chunk as u64),
+        };
+        take(first, &mut wal);
+        while let Ok(job) = rx.try_recv() {
+            take(job, &mut wal);
+        }
+        let start = Instant::now();
+        let parts: Vec<(u64, &[WalRecord])> = appends.iter().map(|a| (a.chunk as u64, &a.records[..])).collect();
+        let mut result = wal.append_chunks(&parts);
+        if result.is_ok() {
+            result = wal.prune_covered().map(|_| ());
+        }
+        let pinning = wal.pinning(max_segments).into_iter().map(|c| c as u32).collect();
+        drop(wal);
+        if appends.is_empty() {
+            if let Err(e) = result {
+                warn!("pruning the WAL failed: {e}");
+            }
+            continue;
+        }
+        let done = WalDone {
+            appends: appends.into_iter().map(|a| (a.chunk, a.tokens)).collect(),
+            error: result.err().map(|e| e.to_string()),
+            took: start.elapsed(),
+            pinning,
+        };
+        if !inbox.send_blocking(Inbound::WalDone(done)) {
+            return;
         }
     }
-    false
 }

@@ -12,9 +12,9 @@
 //!
 //! The core runs to completion in rounds: take what arrived (waiting only until the
 //! next tick), step the groups, execute their commands (block applies, reads, hard state and
-//! checkpoints synchronously; log writes collected), make each group's collected log writes
-//! durable in one WAL append (group commit: one fdatasync for everything that arrived during
-//! the previous round, on one of the server's WAL threads), feed the completions back, and
+//! checkpoints synchronously; log writes collected), make the collected log writes of every
+//! group durable in one append to the server's WAL (group commit: one fdatasync for everything
+//! that arrived during the previous round, on the WAL thread), feed the completions back, and
 //! write the coalesced outgoing batches to their sockets (non-blocking; a connection task
 //! takes over only what a full socket refuses, see [`link`]), then yield so the connection
 //! tasks read what arrived meanwhile. Messages to peers leave before the local fdatasync
@@ -160,9 +160,10 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
     let (inbox_tx, inbox) = sync_channel::<Inbound>(INBOX_CAPACITY);
     let ready = Arc::new(Notify::new());
     let inbox_tx = InboxTx::new(inbox_tx, ready.clone());
-    let disk = disk::spawn(inbox_tx.clone(), opts.storage.engine)
+    let (log, recovered) = replicas::open_log(&opts)?;
+    let disk = disk::spawn(inbox_tx.clone(), opts.storage.engine, log)
         .map_err(|e| format!("cannot start the disk threads: {e}"))?;
-    let mut groups = replicas::open_groups(&opts, &disk)?;
+    let mut groups = replicas::open_groups(&opts, &disk, recovered)?;
     info!(server = me.0, %listen, chunks = groups.len(), mode = ?cluster.mode, "chunk server up");
 
     // One thread for the core and every connection: a frame read off a socket reaches the
@@ -361,8 +362,15 @@ async fn core_loop(
                     return;
                 }
                 Inbound::WalDone(done) => {
-                    if let Some(g) = groups.get_mut(&done.chunk) {
-                        g.wal_done(done.tokens, done.error, done.took, outbox);
+                    for (chunk, tokens) in done.appends {
+                        if let Some(g) = groups.get_mut(&chunk) {
+                            g.wal_done(tokens, done.error.clone(), done.took, outbox);
+                        }
+                    }
+                    for chunk in done.pinning {
+                        if let Some(g) = groups.get_mut(&chunk) {
+                            g.rewrite_log();
+                        }
                     }
                 }
                 Inbound::CheckpointDone(done) => {
@@ -401,13 +409,38 @@ async fn core_loop(
             g.pump_snapshots(outbox, &mut limiter);
         }
         outbox.flush();
-        for g in groups.values_mut() {
-            g.submit_wal();
-        }
+        submit_wal(disk, groups);
         stages.record(Stage::CoreRound, round_start.elapsed());
         // The connection tasks share this thread: let them read (and the I/O driver poll)
         // before the next round, or a busy core would starve them.
         tokio::task::yield_now().await;
+    }
+}
+
+/// Hands this round's group commit (the pending records of every group without an append in
+/// flight) and any new checkpoints to the WAL thread.
+fn submit_wal(disk: &disk::Disk, groups: &mut BTreeMap<u32, Group>) {
+    let mut appends = Vec::new();
+    for g in groups.values_mut() {
+        if let Some(through) = g.take_wal_cover() {
+            // Lost only with the thread, which the append below reports.
+            disk.send(disk::WalJob::Cover { chunk: g.chunk, through });
+        }
+        appends.extend(g.take_wal());
+    }
+    if appends.is_empty() {
+        return;
+    }
+    let chunks: Vec<u32> = appends.iter().map(|a| a.chunk).collect();
+    // Past this many segments the log names the replicas that pin its oldest one: about what
+    // a log per replica held (a checkpoint's worth of entries plus the segment being written).
+    let max_segments = 2 * groups.len() + 2;
+    if !disk.send(disk::WalJob::Append { appends, max_segments }) {
+        for chunk in chunks {
+            if let Some(g) = groups.get_mut(&chunk) {
+                g.wal_lost();
+            }
+        }
     }
 }
 
@@ -438,7 +471,7 @@ fn frame_arrived(
     let chunk = frame.group;
     let from = ReplicaId(frame.sender);
     if let Body::Request { id, op: RequestOp::Retire { config }, .. } = &frame.body {
-        let outcome = retire(opts, groups, chunk, *config);
+        let outcome = retire(opts, disk, groups, chunk, *config);
         outbox.frontend(conn, chunk, Body::Response { id: *id, outcome });
         return;
     }
@@ -484,7 +517,13 @@ fn frame_arrived(
 
 /// The operator's word that the configuration entry at `config` removed this server from
 /// `chunk`'s group.
-fn retire(opts: &ServerOptions, groups: &mut BTreeMap<u32, Group>, chunk: u32, config: parallelraft::Index) -> Outcome {
+fn retire(
+    opts: &ServerOptions,
+    disk: &disk::Disk,
+    groups: &mut BTreeMap<u32, Group>,
+    chunk: u32,
+    config: parallelraft::Index,
+) -> Outcome {
     let Some(group) = groups.get(&chunk) else {
         return Outcome::Done; // nothing (left) here
     };
@@ -495,6 +534,7 @@ fn retire(opts: &ServerOptions, groups: &mut BTreeMap<u32, Group>, chunk: u32, c
         return Outcome::Busy;
     }
     let group = groups.remove(&chunk).expect("present");
+    disk.send(disk::WalJob::Forget { chunk });
     match replicas::retire(opts, group) {
         Ok(()) => Outcome::Done,
         Err(e) => {

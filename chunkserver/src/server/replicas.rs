@@ -19,14 +19,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use parallelraft::{HardState, Index, ReplicaId, Term};
-use tracing::info;
+use parallelraft::{Entry, HardState, Index, ReplicaId, Term};
+use tracing::{info, warn};
 
 use super::disk::Disk;
 use super::group::Group;
 use super::{group_config, ServerOptions};
 use crate::storage::io::open_engine;
 use crate::storage::meta;
+use crate::storage::wal::{Wal, WalOptions, WalRecord, SHARED_LOG_ID};
 
 const BOOT_FILE: &str = "members.boot";
 const RETIRED_FILE: &str = "retired";
@@ -34,6 +35,8 @@ const HARD_STATE_FILE: &str = "hardstate";
 /// In the server's directory: the bootstrap replicas were created (never again: a replica
 /// removed since must not come back from the placement).
 const INITIALIZED_FILE: &str = "initialized";
+/// In the server's directory: the write-ahead log of all its replicas.
+const WAL_DIR: &str = "wal";
 
 pub fn chunk_dir(data_dir: &Path, chunk: u32) -> PathBuf {
     data_dir.join(format!("chunk-{chunk:08}"))
@@ -78,15 +81,48 @@ fn read_boot(dir: &Path) -> Result<Option<Vec<ReplicaId>>, String> {
         .map(Some)
 }
 
-fn open_one(opts: &ServerOptions, disk: &Disk, chunk: u32, voters: Vec<ReplicaId>) -> Result<Group, String> {
+fn open_one(
+    opts: &ServerOptions,
+    disk: &Disk,
+    chunk: u32,
+    voters: Vec<ReplicaId>,
+    logged: Vec<Entry>,
+) -> Result<Group, String> {
     let cfg = group_config(opts, voters, chunk);
-    Group::open(chunk, chunk_dir(&opts.data_dir, chunk), opts.cluster.chunk_len(chunk), cfg, opts.storage, disk.clone())
+    let (dir, len) = (chunk_dir(&opts.data_dir, chunk), opts.cluster.chunk_len(chunk));
+    Group::open(chunk, dir, len, cfg, opts.storage, disk.clone(), logged)
 }
 
-/// Opens every chunk replica this server holds, creating the bootstrap ones on first start.
-pub fn open_groups(opts: &ServerOptions, disk: &Disk) -> Result<BTreeMap<u32, Group>, String> {
+/// Opens (or creates) the server's write-ahead log in `wal/` of the data directory and
+/// recovers it: per chunk, its log entries.
+pub fn open_log(opts: &ServerOptions) -> Result<(Wal, BTreeMap<u64, Vec<Entry>>), String> {
     let data = &opts.data_dir;
     std::fs::create_dir_all(data).map_err(|e| format!("cannot create data directory {}: {e}", data.display()))?;
+    let dir = data.join(WAL_DIR);
+    let ctx = |e: &dyn std::fmt::Display| format!("the write-ahead log in {}: {e}", dir.display());
+    std::fs::create_dir_all(&dir).map_err(|e| ctx(&e))?;
+    let engine = open_engine(opts.storage.engine).map_err(|e| ctx(&e))?;
+    let options = WalOptions { segment_bytes: opts.storage.wal_segment_bytes, direct: opts.storage.wal_direct };
+    let (log, recovery) = Wal::open(engine, &dir, SHARED_LOG_ID, options).map_err(|e| ctx(&e))?;
+    for c in &recovery.corruptions {
+        // The entry is left out of the recovered log: its replica holds a hole there, which the
+        // protocol fills from its peers (merge or catch-up); it is never guessed.
+        warn!(segment = c.segment, offset = c.offset, index = ?c.index_hint, "WAL record failed its checksum");
+    }
+    if recovery.torn_tail {
+        info!("discarded a torn batch at the end of the WAL");
+    }
+    Ok((log, recovery.chunks))
+}
+
+/// Opens every chunk replica this server holds, creating the bootstrap ones on first start;
+/// `logged` is what the server's log recovered (see [`open_log`]).
+pub fn open_groups(
+    opts: &ServerOptions,
+    disk: &Disk,
+    mut logged: BTreeMap<u64, Vec<Entry>>,
+) -> Result<BTreeMap<u32, Group>, String> {
+    let data = &opts.data_dir;
     let placed = opts.cluster.chunks_on(opts.id);
     if !data.join(INITIALIZED_FILE).exists() {
         // First start (or one interrupted while creating): create what the placement gives us.
@@ -114,8 +150,11 @@ pub fn open_groups(opts: &ServerOptions, disk: &Disk) -> Result<BTreeMap<u32, Gr
             None if placed.contains(&chunk) => opts.cluster.replicas_of(chunk),
             None => Vec::new(),
         };
-        groups.insert(chunk, open_one(opts, disk, chunk, voters)?);
+        let entries = logged.remove(&(chunk as u64)).unwrap_or_default();
+        groups.insert(chunk, open_one(opts, disk, chunk, voters, entries)?);
     }
+    // Records of chunks without a replica here (retired) keep no segment.
+    disk.lock_log().retain_chunks(|c| u32::try_from(c).is_ok_and(|c| groups.contains_key(&c)));
     Ok(groups)
 }
 
@@ -123,6 +162,11 @@ pub fn open_groups(opts: &ServerOptions, disk: &Disk) -> Result<BTreeMap<u32, Gr
 /// (on top of a tombstone, if the server was a member before).
 pub fn create_joiner(opts: &ServerOptions, disk: &Disk, chunk: u32) -> Result<Group, String> {
     let dir = chunk_dir(&opts.data_dir, chunk);
+    // First, durably: whatever the server's log still holds of an earlier replica of this chunk
+    // is void, so no restart replays it into the new one.
+    disk.lock_log()
+        .append_chunks(&[(chunk as u64, &[WalRecord::Reset])])
+        .map_err(|e| format!("cannot create a joiner replica of chunk {chunk}: the write-ahead log: {e}"))?;
     let ctx = |e: std::io::Error| format!("cannot create a joiner replica in {}: {e}", dir.display());
     std::fs::create_dir_all(&dir).map_err(ctx)?;
     remove_all_but(&dir, &[HARD_STATE_FILE, RETIRED_FILE]).map_err(ctx)?;
@@ -133,7 +177,7 @@ pub fn create_joiner(opts: &ServerOptions, disk: &Disk, chunk: u32) -> Result<Gr
         Err(e) => return Err(ctx(e)),
     }
     info!(chunk, "joining a group: created a replica that waits for its leader's snapshot");
-    open_one(opts, disk, chunk, Vec::new())
+    open_one(opts, disk, chunk, Vec::new(), Vec::new())
 }
 
 /// Deletes a removed replica's data, keeping its term and vote (see the module docs). The

@@ -1,6 +1,6 @@
-//! Durable storage of one chunk replica: the [`wal::Wal`] (log entries, group commit), the
-//! [`blocks::BlockStore`] (4 KiB blocks with per-block checksums) and the [`meta`] files
-//! (hard state and checkpoint), all on an [`io::IoEngine`].
+//! Durable storage of a server's chunk replicas: the [`wal::Wal`] (log entries of every chunk,
+//! group commit), per replica the [`blocks::BlockStore`] (4 KiB blocks with per-block
+//! checksums) and the [`meta`] files (hard state and checkpoint), all on an [`io::IoEngine`].
 //!
 //! Failure policy: an error from `fdatasync` (or any write) is fatal for the replica
 //! ([`StorageError::Fatal`]): after a failed sync the kernel may have dropped the dirty pages,
@@ -10,6 +10,7 @@
 pub mod blocks;
 pub mod io;
 pub mod meta;
+pub mod migrate;
 pub mod wal;
 
 use std::fmt;

@@ -150,8 +150,13 @@ impl LocalCluster {
         size.div_ceil(64 << 20) as u32
     }
 
+    /// Everything `local` and its servers logged.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.data().join(format!("local-{}.log", self.port))).unwrap_or_default()
+    }
+
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.data().join(format!("local-{}.log", self.port))).unwrap_or_default();
+        let text = self.log_text();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }

@@ -5,17 +5,17 @@
 //! ```text
 //! chunk-00000003/
 //!   hardstate          term, vote, sync term (meta::save_hard_state)
-//!   wal-*.log          the write-ahead log
 //!   members.boot       the bootstrap voters this replica was created with (none: a joiner)
 //!   blocks/            blocks.dat, blocks.meta, the checkpoint that describes them and the
 //!                      progress of an interrupted rebuild (see `rebuild`)
 //! ```
-//! (Earlier versions received images into `blocks.new/` and swapped directories; a leftover of
-//! that is finished or undone at start-up.)
+//! The replica's log records live in the server's write-ahead log (`wal/` beside the chunk
+//! directories, shared by every replica of the server). Earlier versions kept a `wal-*.log`
+//! per chunk directory (moved into the server's log at start-up) and received images into
+//! `blocks.new/` and swapped directories (a leftover of that is finished or undone).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,11 +29,12 @@ use crate::storage::blocks::{BlockStore, ImageBlock};
 use crate::storage::io::{open_engine, EngineKind, IoEngine};
 use crate::storage::meta;
 use crate::storage::meta::RebuildProgress;
-use crate::storage::wal::{Wal, WalOptions, WalRecord};
+use crate::storage::migrate::migrate;
+use crate::storage::wal::{WalOptions, WalRecord};
 use crate::storage::{BadBlock, StorageError};
 use crate::wire::{BlockNeed, Body, GroupStatus, Outcome, RequestOp, SnapBlock, MAX_SCRUB_BLOCKS};
 
-use super::disk::{CheckpointJob, Disk, WalJob};
+use super::disk::{CheckpointJob, Disk, GroupAppend};
 use super::outbox::{ConnId, Outbox};
 use super::repair::{can_serve, Repairs};
 use super::trace::Traces;
@@ -75,17 +76,18 @@ pub struct Group {
     pub chunk: u32,
     replica: Replica,
     dir: PathBuf,
-    /// Shared with the WAL thread, which holds it during an append (see `super::disk`).
-    wal: Arc<Mutex<Wal>>,
     /// An append of this group is running on the WAL thread.
     wal_in_flight: bool,
+    /// A durable checkpoint the server's log has not been told of yet (entries up to it may go).
+    wal_cover: Option<Index>,
     /// A checkpoint of this group is running on the checkpoint thread.
     checkpoint_running: bool,
     /// The server's disk threads: group commits and checkpoints run there.
     disk: Disk,
     blocks: BlockStore,
     meta: Box<dyn IoEngine>,
-    /// Records of the current group commit and the tokens they complete.
+    /// Records of the next group commit and the tokens they complete (records may complete no
+    /// token: a rewrite of the log, see [`Group::rewrite_log`]).
     wal_batch: Vec<WalRecord>,
     wal_tokens: Vec<u64>,
     /// Which frontend connection asked, per request in progress.
@@ -147,7 +149,9 @@ fn repair_swap(dir: &Path) -> std::io::Result<()> {
 }
 
 impl Group {
-    /// Opens (or creates) the replica of `chunk` in `dir` and recovers it from disk.
+    /// Opens (or creates) the replica of `chunk` in `dir` and recovers it from disk: `logged` is
+    /// what the server's log recovered for the chunk (a chunk log of an earlier version in `dir`
+    /// replaces it, see `crate::storage::migrate`).
     pub fn open(
         chunk: u32,
         dir: PathBuf,
@@ -155,6 +159,7 @@ impl Group {
         cfg: Config,
         options: StorageOptions,
         disk: Disk,
+        logged: Vec<Entry>,
     ) -> Result<Group, String> {
         let ctx = |e: &dyn std::fmt::Display| format!("chunk {chunk} in {}: {e}", dir.display());
         std::fs::create_dir_all(blocks_dir(&dir)).map_err(|e| ctx(&e))?;
@@ -167,24 +172,27 @@ impl Group {
         let blocks = BlockStore::open(engine()?, &blocks_dir(&dir), capacity_bytes, options.blocks_direct)
             .map_err(|e| ctx(&e))?;
         let wal_options = WalOptions { segment_bytes: options.wal_segment_bytes, direct: options.wal_direct };
-        let (wal, recovery) = Wal::open(engine()?, &dir, chunk as u64, wal_options).map_err(|e| ctx(&e))?;
-        for c in &recovery.corruptions {
-            // The entry is left out of the recovered log: the replica holds a hole there, which
-            // the protocol fills from its peers (merge or catch-up); it is never guessed.
-            warn!(chunk, segment = c.segment, offset = c.offset, index = ?c.index_hint, "WAL record failed its checksum");
-        }
-        if recovery.torn_tail {
-            info!(chunk, "discarded a torn batch at the end of the WAL");
-        }
-        let entries = recovery.entries.len();
-        let replica = Replica::recover(cfg, hard, checkpoint.clone(), recovery.entries);
+        let migrated = migrate(&mut disk.lock_log(), engine()?, &dir, chunk, wal_options).map_err(|e| ctx(&e))?;
+        let logged = match migrated {
+            Some(recovery) => {
+                for c in &recovery.corruptions {
+                    // Left out of the log: a hole, which the protocol fills from its peers.
+                    warn!(chunk, segment = c.segment, offset = c.offset, index = ?c.index_hint, "WAL record failed its checksum");
+                }
+                info!(chunk, entries = recovery.entries.len(), "moved the chunk's own WAL into the server's");
+                recovery.entries
+            }
+            None => logged,
+        };
+        let entries = logged.len();
+        let replica = Replica::recover(cfg, hard, checkpoint.clone(), logged);
         info!(chunk, checkpoint = checkpoint.index.0, entries, term = replica.term().0, "chunk replica recovered");
         Ok(Group {
             chunk,
             replica,
             dir,
-            wal: Arc::new(Mutex::new(wal)),
             wal_in_flight: false,
+            wal_cover: Some(checkpoint.index),
             checkpoint_running: false,
             disk,
             blocks,
@@ -231,7 +239,7 @@ impl Group {
     }
 
     /// Feeds an event in, then runs every command it leads to (except the WAL group commit,
-    /// which [`Group::submit_wal`] hands to the WAL thread).
+    /// whose records [`Group::take_wal`] gives to the server's next one).
     pub fn step(&mut self, event: Event, out: &mut Outbox) {
         if self.failed.is_some() {
             return;
@@ -391,12 +399,7 @@ impl Group {
                 self.wal_batch.push(WalRecord::Truncate { after });
                 self.wal_tokens.push(token);
             }
-            Command::PruneLog { through } => {
-                let pruned = self.wal.lock().unwrap_or_else(|e| e.into_inner()).prune(through);
-                if let Err(e) = pruned {
-                    self.fail("pruning the WAL", e);
-                }
-            }
+            Command::PruneLog { through } => self.wal_cover = self.wal_cover.max(Some(through)),
             Command::Send { to, message } => {
                 if let Message::Append { entries, .. } = &message {
                     self.traces.sent(entries, &mut self.stages);
@@ -583,23 +586,45 @@ impl Group {
         }
     }
 
-    /// Hands the pending WAL records to the WAL thread as one append (one fdatasync), unless
-    /// an append of this group is still running. Returns whether a job was sent.
-    pub fn submit_wal(&mut self) -> bool {
-        if self.failed.is_some() || self.wal_in_flight || self.wal_tokens.is_empty() {
-            return false;
+    /// The pending WAL records as this round's part of the server's group commit, unless an
+    /// append of this group is still running (then they wait for the next round after it).
+    pub fn take_wal(&mut self) -> Option<GroupAppend> {
+        if self.failed.is_some() || self.wal_in_flight || (self.wal_batch.is_empty() && self.wal_tokens.is_empty()) {
+            return None;
         }
-        let job = WalJob {
+        self.wal_in_flight = true;
+        Some(GroupAppend {
             chunk: self.chunk,
-            wal: self.wal.clone(),
             records: std::mem::take(&mut self.wal_batch),
             tokens: std::mem::take(&mut self.wal_tokens),
-        };
-        self.wal_in_flight = true;
-        if !self.disk.append(job) {
-            self.fail("WAL append", StorageError::Fatal(std::io::Error::other("the WAL thread is gone")));
+        })
+    }
+
+    /// A checkpoint the server's log has not been told of yet.
+    pub fn take_wal_cover(&mut self) -> Option<Index> {
+        self.wal_cover.take()
+    }
+
+    /// The WAL thread is gone: the records handed to it never become durable.
+    pub fn wal_lost(&mut self) {
+        self.wal_in_flight = false;
+        self.fail("WAL append", StorageError::Fatal(std::io::Error::other("the WAL thread is gone")));
+    }
+
+    /// This replica's records keep the server's oldest log segment: writes its log anew at the
+    /// head, a reset and every entry it holds above its checkpoint, ahead of any records still
+    /// pending (the copy already reflects them; replaying them again changes nothing). Entries
+    /// not yet reported durable become durable sooner, which the protocol allows. Skipped
+    /// while an append of the group runs (the next report names it again).
+    pub fn rewrite_log(&mut self) {
+        if self.failed.is_some() || self.wal_in_flight {
+            return;
         }
-        true
+        let mut records = vec![WalRecord::Reset];
+        records.extend(self.replica.entries().cloned().map(WalRecord::Entry));
+        info!(chunk = self.chunk, entries = records.len() - 1, "rewriting the replica's log at the head of the WAL");
+        records.append(&mut self.wal_batch);
+        self.wal_batch = records;
     }
 
     /// An append finished: report every token it covered, or fail-stop if it failed (nothing

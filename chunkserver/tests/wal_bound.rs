@@ -1,0 +1,50 @@
+//! Real processes: a chunk that goes quiet does not keep its server's write-ahead log growing.
+//! Its few entries sit in the oldest segment while another chunk writes hundreds of MiB; the
+//! server rewrites the quiet chunk's log at the head, the old segments go, and after a restart
+//! the quiet chunk's writes read back.
+
+mod support;
+
+use std::process::Command;
+
+use support::*;
+
+/// Segment files of server `server`'s log.
+fn segments(c: &LocalCluster, server: u32) -> usize {
+    std::fs::read_dir(c.data().join(format!("server-{server}")).join("wal"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".log"))
+        .count()
+}
+
+#[test]
+fn a_quiet_chunk_does_not_pin_the_servers_log() {
+    let _g = serial();
+    require_tool("fio");
+    require_tool("qemu-io");
+    // Two chunks of 64 MiB: a server's log may hold 2 x 2 + 2 segments of 32 MiB before it
+    // names the replicas that pin its oldest one.
+    let mut c = LocalCluster::start("parallel", "128M");
+    let uri = c.uri();
+    let quiet: Vec<String> = (0..8).map(|k| format!("write -P {} {} 4k", 0x40 + k, k * 65536)).collect();
+    run_ok(&mut qemu_io(&uri, &quiet.iter().map(String::as_str).collect::<Vec<_>>()));
+    // 384 MiB of 128 KiB writes into chunk 1: twelve segments' worth of log on every server.
+    let mut fio = Command::new("fio");
+    fio.args(["--name=busy", "--ioengine=nbd", "--rw=write", "--bs=128k", "--iodepth=16"])
+        .args(["--offset=64m", "--size=64m", "--loops=6", "--output-format=json"])
+        .arg(format!("--uri={uri}"));
+    run_ok(&mut fio);
+    for server in 1..=3 {
+        let n = segments(&c, server);
+        assert!(n <= 8, "server {server} keeps {n} segments of 32 MiB; cluster log:\n{}", c.log_tail());
+    }
+    assert!(
+        c.log_text().contains("rewriting the replica's log"),
+        "no replica rewrote its log; cluster log:\n{}",
+        c.log_tail()
+    );
+    c.restart_all();
+    let check: Vec<String> = (0..8).map(|k| format!("read -P {} {} 4k", 0x40 + k, k * 65536)).collect();
+    let out = run_ok(&mut qemu_io(&c.uri(), &check.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert!(!out.contains("verification failed"), "{out}");
+}

@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use chunkserver::storage::io::{open_engine, CrashEngine, EngineKind, IoEngine};
+use chunkserver::storage::wal::WalRecord;
 use lbb::LookBehind;
 use parallelraft::{ClientId, Entry, Index, Op, RequestId, Term};
 
@@ -30,5 +31,18 @@ pub fn entry(index: u64, term: u64) -> Entry {
         request: Some(RequestId { client: ClientId(1), seq: index }),
         floor: 0,
         look_behind: LookBehind::unknown(2),
+    }
+}
+
+/// Replays one WAL record into a chunk's log, as recovery does.
+pub fn replay_record(log: &mut std::collections::BTreeMap<Index, Entry>, record: &WalRecord) {
+    match record {
+        WalRecord::Entry(e) => {
+            log.insert(e.index, e.clone());
+        }
+        WalRecord::Truncate { after } => {
+            log.split_off(&after.next());
+        }
+        WalRecord::Reset => log.clear(),
     }
 }

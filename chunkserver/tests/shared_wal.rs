@@ -11,7 +11,7 @@ use std::path::Path;
 use chunkserver::storage::io::{CrashEngine, CrashPolicy};
 use chunkserver::storage::migrate::migrate;
 use chunkserver::storage::wal::{Recovery, Wal, WalOptions, WalRecord, SHARED_LOG_ID};
-use common::entry;
+use common::{entry, replay_record};
 use parallelraft::rng::Rng;
 use parallelraft::{Entry, Index};
 
@@ -256,15 +256,7 @@ fn replay(batches: &[Vec<(u64, Vec<WalRecord>)>]) -> BTreeMap<u64, Vec<Entry>> {
     for (chunk, records) in batches.iter().flatten() {
         let log = logs.entry(*chunk).or_default();
         for r in records {
-            match r {
-                WalRecord::Entry(e) => {
-                    log.insert(e.index, e.clone());
-                }
-                WalRecord::Truncate { after } => {
-                    log.split_off(&after.next());
-                }
-                WalRecord::Reset => log.clear(),
-            }
+            replay_record(log, r);
         }
     }
     logs.into_iter().filter(|(_, l)| !l.is_empty()).map(|(c, l)| (c, l.into_values().collect())).collect()

@@ -9,7 +9,7 @@ use std::path::Path;
 use chunkserver::storage::io::{CrashEngine, CrashPolicy, IoEngine};
 use chunkserver::storage::wal::{Wal, WalOptions, WalRecord};
 use chunkserver::storage::StorageError;
-use common::entry;
+use common::{entry, replay_record};
 use parallelraft::rng::Rng;
 use parallelraft::{Entry, Index};
 
@@ -216,15 +216,7 @@ fn replay(batches: &[Vec<WalRecord>]) -> Vec<Entry> {
     let mut log: BTreeMap<Index, Entry> = BTreeMap::new();
     for b in batches {
         for r in b {
-            match r {
-                WalRecord::Entry(e) => {
-                    log.insert(e.index, e.clone());
-                }
-                WalRecord::Truncate { after } => {
-                    log.split_off(&after.next());
-                }
-                WalRecord::Reset => log.clear(),
-            }
+            replay_record(&mut log, r);
         }
     }
     log.into_values().collect()

@@ -58,6 +58,9 @@ pub struct GroupCounters {
     pub partial_syncs_received: u64,
 }
 
+/// Ticks between two rewrites of a replica's log (one second at the default 20 ms tick).
+pub const REWRITE_EVERY_TICKS: u64 = 50;
+
 /// Storage settings shared by all groups of a server.
 #[derive(Clone, Copy, Debug)]
 pub struct StorageOptions {
@@ -80,6 +83,9 @@ pub struct Group {
     wal_in_flight: bool,
     /// A durable checkpoint the server's log has not been told of yet (entries up to it may go).
     wal_cover: Option<Index>,
+    /// Ticks since start, and the tick of the last rewrite of the log (see `rewrite_log`).
+    ticks: u64,
+    rewritten_at: Option<u64>,
     /// A checkpoint of this group is running on the checkpoint thread.
     checkpoint_running: bool,
     /// The server's disk threads: group commits and checkpoints run there.
@@ -193,6 +199,8 @@ impl Group {
             dir,
             wal_in_flight: false,
             wal_cover: Some(checkpoint.index),
+            ticks: 0,
+            rewritten_at: None,
             checkpoint_running: false,
             disk,
             blocks,
@@ -615,11 +623,15 @@ impl Group {
     /// head, a reset and every entry it holds above its checkpoint, ahead of any records still
     /// pending (the copy already reflects them; replaying them again changes nothing). Entries
     /// not yet reported durable become durable sooner, which the protocol allows. Skipped
-    /// while an append of the group runs (the next report names it again).
+    /// while an append of the group runs (the next report names it again), and within
+    /// [`REWRITE_EVERY_TICKS`] of the last rewrite: a replica whose own uncovered entries fill
+    /// the log (a follower that cannot commit) would otherwise copy them round after round.
     pub fn rewrite_log(&mut self) {
-        if self.failed.is_some() || self.wal_in_flight {
+        let recent = self.rewritten_at.is_some_and(|t| self.ticks - t < REWRITE_EVERY_TICKS);
+        if self.failed.is_some() || self.wal_in_flight || recent {
             return;
         }
+        self.rewritten_at = Some(self.ticks);
         let mut records = vec![WalRecord::Reset];
         records.extend(self.replica.entries().cloned().map(WalRecord::Entry));
         info!(chunk = self.chunk, entries = records.len() - 1, "rewriting the replica's log at the head of the WAL");
@@ -649,6 +661,7 @@ impl Group {
         if self.failed.is_some() {
             return;
         }
+        self.ticks += 1;
         let leader = self.replica.role() == parallelraft::RoleKind::Leader;
         if leader && !self.was_leader {
             self.counters.leader_changes += 1;

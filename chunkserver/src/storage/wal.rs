@@ -34,13 +34,13 @@
 //! the next record at the next 4 KiB boundary, so a damaged record also hides the records
 //! packed after it in its write: their batch is incomplete, reported like any lost record.
 //!
-//! Group commit: [`Wal::append`] writes all its records in one write per segment touched and
-//! one fdatasync; the batch is durable when it returns. Batches are numbered; every record
-//! names its batch and its position in it. Because a batch is issued only after the previous
-//! one's sync completed, an invalid record followed by a valid record of a *later* batch is
-//! corruption of synced data (reported, the entry marked missing so the protocol fetches it
-//! from a peer), while an invalid record with nothing of a later batch after it is a torn tail:
-//! that batch never completed, was never acknowledged, and is discarded whole.
+//! Group commit: [`Wal::append_chunks`] writes all its records in one write per segment
+//! touched and one fdatasync; the batch is durable when it returns. Batches are numbered; every
+//! record names its batch and its position in it. Because a batch is issued only after the
+//! previous one's sync completed, an invalid record followed by a valid record of a *later*
+//! batch is corruption of synced data (reported, the entry marked missing so the protocol
+//! fetches it from a peer), while an invalid record with nothing of a later batch after it is a
+//! torn tail: that batch never completed, was never acknowledged, and is discarded whole.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};

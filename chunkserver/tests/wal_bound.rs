@@ -6,6 +6,7 @@
 mod support;
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use support::*;
 
@@ -43,6 +44,21 @@ fn a_quiet_chunk_does_not_pin_the_servers_log() {
         "no replica rewrote its log; cluster log:\n{}",
         c.log_tail()
     );
+    // `/metrics` says so too (each process renders it every 500 ms).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let texts: Vec<String> = (1..=3)
+            .filter_map(|s| chunkserver::profile::fetch(&format!("127.0.0.1:{}", c.metrics_port() as u32 + s)).ok())
+            .collect();
+        let rewrites: f64 = texts.iter().filter_map(|t| counter(t, "parallelraft_wal_rewrites_total")).sum();
+        let segments: Vec<f64> = texts.iter().filter_map(|t| counter(t, "parallelraft_wal_segments")).collect();
+        if rewrites > 0.0 && segments.len() == 3 {
+            assert!(segments.iter().all(|n| (1.0..=8.0).contains(n)), "segments per server: {segments:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no rewrite in /metrics ({rewrites}, {segments:?})");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     c.restart_all();
     let check: Vec<String> = (0..8).map(|k| format!("read -P {} {} 4k", 0x40 + k, k * 65536)).collect();
     let out = run_ok(&mut qemu_io(&c.uri(), &check.iter().map(String::as_str).collect::<Vec<_>>()));

@@ -59,6 +59,8 @@ pub struct WalDone {
     pub took: Duration,
     /// Chunks whose uncovered entries keep the oldest of too many segments (`Wal::pinning`).
     pub pinning: Vec<u32>,
+    /// Segments the log holds after the append (and any pruning).
+    pub segments: usize,
 }
 
 pub struct CheckpointJob {
@@ -174,6 +176,7 @@ fn wal_thread(rx: &Receiver<WalJob>, log: &Mutex<Wal>, inbox: &InboxTx) {
             result = wal.prune_covered().map(|_| ());
         }
         let pinning = wal.pinning(max_segments).into_iter().map(|c| c as u32).collect();
+        let segments = wal.segment_count();
         drop(wal);
         if appends.is_empty() {
             if let Err(e) = result {
@@ -186,6 +189,7 @@ fn wal_thread(rx: &Receiver<WalJob>, log: &Mutex<Wal>, inbox: &InboxTx) {
             error: result.err().map(|e| e.to_string()),
             took: start.elapsed(),
             pinning,
+            segments,
         };
         if !inbox.send_blocking(Inbound::WalDone(done)) {
             return;

@@ -308,6 +308,8 @@ async fn core_loop(
     let mut next_watch = Instant::now() + WATCH_INTERVAL;
     let mut limiter = RateLimiter::new(opts.rebuild_rate);
     let mut rate = RebuildRate::default();
+    // As the WAL thread last reported it.
+    let mut wal_segments = disk.lock_log().segment_count();
     // Reused round after round (it grows to the largest round once, not every round).
     let mut batch = Vec::new();
     loop {
@@ -318,7 +320,7 @@ async fn core_loop(
         if opts.metrics.is_some() && Instant::now() >= next_metrics {
             next_metrics = Instant::now() + METRICS_INTERVAL;
             let bytes_per_sec = rate.sample(groups);
-            *published.lock().unwrap() = render_metrics(&stages, groups, outbox, bytes_per_sec);
+            *published.lock().unwrap() = render_metrics(&stages, groups, outbox, bytes_per_sec, wal_segments);
         }
         if Instant::now() >= next_report {
             next_report += REPORT_INTERVAL;
@@ -362,6 +364,7 @@ async fn core_loop(
                     return;
                 }
                 Inbound::WalDone(done) => {
+                    wal_segments = done.segments;
                     for (chunk, tokens) in done.appends {
                         if let Some(g) = groups.get_mut(&chunk) {
                             g.wal_done(tokens, done.error.clone(), done.took, outbox);
@@ -569,7 +572,13 @@ impl RebuildRate {
 
 /// The server's `/metrics` text: its own stages and every group's, merged, plus per-chunk
 /// gauges and totals.
-fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox, rebuild_rate: i64) -> String {
+fn render_metrics(
+    own: &Stages,
+    groups: &BTreeMap<u32, Group>,
+    outbox: &Outbox,
+    rebuild_rate: i64,
+    wal_segments: usize,
+) -> String {
     let mut stages = own.clone();
     let mut c = GroupCounters::default();
     let mut repaired = 0;
@@ -590,6 +599,7 @@ fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox, 
         c.catchup_bytes_received += k.catchup_bytes_received;
         c.catchup_log_bytes_received += k.catchup_log_bytes_received;
         c.partial_syncs_received += k.partial_syncs_received;
+        c.log_rewrites += k.log_rewrites;
         repaired += g.repair_counts().1;
     }
     let per_chunk = |f: &dyn Fn(&Group) -> i64| groups.values().map(|g| (g.chunk, f(g))).collect::<Vec<_>>();
@@ -621,6 +631,11 @@ fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox, 
             ),
             ("blocks_repaired", "Blocks repaired from a peer after a checksum failure", repaired),
             ("dropped_batches", "Outgoing batches dropped on full backlogs", outbox.dropped_batches),
+            (
+                "wal_rewrites",
+                "Replica logs rewritten at the head of the server's WAL because their entries kept its oldest segment",
+                c.log_rewrites,
+            ),
         ],
         chunk_gauges: vec![
             ("in_flight", "Frontend requests in progress", per_chunk(&|g| g.in_flight() as i64)),
@@ -670,11 +685,14 @@ fn render_metrics(own: &Stages, groups: &BTreeMap<u32, Group>, outbox: &Outbox, 
             ("rebuild_streams_out", "Rebuild streams being sent", per_chunk(&|g| g.rebuild_streams().0 as i64)),
             ("rebuild_stream_in", "1 while a rebuild stream is received", per_chunk(&|g| g.rebuild_streams().1 as i64)),
         ],
-        gauges: vec![(
-            "rebuild_bytes_per_second",
-            "Rebuild bytes (image sent and received, log received as a learner) per second, over the last metrics interval",
-            rebuild_rate,
-        )],
+        gauges: vec![
+            (
+                "rebuild_bytes_per_second",
+                "Rebuild bytes (image sent and received, log received as a learner) per second, over the last metrics interval",
+                rebuild_rate,
+            ),
+            ("wal_segments", "Segments of the server's write-ahead log", wal_segments as i64),
+        ],
     };
     crate::metrics::render(&stages, &totals)
 }

@@ -56,6 +56,8 @@ pub struct GroupCounters {
     pub catchup_log_bytes_received: u64,
     /// Sync messages received that carried only part of a new leader's decided log.
     pub partial_syncs_received: u64,
+    /// Times this replica rewrote its log at the head of the server's WAL.
+    pub log_rewrites: u64,
 }
 
 /// Ticks between two rewrites of a replica's log (one second at the default 20 ms tick).
@@ -632,6 +634,7 @@ impl Group {
             return;
         }
         self.rewritten_at = Some(self.ticks);
+        self.counters.log_rewrites += 1;
         let mut records = vec![WalRecord::Reset];
         records.extend(self.replica.entries().cloned().map(WalRecord::Entry));
         info!(chunk = self.chunk, entries = records.len() - 1, "rewriting the replica's log at the head of the WAL");

@@ -175,15 +175,17 @@ fn wal_thread(rx: &Receiver<WalJob>, log: &Mutex<Wal>, inbox: &InboxTx) {
         if result.is_ok() {
             result = wal.prune_covered().map(|_| ());
         }
-        let pinning = wal.pinning(max_segments).into_iter().map(|c| c as u32).collect();
-        let segments = wal.segment_count();
-        drop(wal);
         if appends.is_empty() {
+            // Covers and forgets only: nobody waits for a completion.
+            drop(wal);
             if let Err(e) = result {
                 warn!("pruning the WAL failed: {e}");
             }
             continue;
         }
+        let pinning = wal.pinning(max_segments).into_iter().map(|c| c as u32).collect();
+        let segments = wal.segment_count();
+        drop(wal);
         let done = WalDone {
             appends: appends.into_iter().map(|a| (a.chunk, a.tokens)).collect(),
             error: result.err().map(|e| e.to_string()),

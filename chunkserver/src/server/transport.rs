@@ -22,10 +22,10 @@ use tracing::{debug, info, warn};
 use super::link::LinkWriter;
 use super::outbox::{ConnId, FRONTEND_BACKLOG_BYTES};
 use crate::net::{Listener, ReadHalf, ServerAddr, Stream, WriteHalf};
+use crate::wire::{encode, read_frame, Body, Frame, Role};
 
 /// A connection, split: what `peer_link` runs a link on.
 pub type Halves = (ReadHalf, WriteHalf);
-use crate::wire::{encode, read_frame, Body, Frame, Role};
 
 /// What the connection tasks hand to the core thread.
 pub enum Inbound {
@@ -223,8 +223,8 @@ async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, reader: ReadHa
 
 /// One peer link: keeps a connection to `peer` up, makes it the one `link` writes to, and
 /// drains what the core could not write at once. `dial`: this side connects (lower id);
-/// otherwise it waits for accepted connections (their hello read) on `streams`. Without a connection, what the core
-/// sends is dropped (it would be stale by the time one is up).
+/// otherwise it waits for accepted connections (their hello read) on `streams`. Without a
+/// connection, what the core sends is dropped (it would be stale by the time one is up).
 pub async fn peer_link(
     shared: Shared,
     peer: ReplicaId,

@@ -26,8 +26,7 @@ pub fn migrate(
         return Ok(None);
     }
     let (old, recovery) = Wal::open(engine, dir, chunk as u64, options)?;
-    let mut records = vec![WalRecord::Reset];
-    records.extend(recovery.entries.iter().cloned().map(WalRecord::Entry));
+    let records = WalRecord::log_anew(recovery.entries.iter().cloned());
     shared.append_chunks(&[(chunk as u64, &records)])?;
     old.destroy()?;
     Ok(Some(recovery))

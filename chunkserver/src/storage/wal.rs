@@ -78,6 +78,14 @@ pub enum WalRecord {
     Reset,
 }
 
+impl WalRecord {
+    /// A chunk's whole log written anew: a reset, then `entries` (a replica's log moved to the
+    /// head of the server's log, or a chunk log of an earlier version moved into it).
+    pub fn log_anew(entries: impl IntoIterator<Item = Entry>) -> Vec<WalRecord> {
+        std::iter::once(WalRecord::Reset).chain(entries.into_iter().map(WalRecord::Entry)).collect()
+    }
+}
+
 /// The id that names the server-wide log's files (`wal-ffffffffffffffff-*.log`); chunk ids are
 /// `u32`, so it never names a chunk's log of an earlier version.
 pub const SHARED_LOG_ID: u64 = u64::MAX;
@@ -126,6 +134,14 @@ struct Segment {
     /// Per chunk, the highest index of its live entries in the segment (for pruning). A
     /// chunk's reset or `forget` removes it from every segment.
     live: BTreeMap<u64, Index>,
+}
+
+impl Segment {
+    /// The segment holds `chunk`'s entry at `index`.
+    fn holds(&mut self, chunk: u64, index: Index) {
+        let live = self.live.entry(chunk).or_insert(index);
+        *live = (*live).max(index);
+    }
 }
 
 /// The next segment, zeroed ahead of need under a name recovery ignores.
@@ -410,8 +426,7 @@ impl Wal {
                     let entry = decode_entry(&v.rec.payload).map_err(|e| StorageError::Corrupt {
                         what: format!("WAL record seq {} passed its checksum but does not decode: {e}", v.rec.seq),
                     })?;
-                    let live = self.segments[v.seg].live.entry(v.rec.chunk).or_insert(Index(0));
-                    *live = (*live).max(entry.index);
+                    self.segments[v.seg].holds(v.rec.chunk, entry.index);
                     log.insert(entry.index, entry);
                 }
                 KIND_TRUNCATE => {
@@ -419,9 +434,7 @@ impl Wal {
                 }
                 KIND_RESET => {
                     log.clear();
-                    for seg in self.segments.iter_mut() {
-                        seg.live.remove(&v.rec.chunk);
-                    }
+                    self.void(v.rec.chunk);
                 }
                 other => {
                     return Err(StorageError::Corrupt { what: format!("unknown WAL record kind {other}") });
@@ -683,18 +696,10 @@ impl Wal {
                 Wal::encode(record, *chunk, self.next_seq, batch, position, records.len() as u32, flags, out);
                 self.next_seq += 1;
                 match record {
-                    WalRecord::Entry(e) => {
-                        let seg = self.segments.back_mut().unwrap();
-                        let live = seg.live.entry(*chunk).or_insert(Index(0));
-                        *live = (*live).max(e.index);
-                    }
-                    // What came before is void: it pins no segment (if this batch never
-                    // becomes durable, the log is poisoned and nothing is pruned any more).
-                    WalRecord::Reset => {
-                        for seg in self.segments.iter_mut() {
-                            seg.live.remove(chunk);
-                        }
-                    }
+                    WalRecord::Entry(e) => self.segments.back_mut().unwrap().holds(*chunk, e.index),
+                    // If this batch never becomes durable, the log is poisoned and nothing is
+                    // pruned any more, so voiding the old records early is safe.
+                    WalRecord::Reset => self.void(*chunk),
                     WalRecord::Truncate { .. } => {}
                 }
                 at += lens[start + k];
@@ -737,10 +742,15 @@ impl Wal {
     /// `chunk` has no replica here any more (or a new one whose reset voids the old records):
     /// its records pin no segment.
     pub fn forget(&mut self, chunk: u64) {
+        self.void(chunk);
+        self.covered.remove(&chunk);
+    }
+
+    /// `chunk`'s records so far are void (a reset, or no replica): they pin no segment.
+    fn void(&mut self, chunk: u64) {
         for seg in self.segments.iter_mut() {
             seg.live.remove(&chunk);
         }
-        self.covered.remove(&chunk);
     }
 
     /// Forgets every chunk `keep` refuses (after recovery: chunks without a replica here).

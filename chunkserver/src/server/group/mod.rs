@@ -635,8 +635,7 @@ impl Group {
         }
         self.rewritten_at = Some(self.ticks);
         self.counters.log_rewrites += 1;
-        let mut records = vec![WalRecord::Reset];
-        records.extend(self.replica.entries().cloned().map(WalRecord::Entry));
+        let mut records = WalRecord::log_anew(self.replica.entries().cloned());
         info!(chunk = self.chunk, entries = records.len() - 1, "rewriting the replica's log at the head of the WAL");
         records.append(&mut self.wal_batch);
         self.wal_batch = records;

@@ -35,6 +35,8 @@ pub struct LocalOptions {
     pub rebuild_rate: u64,
     pub checkpoint_interval: u64,
     pub max_sync_bytes: u64,
+    /// Polling window of the frontend and of every server (`--poll-us`, see [`crate::poll`]).
+    pub poll: Duration,
     /// Chunk servers to run (default: 3 for a new directory, what it has for an existing one).
     pub servers: Option<u32>,
     /// `/metrics` of the frontend on this port of `bind`, of server N on port + N; 0: none.
@@ -140,7 +142,9 @@ fn spawn_server(opts: &LocalOptions, id: u32) -> Result<Child, String> {
         .arg("--checkpoint-interval")
         .arg(opts.checkpoint_interval.to_string())
         .arg("--max-sync-bytes")
-        .arg(opts.max_sync_bytes.to_string());
+        .arg(opts.max_sync_bytes.to_string())
+        .arg("--poll-us")
+        .arg(opts.poll.as_micros().to_string());
     if opts.metrics_port != 0 {
         cmd.arg("--metrics").arg(format!("{}:{}", opts.bind, opts.metrics_port as u32 + id));
     }
@@ -179,7 +183,7 @@ pub fn run(opts: LocalOptions) -> Result<(), String> {
     for (id, _) in &cluster.servers {
         children.push((id.0, spawn_server(&opts, id.0)?));
     }
-    let runtime = nbd::frontend_runtime()?;
+    let runtime = nbd::frontend_runtime(opts.poll)?;
     let name = cluster.volume_name.clone();
     let size = cluster.size_bytes;
     let mode = cluster.mode;
@@ -187,6 +191,7 @@ pub fn run(opts: LocalOptions) -> Result<(), String> {
         let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
         let volume = Volume::new(cluster);
         volume.watch(&cluster_path(&opts.data_dir));
+        volume.poll(opts.poll);
         if opts.metrics_port != 0 {
             match format!("{}:{}", opts.bind, opts.metrics_port).parse() {
                 Ok(a) => volume.serve_metrics(a),

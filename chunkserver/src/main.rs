@@ -9,6 +9,7 @@ use parallelraft::ReplicaId;
 use chunkserver::config::Cluster;
 use chunkserver::local::{self, LocalOptions};
 use chunkserver::nbd::{self, Export};
+use chunkserver::poll::DEFAULT_POLL_US;
 use chunkserver::server::group::StorageOptions;
 use chunkserver::server::transport::Jitter;
 use chunkserver::server::{
@@ -56,6 +57,19 @@ struct Tuning {
     /// election sends many.
     #[arg(long, default_value = DEFAULT_MAX_SYNC_BYTES)]
     max_sync_bytes: String,
+    /// How long a server's threads (and `local`'s frontend) keep polling for work after their
+    /// last, in µs, instead of sleeping at once: a thread woken from sleep by another vCPU
+    /// costs tens of µs on each hand-off. 0: never poll. At most 1000000.
+    #[arg(long, default_value_t = DEFAULT_POLL_US)]
+    poll_us: u64,
+}
+
+/// `--poll-us` as a window, checked.
+fn poll_window(us: u64) -> Result<Duration, String> {
+    if us > 1_000_000 {
+        return Err(format!("--poll-us must be at most 1000000 (1 s), not {us}"));
+    }
+    Ok(Duration::from_micros(us))
 }
 
 impl Tuning {
@@ -161,6 +175,10 @@ enum Cmd {
         /// Serve Prometheus `/metrics` on this address (e.g. 127.0.0.1:9180).
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
+        /// How long the frontend keeps polling for work after its last, in µs (see `serve
+        /// --poll-us`). 0: never poll.
+        #[arg(long, default_value_t = DEFAULT_POLL_US)]
+        poll_us: u64,
     },
     /// Print where a write's time goes (p50 / p99 per stage) from the `/metrics` of a running
     /// cluster, and draw it as an SVG picture.
@@ -305,6 +323,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let rebuild_rate = tuning.rebuild_rate_bytes()?;
             let max_sync_bytes = tuning.max_sync_bytes()?;
             let jitter = tuning.jitter()?;
+            let poll = poll_window(tuning.poll_us)?;
             let Tuning { lbb_span, checkpoint_interval, .. } = tuning;
             if checkpoint_interval == 0 {
                 return Err("--checkpoint-interval must be positive".into());
@@ -333,6 +352,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 rebuild_rate,
                 checkpoint_interval,
                 max_sync_bytes,
+                poll,
                 servers,
                 metrics_port,
             })
@@ -341,6 +361,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let rebuild_rate = tuning.rebuild_rate_bytes()?;
             let max_sync_bytes = tuning.max_sync_bytes()?;
             let jitter = tuning.jitter()?;
+            let poll = poll_window(tuning.poll_us)?;
             let Tuning { lbb_span, checkpoint_interval, .. } = tuning;
             let cluster = Cluster::load(&config)?;
             let config_path = Some(config);
@@ -371,6 +392,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     rebuild_rate,
                     checkpoint_interval,
                     max_sync_bytes,
+                    poll,
                 },
                 None,
             )
@@ -386,16 +408,18 @@ fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             runtime.block_on(admin(cluster, command))
         }
-        Cmd::Nbd { config, bind, port, metrics } => {
+        Cmd::Nbd { config, bind, port, metrics, poll_us } => {
+            let poll = poll_window(poll_us)?;
             let cluster = Cluster::load(&config)?;
             let addr: std::net::SocketAddr =
                 format!("{bind}:{port}").parse().map_err(|_| format!("bad bind address {bind}:{port}"))?;
-            let runtime = nbd::frontend_runtime()?;
+            let runtime = nbd::frontend_runtime(poll)?;
             runtime.block_on(async move {
                 let listener = nbd::bind(addr).await?;
                 let name = cluster.volume_name.clone();
                 let volume = Volume::new(cluster);
                 volume.watch(&config);
+                volume.poll(poll);
                 if let Some(a) = metrics {
                     volume.serve_metrics(a);
                 }

@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 use crate::config::Cluster;
 use crate::metrics::{Published, Stage, Stages, Totals};
 use crate::net::{ServerAddr, Stream};
+use crate::poll::Activity;
 use crate::wire::{encode, read_frame, Body, Frame, Outcome, RequestOp, Role};
 
 /// Largest single request to a group: bounds entry and message sizes.
@@ -74,6 +75,8 @@ struct Inner {
     pub retries: AtomicU64,
     /// Stage latencies of the frontend (`route`, and the NBD edge's `nbd_*`).
     stages: Mutex<Stages>,
+    /// Work of this frontend (requests read, answers from servers), for its poller.
+    activity: Arc<Activity>,
 }
 
 #[derive(Clone)]
@@ -102,6 +105,7 @@ impl Volume {
                 links: RwLock::new(HashMap::new()),
                 retries: AtomicU64::new(0),
                 stages: Mutex::new(Stages::default()),
+                activity: Activity::new(),
                 cluster,
             }),
         };
@@ -109,6 +113,18 @@ impl Volume {
             volume.add_server(id, addr);
         }
         volume
+    }
+
+    /// Marks work for the frontend's poller (the NBD edge calls it for each request).
+    pub fn touch(&self) {
+        self.inner.activity.touch();
+    }
+
+    /// Keeps the frontend's runtime polling within `window` after its last work (see
+    /// [`crate::poll`]; build the runtime with [`crate::poll::current_thread_runtime`]). Call
+    /// inside that runtime, once.
+    pub fn poll(&self, window: Duration) {
+        crate::poll::spawn_runtime_poller(self.inner.activity.clone(), window);
     }
 
     /// Starts talking to a server (one added to the cluster file while running). Call inside a
@@ -121,7 +137,8 @@ impl Volume {
         let (tx, rx) = mpsc::channel(1024);
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let up = Arc::new(AtomicBool::new(false));
-        tokio::spawn(link_task(self.inner.cluster.cluster_id, id, addr, rx, pending.clone(), up.clone()));
+        let activity = self.inner.activity.clone();
+        tokio::spawn(link_task(self.inner.cluster.cluster_id, id, addr, rx, pending.clone(), up.clone(), activity));
         links.insert(id, Arc::new(ServerLink { tx, pending, up }));
     }
 
@@ -419,6 +436,7 @@ async fn link_task(
     mut rx: mpsc::Receiver<Bytes>,
     pending: Pending,
     up: Arc<AtomicBool>,
+    activity: Arc<Activity>,
 ) {
     let mut backoff = Duration::from_millis(20);
     loop {
@@ -440,9 +458,11 @@ async fn link_task(
         backoff = Duration::from_millis(20);
         up.store(true, Ordering::Relaxed);
         let reader_pending = pending.clone();
+        let activity = activity.clone();
         let mut reader_task = tokio::spawn(async move {
             let mut reader = tokio::io::BufReader::with_capacity(crate::server::transport::READ_BUFFER_BYTES, reader);
             while let Ok(Some(frame)) = read_frame(&mut reader).await {
+                activity.touch();
                 if let Body::Response { id, outcome } = frame.body {
                     if let Some(tx) = reader_pending.lock().unwrap().remove(&id.seq) {
                         let _ = tx.send(outcome);

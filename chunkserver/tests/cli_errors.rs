@@ -72,6 +72,14 @@ fn bad_config_busy_port_and_missing_data_dir_are_one_line_errors() {
         Command::new(BIN).args(["local", "--transport", "quic", "--data-dir"]).arg(&local_dir),
         "--transport \"quic\": want unix or tcp",
     );
+    fails_with(
+        Command::new(BIN).args(["local", "--poll-us", "1000001", "--data-dir"]).arg(&local_dir),
+        "--poll-us must be at most 1000000",
+    );
+    fails_with(
+        Command::new(BIN).args(["nbd", "--poll-us", "2000000", "--config"]).arg(&config),
+        "--poll-us must be at most 1000000",
+    );
     for bad in ["0", "65M"] {
         fails_with(
             Command::new(BIN).args(["local", "--max-sync-bytes", bad, "--data-dir"]).arg(&local_dir),

@@ -154,11 +154,12 @@ fn ext4_on_nbdfuse_loop_survives_cluster_restart() {
     unmount(m);
 }
 
+/// Also without polling (`--poll-us 0`): the other real-process tests run with the default.
 #[test]
 fn classic_raft_mode_serves_the_same_clients() {
     let _g = serial();
     require_tool("fio");
-    let c = LocalCluster::start("raft", "128M");
+    let c = LocalCluster::start_with("raft", "128M", 3, &["--poll-us", "0"]);
     let info = run_ok(Command::new("nbdinfo").arg(c.uri()));
     assert!(info.contains("Raft mode"), "{info}");
     let out = run_ok(&mut fio_verify(&c.uri(), 16, 2, 8, 64));

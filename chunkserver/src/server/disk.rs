@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use parallelraft::{CheckpointState, Index};
 use tracing::warn;
 
+use crate::poll::Activity;
 use crate::storage::blocks::SyncWork;
 use crate::storage::io::{open_engine, EngineKind};
 use crate::storage::meta;
@@ -102,8 +103,15 @@ impl Disk {
 }
 
 /// Starts the disk threads over the server's log; they end when every sender is dropped or the
-/// core's inbox closes.
-pub fn spawn(inbox: InboxTx, engine: EngineKind, log: Wal) -> std::io::Result<Disk> {
+/// core's inbox closes. The WAL thread polls for its next job within `poll` after the
+/// server's last work (see [`crate::poll`]).
+pub fn spawn(
+    inbox: InboxTx,
+    engine: EngineKind,
+    log: Wal,
+    activity: Arc<Activity>,
+    poll: Duration,
+) -> std::io::Result<Disk> {
     let (ctx, crx) = channel::<CheckpointJob>();
     let mut checkpoint_engine = open_engine(engine)?;
     let checkpoint_inbox = inbox.clone();
@@ -128,11 +136,26 @@ pub fn spawn(inbox: InboxTx, engine: EngineKind, log: Wal) -> std::io::Result<Di
     let log = Arc::new(Mutex::new(log));
     let (tx, rx) = channel::<WalJob>();
     let thread_log = log.clone();
-    std::thread::Builder::new().name("wal".into()).spawn(move || wal_thread(&rx, &thread_log, &inbox))?;
+    std::thread::Builder::new()
+        .name("wal".into())
+        .spawn(move || wal_thread(&rx, &thread_log, &inbox, &activity, poll))?;
     Ok(Disk { wal: tx, log, checkpoint: ctx })
 }
 
-fn wal_thread(rx: &Receiver<WalJob>, log: &Mutex<Wal>, inbox: &InboxTx) {
+/// The next job: polled for while the server had work within `poll`, then waited for.
+/// `None` when every sender is gone.
+fn next_job(rx: &Receiver<WalJob>, activity: &Activity, poll: Duration) -> Option<WalJob> {
+    while activity.recent(poll) {
+        match rx.try_recv() {
+            Ok(job) => return Some(job),
+            Err(TryRecvError::Disconnected) => return None,
+            Err(TryRecvError::Empty) => activity.spin_once(),
+        }
+    }
+    rx.recv().ok()
+}
+
+fn wal_thread(rx: &Receiver<WalJob>, log: &Mutex<Wal>, inbox: &InboxTx, activity: &Activity, poll: Duration) {
     let lock = || log.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         let first = match rx.try_recv() {
@@ -145,9 +168,9 @@ fn wal_thread(rx: &Receiver<WalJob>, log: &Mutex<Wal>, inbox: &InboxTx) {
                     // Not fatal: rotating zeroes the segment inline and reports any error there.
                     Err(e) => warn!("preparing a WAL segment ahead failed: {e}"),
                 }
-                match rx.recv() {
-                    Ok(job) => job,
-                    Err(_) => return,
+                match next_job(rx, activity, poll) {
+                    Some(job) => job,
+                    None => return,
                 }
             }
         };

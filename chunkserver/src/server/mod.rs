@@ -44,6 +44,7 @@ use tracing::{info, warn};
 use crate::config::{Cluster, ClusterWatch};
 use crate::metrics::{Published, Stage, Stages, Totals};
 use crate::net::{ServerAddr, StdListener};
+use crate::poll::Activity;
 use crate::wire::{Body, Outcome, RequestOp};
 use group::rebuild::RateLimiter;
 use group::{Group, GroupCounters, StorageOptions};
@@ -103,6 +104,9 @@ pub struct ServerOptions {
     pub checkpoint_interval: u64,
     /// Bytes of entries in one Sync (`Config::max_sync_bytes`).
     pub max_sync_bytes: u64,
+    /// How long the core and WAL threads keep polling for work after the server's last (zero:
+    /// they sleep at once); see [`crate::poll`].
+    pub poll: Duration,
 }
 
 /// A chunk also checkpoints after this many bytes of writes (see `Config::checkpoint_bytes`).
@@ -159,9 +163,10 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
     let std_listener = StdListener::bind(&listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let (inbox_tx, inbox) = sync_channel::<Inbound>(INBOX_CAPACITY);
     let ready = Arc::new(Notify::new());
-    let inbox_tx = InboxTx::new(inbox_tx, ready.clone());
+    let activity = Activity::new();
+    let inbox_tx = InboxTx::new(inbox_tx, ready.clone(), activity.clone());
     let (log, recovered) = replicas::open_log(&opts)?;
-    let disk = disk::spawn(inbox_tx.clone(), opts.storage.engine, log)
+    let disk = disk::spawn(inbox_tx.clone(), opts.storage.engine, log, activity.clone(), opts.poll)
         .map_err(|e| format!("cannot start the disk threads: {e}"))?;
     let mut groups = replicas::open_groups(&opts, &disk, recovered)?;
     info!(server = me.0, %listen, chunks = groups.len(), mode = ?cluster.mode, "chunk server up");
@@ -169,10 +174,7 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
     // One thread for the core and every connection: a frame read off a socket reaches the
     // core without waking another thread (a cross-vCPU wake-up costs ~30 µs each way on this
     // class of machine, see the shared machine limits), and the core's own sends need none.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("tokio runtime: {e}"))?;
+    let runtime = crate::poll::current_thread_runtime(opts.poll)?;
     let shared = Shared {
         cluster_id: cluster.cluster_id,
         me,
@@ -195,6 +197,7 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
     {
         let _guard = runtime.enter();
         let listener = std_listener.into_tokio().map_err(|e| e.to_string())?;
+        crate::poll::spawn_runtime_poller(activity, opts.poll);
         runtime.spawn(transport::accept_loop(shared.clone(), listener, peers.accept_from.clone()));
         let shared_for_stop = shared.clone();
         runtime.spawn(async move {

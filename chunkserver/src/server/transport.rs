@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use super::link::LinkWriter;
 use super::outbox::{ConnId, FRONTEND_BACKLOG_BYTES};
 use crate::net::{Listener, ReadHalf, ServerAddr, Stream, WriteHalf};
+use crate::poll::Activity;
 use crate::wire::{encode, read_frame, Body, Frame, Role};
 
 /// A connection, split: what `peer_link` runs a link on.
@@ -58,22 +59,25 @@ pub const READ_BUFFER_BYTES: usize = 256 << 10;
 const HELLO_LIMIT: Duration = Duration::from_secs(10);
 
 /// The sending side of the core's inbox: a bounded queue, and a wake-up for the core, which
-/// waits for it on the same thread as the connection tasks (see [`super`]).
+/// waits for it on the same thread as the connection tasks (see [`super`]). Every item
+/// queued is work for the server's pollers (see [`crate::poll`]).
 #[derive(Clone)]
 pub struct InboxTx {
     tx: SyncSender<Inbound>,
     ready: Arc<Notify>,
+    activity: Arc<Activity>,
 }
 
 impl InboxTx {
-    pub fn new(tx: SyncSender<Inbound>, ready: Arc<Notify>) -> InboxTx {
-        InboxTx { tx, ready }
+    pub fn new(tx: SyncSender<Inbound>, ready: Arc<Notify>, activity: Arc<Activity>) -> InboxTx {
+        InboxTx { tx, ready, activity }
     }
 
     /// As `SyncSender::try_send`: a full inbox hands the item back, to try again.
     #[allow(clippy::result_large_err)]
     pub fn try_send(&self, item: Inbound) -> Result<(), TrySendError<Inbound>> {
         self.tx.try_send(item)?;
+        self.activity.touch();
         self.ready.notify_one();
         Ok(())
     }
@@ -84,6 +88,7 @@ impl InboxTx {
         if self.tx.send(item).is_err() {
             return false;
         }
+        self.activity.touch();
         self.ready.notify_one();
         true
     }

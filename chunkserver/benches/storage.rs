@@ -2,8 +2,9 @@
 //! - `wal_append/{engine}/group{1,8,32}`: durable appends of 4 KiB write entries, `group`
 //!   entries per batch (one write per segment, one fdatasync). Throughput is in entries, so
 //!   criterion's "elem/s" is durable 4 KiB appends per second.
-//! - `block_write/{engine}` and `block_read/{engine}`: one 4 KiB block at a random offset of a
-//!   64 MiB chunk (write: data and meta, no sync; read: data verified against its checksum).
+//! - `block/write/{engine}-{buffered,direct}` and `block/read/...`: one 4 KiB block at a random
+//!   offset of a 64 MiB chunk (write: data and meta, no sync; read: data verified against its
+//!   checksum), through the page cache (as servers run) and with O_DIRECT.
 //!
 //! These are measurements, not tests: CI runs them with `--test` (one iteration each) so they
 //! keep compiling and running.
@@ -88,10 +89,11 @@ fn block_io(c: &mut Criterion) {
     let mut group = c.benchmark_group("block");
     group.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
     group.throughput(Throughput::Bytes(BLOCK));
-    for (name, kind) in engines() {
+    for ((name, kind), direct) in engines().into_iter().flat_map(|e| [(e, false), (e, true)]) {
+        let name = format!("{name}-{}", if direct { "direct" } else { "buffered" });
         let dir = tempfile::tempdir().expect("temporary directory");
         let engine = open_engine(kind).expect("engine");
-        let mut store = BlockStore::open(engine, dir.path(), CHUNK_BYTES, true).expect("open block store");
+        let mut store = BlockStore::open(engine, dir.path(), CHUNK_BYTES, direct).expect("open block store");
         // Fill every block once so reads never see unwritten blocks.
         let fill = vec![0x5au8; 1 << 20];
         for offset in (0..CHUNK_BYTES).step_by(fill.len()) {
@@ -101,13 +103,13 @@ fn block_io(c: &mut Criterion) {
         let mut offsets = Offsets(0x9e37_79b9_7f4a_7c15);
         let mut version = 2u64;
         let data = vec![0xa5u8; BLOCK as usize];
-        group.bench_function(BenchmarkId::new("write", name), |b| {
+        group.bench_function(BenchmarkId::new("write", &name), |b| {
             b.iter(|| {
                 version += 1;
                 store.write(offsets.next_block(), &data, Index(version)).expect("write");
             });
         });
-        group.bench_function(BenchmarkId::new("read", name), |b| {
+        group.bench_function(BenchmarkId::new("read", &name), |b| {
             b.iter(|| store.read(offsets.next_block(), BLOCK).expect("read"));
         });
     }

@@ -102,10 +102,25 @@ pub fn encoded_len(entry: &Entry) -> usize {
 
 struct Reader<'a> {
     buf: &'a [u8],
+    /// The buffer `buf` lies in, when the caller has it as [`Bytes`]: write payloads are then
+    /// slices of it (shared, not copied).
+    origin: Option<&'a Bytes>,
 }
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Reader<'a> {
+        Reader { buf, origin: None }
+    }
+    /// `n` bytes as a payload: a slice of the origin when there is one, else a copy.
+    fn payload(&mut self, n: usize) -> Result<Bytes, DecodeError> {
+        let origin = self.origin;
+        let bytes = self.take(n)?;
+        Ok(match origin {
+            Some(o) => o.slice_ref(bytes),
+            None => Bytes::copy_from_slice(bytes),
+        })
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.buf.len() < n {
             return Err(DecodeError("truncated"));
         }
@@ -134,7 +149,11 @@ fn checked_range(offset: u64, len: u64) -> Result<Range, DecodeError> {
 
 /// Decodes one entry that fills `buf` exactly.
 pub fn decode_entry(buf: &[u8]) -> Result<Entry, DecodeError> {
-    let mut r = Reader { buf };
+    read_entry(&mut Reader::new(buf))
+}
+
+/// Decodes one entry that fills `r`'s buffer exactly.
+fn read_entry(r: &mut Reader<'_>) -> Result<Entry, DecodeError> {
     let index = Index(r.u64()?);
     let term = Term(r.u64()?);
     let ballot = Term(r.u64()?);
@@ -144,7 +163,7 @@ pub fn decode_entry(buf: &[u8]) -> Result<Entry, DecodeError> {
             let offset = r.u64()?;
             let len = r.u32()? as usize;
             checked_range(offset, len as u64)?;
-            Op::Write { offset, data: Bytes::copy_from_slice(r.take(len)?) }
+            Op::Write { offset, data: r.payload(len)? }
         }
         2 => {
             let (offset, len_bytes) = (r.u64()?, r.u64()?);
@@ -213,7 +232,7 @@ pub fn encode_config(config: &ConfigState, out: &mut BytesMut) {
 
 /// Decodes a configuration state at the start of `buf`; returns it and the bytes it took.
 pub fn decode_config(buf: &[u8]) -> Result<(ConfigState, usize), DecodeError> {
-    let mut r = Reader { buf };
+    let mut r = Reader::new(buf);
     let config = r.config()?;
     Ok((config, buf.len() - r.buf.len()))
 }
@@ -344,7 +363,8 @@ impl Reader<'_> {
         let mut entries = Vec::with_capacity(n);
         for _ in 0..n {
             let len = self.u32()? as usize;
-            entries.push(decode_entry(self.take(len)?)?);
+            let mut entry = Reader { buf: self.take(len)?, origin: self.origin };
+            entries.push(read_entry(&mut entry)?);
         }
         Ok(entries)
     }
@@ -383,9 +403,18 @@ impl Reader<'_> {
     }
 }
 
-/// Decodes one message that fills `buf` exactly.
+/// Decodes one message that fills `buf` exactly; write payloads are copied out of it.
 pub fn decode_message(buf: &[u8]) -> Result<Message, DecodeError> {
-    let mut r = Reader { buf };
+    read_message(Reader::new(buf))
+}
+
+/// Decodes one message that fills `buf` exactly; write payloads are slices of `buf` (no copy;
+/// they keep `buf`'s allocation alive until the last of them is dropped).
+pub fn decode_message_shared(buf: &Bytes) -> Result<Message, DecodeError> {
+    read_message(Reader { buf, origin: Some(buf) })
+}
+
+fn read_message(mut r: Reader<'_>) -> Result<Message, DecodeError> {
     let message = match r.u8()? {
         1 => Message::PreVote { term: r.term()?, candidate: r.candidacy()? },
         2 => Message::PreVoteResponse { term: r.term()?, granted: r.bool()? },
@@ -456,6 +485,11 @@ mod tests {
             learners: [7].map(ReplicaId).into_iter().collect(),
         };
         let config_entry = Entry { index: Index(6), op: Op::Config(config.clone()), ..entry.clone() };
+        let write = Entry {
+            index: Index(8),
+            op: Op::Write { offset: 4096, data: Bytes::from(vec![3u8; 4096]) },
+            ..entry.clone()
+        };
         assert_eq!(encoded_len(&config_entry), {
             let mut b = BytesMut::new();
             encode_entry(&config_entry, &mut b);
@@ -480,9 +514,9 @@ mod tests {
                 base: Index(1),
                 upto: Index(2),
                 end: Index(5),
-                entries: vec![entry.clone()],
+                entries: vec![entry.clone(), write.clone()],
             },
-            Message::Append { term: Term(3), entries: vec![entry.clone()], commit: commit.clone() },
+            Message::Append { term: Term(3), entries: vec![entry.clone(), write], commit: commit.clone() },
             Message::Heartbeat { term: Term(3), commit, read_seq: 77 },
             Message::Ack {
                 term: Term(3),
@@ -509,6 +543,25 @@ mod tests {
             assert_eq!(decode_message(&buf).unwrap(), m);
             for cut in [0, 1, buf.len() - 1] {
                 assert!(decode_message(&buf[..cut]).is_err(), "{m:?} cut at {cut}");
+            }
+            // The shared decoding gives the same message, its payloads inside the buffer.
+            let shared = buf.freeze();
+            let decoded = decode_message_shared(&shared).unwrap();
+            assert_eq!(decoded, m);
+            let inside = |e: &Entry| match &e.op {
+                Op::Write { data, .. } => shared.as_ptr_range().contains(&data.as_ptr()),
+                _ => true,
+            };
+            let entries = match &decoded {
+                Message::VoteResponse { entries, .. }
+                | Message::Sync { entries, .. }
+                | Message::Append { entries, .. }
+                | Message::Snapshot { entries, .. } => &entries[..],
+                _ => &[],
+            };
+            assert!(entries.iter().all(inside), "{m:?}: a payload was copied");
+            for cut in [0, 1, shared.len() - 1] {
+                assert!(decode_message_shared(&shared.slice(..cut)).is_err(), "{m:?} cut at {cut}");
             }
         }
     }

@@ -8,7 +8,7 @@
 //! stream can no longer be trusted, and the peer reconnects.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use parallelraft::codec::{decode_message, encode_message};
+use parallelraft::codec::{decode_message_shared, encode_message};
 use parallelraft::{ClientId, Index, MembershipChange, MembershipError, Message, ReplicaId, RequestId, Term};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -504,7 +504,7 @@ fn get_u8(buf: &mut Bytes) -> Result<u8, WireError> {
 }
 
 fn message(buf: &Bytes) -> Result<Message, WireError> {
-    decode_message(buf).map_err(|e| bad(e.to_string()))
+    decode_message_shared(buf).map_err(|e| bad(e.to_string()))
 }
 
 /// Decodes a frame body (after the length and checksum were checked).

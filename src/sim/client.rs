@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use super::disk::BLOCK_SIZE;
-use super::{redirect, Ev, Net, Node, Sim, CLIENT_RETRY};
+use super::{redirect, Ev, Net, Node, Sim};
 use crate::entry::Op;
 use crate::io::{ClientError, ClientRequest};
 use crate::rng::Rng;
@@ -58,6 +58,8 @@ pub struct Outstanding {
     pub retry_at: u64,
     /// The pending retry is a timeout (try another replica), not a redirect or back-off.
     pub retry_is_timeout: bool,
+    /// Simulated time of the first send.
+    pub invoked_at: u64,
 }
 
 pub struct Client {
@@ -78,11 +80,22 @@ impl Client {
         self.outstanding.keys().next().copied().unwrap_or(self.next_seq)
     }
 
-    /// Draws the next operation over a small address space, so writes conflict often.
-    pub fn next_op(&mut self, volume_blocks: u64) -> (RequestId, Option<Op>, OpKind, u64, u64) {
+    /// Draws the next operation over a small address space, so writes conflict often; with
+    /// `writes_only` (the perf model), a write of one block anywhere in the volume.
+    pub fn next_op(&mut self, volume_blocks: u64, writes_only: bool) -> (RequestId, Option<Op>, OpKind, u64, u64) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let id = RequestId { client: self.id, seq };
+        if writes_only {
+            let first = self.rng.range(0, volume_blocks);
+            return (
+                id,
+                Some(Op::Write { offset: first * BLOCK_SIZE, data: payload(id, first) }),
+                OpKind::Write,
+                first,
+                1,
+            );
+        }
         let blocks = self.rng.range(1, 3);
         let first = self.rng.range(0, volume_blocks - blocks + 1);
         let offset = first * BLOCK_SIZE;
@@ -108,6 +121,7 @@ impl Client {
 impl Sim {
     pub(super) fn client_wake(&mut self, c: usize) {
         let now = self.now;
+        let retry = self.client_retry();
         // Retries of unanswered requests.
         let due: Vec<u64> =
             self.clients[c].outstanding.iter().filter(|(_, o)| o.retry_at <= now).map(|(s, _)| *s).collect();
@@ -119,17 +133,17 @@ impl Sim {
                 // No answer at all: try the next replica.
                 o.target = ReplicaId((o.target.0 + 1) % n);
             }
-            o.retry_at = now + CLIENT_RETRY;
+            o.retry_at = now + retry;
             o.retry_is_timeout = true;
             let target = o.target;
             self.send_request(c, seq, target);
         }
         // New operations up to the client's depth.
         while self.clients[c].remaining > 0 && self.clients[c].outstanding.len() < self.clients[c].iodepth {
-            let volume = self.cfg.volume_blocks;
+            let (volume, writes_only) = (self.cfg.volume_blocks, self.cfg.perf.is_some());
             let client = &mut self.clients[c];
             client.remaining -= 1;
-            let (id, op, kind, first, blocks) = client.next_op(volume);
+            let (id, op, kind, first, blocks) = client.next_op(volume, writes_only);
             let target = client.leader_guess;
             client.outstanding.insert(
                 id.seq,
@@ -138,8 +152,9 @@ impl Sim {
                     first_block: first,
                     blocks,
                     target,
-                    retry_at: now + CLIENT_RETRY,
+                    retry_at: now + retry,
                     retry_is_timeout: true,
+                    invoked_at: now,
                 },
             );
             let invoked = self.tick_clock();
@@ -200,6 +215,9 @@ impl Sim {
                 }
                 self.history[h].responded = Some(responded);
                 self.stats.ops_completed += 1;
+                if self.cfg.perf.is_some() {
+                    self.stats.writes.push((o.invoked_at, now));
+                }
                 self.client_wake_soon(c);
             }
             Err(ClientError::NotLeader { hint }) => {

@@ -15,10 +15,12 @@ mod admin;
 mod checker;
 mod client;
 mod disk;
+pub mod perf;
 
 pub use checker::check_linearizable;
 pub use client::{payload, HistoryOp, OpKind};
 pub use disk::{Block, BLOCK_SIZE};
+pub use perf::PerfModel;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
@@ -68,6 +70,9 @@ pub struct SimConfig {
     /// An operator changes the membership during the fault phase, with `SPARES` extra servers
     /// (off by default, so the recorded regression seeds keep their schedules).
     pub membership: bool,
+    /// Measure instead of torture: no faults, the workload and delays of the model, and the
+    /// latency of every write recorded (see [`perf`]). `None` for correctness runs.
+    pub perf: Option<PerfModel>,
 }
 
 /// Servers beyond the bootstrap voters when membership changes are on.
@@ -92,6 +97,7 @@ impl SimConfig {
             liveness_time: 30_000,
             faults: true,
             membership: false,
+            perf: None,
         }
     }
 
@@ -120,6 +126,8 @@ pub struct SimStats {
     /// Sync messages that carried only part of a decided log (`max_sync_bytes`).
     pub partial_syncs: u64,
     pub end_time: u64,
+    /// Perf model only: each acknowledged write's (invocation, reply) times, in reply order.
+    pub writes: Vec<(u64, u64)>,
 }
 
 #[derive(Clone, Debug)]
@@ -231,6 +239,10 @@ struct Sim {
     /// Snapshot image riding with the message being processed.
     incoming_image: Option<Image>,
     admin: Option<Admin>,
+    /// Perf model: the earliest time of the next convergence check.
+    next_convergence_check: u64,
+    /// Perf model: when each replica's applies so far are done.
+    apply_free_at: Vec<u64>,
 }
 
 /// Runs one seed to completion and reports every violation found.
@@ -252,7 +264,10 @@ impl Sim {
                 id: ClientId(c as u64 + 1),
                 next_seq: 0,
                 remaining: cfg.ops_per_client,
-                iodepth: rng.range(1, 5) as usize,
+                iodepth: match cfg.perf {
+                    Some(p) => p.iodepth,
+                    None => rng.range(1, 5) as usize,
+                },
                 leader_guess: ReplicaId(rng.range(0, nodes as u64) as u32),
                 outstanding: BTreeMap::new(),
                 rng: Rng::new(rng.next_u64()),
@@ -294,6 +309,8 @@ impl Sim {
             stats: SimStats::default(),
             incoming_image: None,
             admin,
+            next_convergence_check: 0,
+            apply_free_at: vec![0; nodes],
             cfg,
         }
     }
@@ -326,6 +343,9 @@ impl Sim {
         c.max_vote_bytes = self.cfg.max_vote_bytes;
         c.naive = self.cfg.naive;
         c.max_batch_entries = 16;
+        if let Some(p) = self.cfg.perf {
+            p.configure(&mut c);
+        }
         c
     }
 
@@ -368,7 +388,7 @@ impl Sim {
             let ev = self.events.remove(&id).expect("event");
             self.handle(ev);
             self.stats.steps += 1;
-            if self.healed && self.clients_done() && self.now.is_multiple_of(TICK) && self.converged() {
+            if self.healed && self.clients_done() && self.convergence_check_due() && self.converged() {
                 converged = true;
                 break;
             }
@@ -725,7 +745,10 @@ impl Sim {
         }
         let copies = if self.rng.chance(self.duplicate) { 2 } else { 1 };
         for _ in 0..copies {
-            let delay = if self.rng.chance(0.05) {
+            let delay = if let Some(p) = self.cfg.perf {
+                let between_replicas = matches!((from, to), (Node::Replica(_), Node::Replica(_)));
+                p.message_delay(between_replicas, &mut self.rng)
+            } else if self.rng.chance(0.05) {
                 self.rng.range(1, self.max_delay * 4)
             } else {
                 self.rng.range(1, self.max_delay + 1)
@@ -788,7 +811,29 @@ impl Sim {
     }
 
     fn disk_delay(&mut self) -> u64 {
-        self.rng.range(1, 16)
+        match self.cfg.perf {
+            Some(p) => p.disk,
+            None => self.rng.range(1, 16),
+        }
+    }
+
+    /// Whether to look for convergence now: at most once per tick's worth of time (it compares
+    /// every replica's blocks). Fault runs look at multiples of `TICK`; the perf model's fixed
+    /// delays may never land on one, so it looks a tick after it last looked.
+    fn convergence_check_due(&mut self) -> bool {
+        if self.cfg.perf.is_none() {
+            return self.now.is_multiple_of(TICK);
+        }
+        if self.now < self.next_convergence_check {
+            return false;
+        }
+        self.next_convergence_check = self.now + TICK;
+        true
+    }
+
+    /// How long a client waits for an answer before it resends.
+    fn client_retry(&self) -> u64 {
+        self.cfg.perf.map_or(CLIENT_RETRY, |p| p.client_retry())
     }
 
     fn execute(&mut self, r: usize, incarnation: u64, command: Command) {
@@ -810,7 +855,15 @@ impl Sim {
                 self.net_send(Node::Replica(r), Node::Replica(to.0 as usize), Net::Peer(message, None));
             }
             Command::Apply { entry } => {
-                let d = self.rng.range(1, 8);
+                let d = match self.cfg.perf {
+                    // One apply at a time per replica, as a server's core thread applies.
+                    Some(p) => {
+                        let done = self.apply_free_at[r].max(self.now) + p.apply;
+                        self.apply_free_at[r] = done;
+                        done - self.now
+                    }
+                    None => self.rng.range(1, 8),
+                };
                 self.schedule(d, Ev::ApplyDone { r, incarnation, entry });
             }
             Command::Read { id, offset, len_bytes } => {

@@ -1,0 +1,81 @@
+//! ParallelRaft against classic Raft in the deterministic simulator's perf model (see
+//! `parallelraft::sim::perf`): the protocol alone, without CPU, as the client's depth grows,
+//! with no delays beyond a fixed hop, with uniform jitter between replicas and with stragglers.
+//!
+//! `sim-perf [--ops N] [--seed S] [--depths 1,8,16,32]`
+
+use std::process::ExitCode;
+
+use parallelraft::sim::perf::{measure, PerfModel};
+use parallelraft::Mode;
+
+/// How a delay shape turns the plain model into its own.
+type Shape = fn(PerfModel) -> PerfModel;
+
+const USAGE: &str = "usage: sim-perf [--ops N] [--seed S] [--depths 1,8,16,32]";
+
+fn parse() -> Result<(u64, u64, Vec<usize>), String> {
+    let (mut ops, mut seed, mut depths) = (4000u64, 1u64, vec![1usize, 8, 16, 32]);
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        match flag.as_str() {
+            "--ops" => ops = value("--ops")?.parse().map_err(|e| format!("--ops: {e}"))?,
+            "--seed" => seed = value("--seed")?.parse().map_err(|e| format!("--seed: {e}"))?,
+            "--depths" => {
+                depths = value("--depths")?
+                    .split(',')
+                    .map(|d| d.parse::<usize>().map_err(|e| format!("--depths: {e}")))
+                    .collect::<Result<_, _>>()?
+            }
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown argument {other}\n{USAGE}")),
+        }
+    }
+    if ops < 100 {
+        return Err("--ops must be at least 100".into());
+    }
+    if depths.is_empty() || depths.iter().any(|d| !(1..=256).contains(d)) {
+        return Err("--depths must be between 1 and 256".into());
+    }
+    Ok((ops, seed, depths))
+}
+
+fn main() -> ExitCode {
+    let (ops, seed, depths) = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!(
+        "{:<12} {:>5} {:>22} {:>22} {:>8}",
+        "delays", "depth", "parallel iops p50/p99", "raft iops p50/p99", "ratio"
+    );
+    let shapes: [(&str, Shape); 3] =
+        [("none", |m| m), ("jitter", PerfModel::with_jitter), ("stragglers", PerfModel::with_stragglers)];
+    for (name, shape) in shapes {
+        for &depth in &depths {
+            let model = shape(PerfModel::new(depth));
+            let run = |mode| measure(mode, model, ops, seed);
+            match (run(Mode::Parallel), run(Mode::Raft)) {
+                (Ok(p), Ok(r)) => println!(
+                    "{name:<12} {depth:>5} {:>9.0} {:>5}/{:<6} {:>9.0} {:>5}/{:<6} {:>7.2}x",
+                    p.iops,
+                    p.p50_us,
+                    p.p99_us,
+                    r.iops,
+                    r.p50_us,
+                    r.p99_us,
+                    p.iops / r.iops
+                ),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("{name} depth {depth}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}

@@ -247,6 +247,7 @@ struct Sim {
 
 /// Runs one seed to completion and reports every violation found.
 pub fn run(cfg: &SimConfig) -> SimReport {
+    assert!(cfg.perf.is_none() || !cfg.faults, "the perf model measures a run without faults");
     let mut sim = Sim::new(cfg.clone());
     sim.run();
     SimReport { seed: cfg.seed, violations: sim.violations, stats: sim.stats }

@@ -37,17 +37,8 @@ const META_RUN_PAGES: usize = 256;
 
 /// `pages` (ascending, distinct) cut into runs of consecutive pages of at most
 /// [`META_RUN_PAGES`].
-fn page_runs(pages: &[u64]) -> Vec<&[u64]> {
-    let mut runs = Vec::new();
-    let mut start = 0;
-    for i in 1..=pages.len() {
-        let ends = i == pages.len() || pages[i] != pages[i - 1] + 1 || i - start == META_RUN_PAGES;
-        if ends {
-            runs.push(&pages[start..i]);
-            start = i;
-        }
-    }
-    runs
+fn page_runs(pages: &[u64]) -> impl Iterator<Item = &[u64]> {
+    pages.chunk_by(|a, b| *b == *a + 1).flat_map(|run| run.chunks(META_RUN_PAGES))
 }
 
 /// State of one block.
@@ -547,18 +538,8 @@ impl BlockStore {
     /// Sets many whole blocks at their versions (a slice of a snapshot image), writing runs of
     /// consecutive data blocks with one write each.
     pub fn put_image(&mut self, image: &[ImageBlock]) -> Result<()> {
-        let mut k = 0;
-        while k < image.len() {
-            let start = k;
-            while k + 1 < image.len()
-                && image[k + 1].block == image[k].block + 1
-                && image[k].data.is_some()
-                && image[k + 1].data.is_some()
-            {
-                k += 1;
-            }
-            k += 1;
-            let run = &image[start..k];
+        let runs = image.chunk_by(|a, b| b.block == a.block + 1 && a.data.is_some() && b.data.is_some());
+        for run in runs {
             let first = run[0].block;
             if run.iter().any(|b| b.block >= self.blocks) {
                 return Err(StorageError::Invalid(format!("image block beyond {}", self.blocks)));
@@ -634,11 +615,12 @@ mod tests {
 
     #[test]
     fn page_runs_split_at_gaps_and_at_the_cap() {
-        assert!(page_runs(&[]).is_empty());
-        assert_eq!(page_runs(&[4]), vec![&[4u64][..]]);
-        assert_eq!(page_runs(&[0, 1, 2, 5, 7, 8]), vec![&[0u64, 1, 2][..], &[5][..], &[7, 8][..]]);
+        let runs_of = |pages: &[u64]| page_runs(pages).map(<[u64]>::to_vec).collect::<Vec<_>>();
+        assert!(runs_of(&[]).is_empty());
+        assert_eq!(runs_of(&[4]), vec![vec![4u64]]);
+        assert_eq!(runs_of(&[0, 1, 2, 5, 7, 8]), vec![vec![0u64, 1, 2], vec![5], vec![7, 8]]);
         let long: Vec<u64> = (10..10 + 2 * META_RUN_PAGES as u64 + 3).collect();
-        let runs = page_runs(&long);
+        let runs = runs_of(&long);
         assert_eq!(runs.iter().map(|r| r.len()).collect::<Vec<_>>(), vec![META_RUN_PAGES, META_RUN_PAGES, 3]);
         assert_eq!(runs.concat(), long);
     }

@@ -60,12 +60,62 @@ pub struct Goal {
     /// `true`: the ratio should be at least `bound`; `false`: at most.
     pub at_least: bool,
     pub bound: f64,
+    /// The best ratio any three-replica engine could reach on this machine, from the same run's
+    /// anchors (`None` where no such limit is measured), with how it was computed.
+    pub limit: Option<(f64, String)>,
 }
 
 impl Goal {
     pub fn met(&self) -> Option<bool> {
-        self.ratio.map(|r| if self.at_least { r >= self.bound } else { r <= self.bound })
+        self.ratio.map(|r| self.meets(r))
     }
+
+    fn meets(&self, ratio: f64) -> bool {
+        if self.at_least {
+            ratio >= self.bound
+        } else {
+            ratio <= self.bound
+        }
+    }
+
+    /// `Some(false)`: even the limit misses the bound, so no engine could meet the goal in
+    /// this run on this machine.
+    pub fn reachable(&self) -> Option<bool> {
+        self.limit.as_ref().map(|(l, _)| self.meets(*l))
+    }
+}
+
+/// The IOPS-derived mean time of one operation of a job run at iodepth 1, µs.
+fn cycle_us(m: &Measure) -> f64 {
+    1e6 / m.iops
+}
+
+/// A limit no three-replica engine can pass here: the 4 KiB write at iodepth 1 needs at least
+/// one NBD round trip (nbdkit-memory's p50: no storage at all) and one durable write on this
+/// disk before it may answer (the local disk's write + fdatasync, one at a time), over
+/// nbdkit-file's p50. An estimate (a sum of a median and a mean), not a bound on every write.
+fn qd1_latency_limit(r: &Results) -> Option<(f64, String)> {
+    let get = |job: &str, target: &str| r.get(&(job.to_string(), target.to_string()));
+    let round_trip = get("randwrite-4k-qd1", "nbdkit-memory")?.p50_us;
+    let durable = cycle_us(get("durable-write-4k-qd1", "local-disk")?);
+    let anchor = get("randwrite-4k-qd1", "nbdkit-file")?.p50_us;
+    let limit = ratio(Some(round_trip + durable), Some(anchor))?;
+    Some((
+        limit,
+        format!(
+            "NBD round trip {round_trip:.0} µs (nbdkit-memory p50) + durable 4 KiB write {durable:.0} µs \
+             (local disk, write + fdatasync) over nbdkit-file's {anchor:.0} µs"
+        ),
+    ))
+}
+
+/// A limit no three-replica engine can pass here: all three copies go to this one disk, so at
+/// best a third of the local disk's sequential bandwidth, over nbdkit-memory's.
+fn seq_write_limit(r: &Results) -> Option<(f64, String)> {
+    let get = |target: &str| r.get(&("seqwrite-128k-qd16".to_string(), target.to_string())).map(|m| m.mib_s);
+    let (disk, anchor) = (get("local-disk")?, get("nbdkit-memory")?);
+    let limit = ratio(Some(disk / 3.0), Some(anchor))?;
+    Some((limit, format!("local disk {disk:.0} MiB/s / 3 copies over nbdkit-memory's {anchor:.0} MiB/s")))
 }
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
@@ -84,7 +134,11 @@ struct Spec {
     field: fn(&Measure) -> f64,
     at_least: bool,
     bound: f64,
+    limit: Option<LimitFn>,
 }
+
+/// Computes a goal's limit from the run's medians (see [`Goal::limit`]).
+type LimitFn = fn(&Results) -> Option<(f64, String)>;
 
 const SPECS: [Spec; 7] = [
     Spec {
@@ -95,6 +149,7 @@ const SPECS: [Spec; 7] = [
         field: |m| m.iops,
         at_least: true,
         bound: 1.5,
+        limit: None,
     },
     Spec {
         what: "4k randwrite qd1 p50 latency, parallel / nbdkit-file",
@@ -104,6 +159,7 @@ const SPECS: [Spec; 7] = [
         field: |m| m.p50_us,
         at_least: false,
         bound: 3.0,
+        limit: Some(qd1_latency_limit),
     },
     Spec {
         what: "4k randread qd32 IOPS, parallel / nbdkit-memory",
@@ -113,6 +169,7 @@ const SPECS: [Spec; 7] = [
         field: |m| m.iops,
         at_least: true,
         bound: 0.7,
+        limit: None,
     },
     Spec {
         what: "128k seq write MiB/s, parallel / nbdkit-memory",
@@ -122,6 +179,7 @@ const SPECS: [Spec; 7] = [
         field: |m| m.mib_s,
         at_least: true,
         bound: 0.5,
+        limit: Some(seq_write_limit),
     },
     Spec {
         what: "4k randwrite qd32 IOPS with jitter, parallel / raft",
@@ -131,6 +189,7 @@ const SPECS: [Spec; 7] = [
         field: |m| m.iops,
         at_least: true,
         bound: 2.0,
+        limit: None,
     },
     Spec {
         what: "4k randwrite qd32 IOPS with stragglers, parallel / raft",
@@ -140,6 +199,7 @@ const SPECS: [Spec; 7] = [
         field: |m| m.iops,
         at_least: true,
         bound: 2.0,
+        limit: None,
     },
     Spec {
         what: "4k randwrite qd32 IOPS without jitter, parallel / raft",
@@ -149,6 +209,7 @@ const SPECS: [Spec; 7] = [
         field: |m| m.iops,
         at_least: true,
         bound: 0.95,
+        limit: None,
     },
 ];
 
@@ -172,6 +233,7 @@ pub fn goals(r: &Results, per_run: &PerRun) -> Vec<Goal> {
                 per_run,
                 at_least: s.at_least,
                 bound: s.bound,
+                limit: s.limit.and_then(|f| f(r)),
             }
         })
         .collect()
@@ -193,6 +255,15 @@ pub fn goals_text(goals: &[Goal]) -> String {
             String::new()
         };
         let _ = writeln!(s, "  {:<58} {:>8} (goal {bound}): {verdict}{runs}", g.what, ratio);
+        if let Some((limit, how)) = &g.limit {
+            let verdict = if g.reachable() == Some(false) { "the goal is out of reach here" } else { "within reach" };
+            let _ = writeln!(
+                s,
+                "  {:<58} {:>8} ({how}): {verdict}",
+                "  best any 3-replica engine could do here",
+                format!("{limit:.2}")
+            );
+        }
     }
     s
 }
@@ -216,7 +287,8 @@ pub fn summary_json(r: &Results, per_run: &PerRun, goals: &[Goal], runs: usize) 
         .iter()
         .map(|g| {
             serde_json::json!({"goal": g.what, "ratio": g.ratio, "per_run": g.per_run, "bound": g.bound,
-                "at_least": g.at_least, "met": g.met()})
+                "at_least": g.at_least, "met": g.met(), "limit": g.limit.as_ref().map(|l| l.0),
+                "limit_how": g.limit.as_ref().map(|l| l.1.clone()), "reachable": g.reachable()})
         })
         .collect();
     serde_json::json!({ "runs": runs, "results": rows, "goals": goals })
@@ -243,6 +315,41 @@ mod tests {
         assert_eq!(g[1].ratio, None, "qd1 not measured");
         assert!(goals_text(&g).contains("not measured"));
         assert!(g.iter().all(|g| g.per_run.is_empty()));
+    }
+
+    #[test]
+    fn limits_come_from_the_same_runs_anchors() {
+        let mut r = Results::new();
+        let put = |r: &mut Results, job: &str, target: &str, m: Measure| r.insert((job.into(), target.into()), m);
+        let p50 = |p50_us: f64| Measure { p50_us, iops: 1.0, ..Default::default() };
+        let bw = |mib_s: f64| Measure { mib_s, iops: 1.0, ..Default::default() };
+        put(&mut r, "randwrite-4k-qd1", "parallel", p50(400.0));
+        put(&mut r, "randwrite-4k-qd1", "nbdkit-file", p50(80.0));
+        put(&mut r, "seqwrite-128k-qd16", "parallel", bw(200.0));
+        put(&mut r, "seqwrite-128k-qd16", "nbdkit-memory", bw(2000.0));
+        let g = goals(&r, &PerRun::new());
+        assert!(g[1].limit.is_none() && g[3].limit.is_none(), "no limit without its anchors");
+        assert_eq!(g[1].reachable(), None);
+        // Round trip 40 µs + a durable write at 5,000 IOPS (200 µs) = 240 µs: 3x of 80 µs,
+        // just within the goal's 3x.
+        put(&mut r, "randwrite-4k-qd1", "nbdkit-memory", p50(40.0));
+        put(&mut r, "durable-write-4k-qd1", "local-disk", Measure { iops: 5000.0, ..Default::default() });
+        // A disk of 2,400 MiB/s: 800 MiB/s for each of three copies, 0.4x of nbdkit-memory.
+        put(&mut r, "seqwrite-128k-qd16", "local-disk", bw(2400.0));
+        let g = goals(&r, &PerRun::new());
+        let (qd1, how) = g[1].limit.clone().unwrap();
+        assert!((qd1 - 3.0).abs() < 1e-9, "{qd1}");
+        assert!(how.contains("200 µs") && how.contains("40 µs"), "{how}");
+        assert_eq!(g[1].reachable(), Some(true), "a limit equal to the bound can meet it");
+        assert_eq!(g[1].met(), Some(false), "the engine itself at 5x");
+        assert_eq!(g[3].limit.as_ref().map(|l| l.0), Some(0.4));
+        assert_eq!(g[3].reachable(), Some(false));
+        assert!(g.iter().enumerate().all(|(i, g)| g.limit.is_some() == (i == 1 || i == 3)));
+        let text = goals_text(&g);
+        assert!(text.contains("0.40 (local disk 2400 MiB/s / 3 copies") && text.contains("out of reach"), "{text}");
+        let json = summary_json(&r, &PerRun::new(), &g, 1);
+        assert_eq!(json["goals"][3]["reachable"], serde_json::json!(false));
+        assert_eq!(json["goals"][0]["limit"], serde_json::Value::Null);
     }
 
     #[test]

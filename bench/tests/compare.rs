@@ -24,7 +24,9 @@ fn compare_runs_jobs_on_engine_and_anchor_and_writes_every_output() {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap()).unwrap();
     let rows = summary["results"].as_array().unwrap();
-    for job in ["randwrite-4k-qd1", "randwrite-4k-qd32", "randread-4k-qd32", "seqwrite-128k-qd16"] {
+    for job in
+        ["randwrite-4k-qd1", "randwrite-4k-qd32", "randread-4k-qd32", "seqwrite-128k-qd16", "durable-write-4k-qd1"]
+    {
         for target in ["parallel", "nbdkit-memory"] {
             let row = rows.iter().find(|r| r["job"] == job && r["target"] == target);
             let iops = row.and_then(|r| r["iops"].as_f64()).unwrap_or(0.0);

@@ -83,6 +83,9 @@ pub struct Measure {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
+    /// Per cent of the machine's CPU time the host stole while the job ran (see
+    /// [`crate::host`]); not from fio, set by the harness (`NaN` where unknown).
+    pub steal_pct: f64,
 }
 
 /// Extracts the measure of the first job of a fio JSON document (group_reporting merges the
@@ -108,6 +111,7 @@ pub fn measure(doc: &serde_json::Value) -> Result<Measure, String> {
         p50_us: pct("50.000000"),
         p99_us: pct("99.000000"),
         p999_us: pct("99.900000"),
+        steal_pct: f64::NAN,
     })
 }
 
@@ -129,6 +133,7 @@ pub fn median(runs: &[Measure]) -> Measure {
         p50_us: f(|m| m.p50_us),
         p99_us: f(|m| m.p99_us),
         p999_us: f(|m| m.p999_us),
+        steal_pct: f(|m| m.steal_pct),
     }
 }
 
@@ -163,10 +168,11 @@ mod tests {
         let m = measure(&doc).unwrap();
         assert_eq!((m.iops, m.p50_us, m.p99_us, m.p999_us), (1000.0, 800.0, 2000.0, 5000.0));
         assert!((m.mib_s - 3.90625).abs() < 1e-9);
-        let a = Measure { iops: 1.0, p50_us: 9.0, ..m };
-        let b = Measure { iops: 5.0, p50_us: 1.0, ..m };
-        let c = Measure { iops: 3.0, p50_us: 4.0, ..m };
+        assert!(m.steal_pct.is_nan(), "fio does not know the host's steal");
+        let a = Measure { iops: 1.0, p50_us: 9.0, steal_pct: 30.0, ..m };
+        let b = Measure { iops: 5.0, p50_us: 1.0, steal_pct: 2.0, ..m };
+        let c = Measure { iops: 3.0, p50_us: 4.0, steal_pct: 10.0, ..m };
         let med = median(&[a, b, c]);
-        assert_eq!((med.iops, med.p50_us), (3.0, 4.0));
+        assert_eq!((med.iops, med.p50_us, med.steal_pct), (3.0, 4.0, 10.0));
     }
 }

@@ -4,6 +4,7 @@
 //! ratios and plots. `cargo run --release -p bench -- compare --help`.
 
 pub mod fio;
+pub mod host;
 pub mod plot;
 pub mod report;
 pub mod targets;

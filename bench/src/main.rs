@@ -16,6 +16,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use bench::fio::{self, JobSettings, Measure};
+use bench::host::CpuTimes;
 use bench::plot::{self, Series};
 use bench::report::{self, Results};
 use bench::targets::{Kind, Running, Target};
@@ -266,11 +267,13 @@ fn run(cli: Cli) -> Result<(), String> {
                 let text = fio::job_text(&configs, job.file, &running.endpoint, &settings(job.iodepth))?;
                 let path = out.join("jobs").join(format!("{}-{}.fio", target.name, job.name));
                 std::fs::write(&path, text).map_err(|e| e.to_string())?;
+                let before = CpuTimes::now();
                 let doc = fio::run(&path, &out.join("raw").join(format!("{}-{}-r{r}.json", target.name, job.name)))?;
-                let m = fio::measure(&doc).map_err(|e| format!("{} {}: {e}", target.name, job.name))?;
+                let mut m = fio::measure(&doc).map_err(|e| format!("{} {}: {e}", target.name, job.name))?;
+                m.steal_pct = before.zip(CpuTimes::now()).map_or(f64::NAN, |(b, a)| b.steal_pct(&a));
                 eprintln!(
-                    "  {:<22} {:>9.0} IOPS {:>8.1} MiB/s  p50 {:>7.0} µs  p99 {:>7.0} µs",
-                    job.name, m.iops, m.mib_s, m.p50_us, m.p99_us
+                    "  {:<22} {:>9.0} IOPS {:>8.1} MiB/s  p50 {:>7.0} µs  p99 {:>7.0} µs  steal {:>3.0}%",
+                    job.name, m.iops, m.mib_s, m.p50_us, m.p99_us, m.steal_pct
                 );
                 measured.entry((job.name.clone(), target.name.clone())).or_default().push(m);
             }

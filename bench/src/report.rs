@@ -11,15 +11,20 @@ pub type Results = BTreeMap<(String, String), Measure>;
 /// The anchors ratios are taken against, in column order.
 pub const ANCHORS: [&str; 3] = ["nbdkit-file", "nbdkit-memory", "local-disk"];
 
-/// One row per (job, target): the medians, then the IOPS ratio to each anchor measured for the
-/// same job (latency ratios are in the goals below the table).
+/// One row per (job, target): the medians (with the host's steal during the job, see
+/// [`crate::host`]), then the IOPS ratio to each anchor measured for the same job (latency
+/// ratios are in the goals below the table).
 pub fn table(results: &Results, runs: usize) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "medians of {runs} run(s); latencies are fio completion latencies in µs");
+    let _ = writeln!(
+        s,
+        "medians of {runs} run(s); latencies are fio completion latencies in µs; steal%: the \
+         machine's CPU time the host took during the job"
+    );
     let _ = write!(
         s,
-        "{:<24} {:<18} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "job", "target", "IOPS", "MiB/s", "mean", "p50", "p99", "p99.9"
+        "{:<24} {:<18} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
+        "job", "target", "IOPS", "MiB/s", "mean", "p50", "p99", "p99.9", "steal%"
     );
     for a in ANCHORS {
         let _ = write!(s, " {:>14}", format!("x {a}"));
@@ -28,8 +33,8 @@ pub fn table(results: &Results, runs: usize) -> String {
     for ((job, target), m) in results {
         let _ = write!(
             s,
-            "{job:<24} {target:<18} {:>10.0} {:>9.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0}",
-            m.iops, m.mib_s, m.mean_us, m.p50_us, m.p99_us, m.p999_us
+            "{job:<24} {target:<18} {:>10.0} {:>9.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>6.0}",
+            m.iops, m.mib_s, m.mean_us, m.p50_us, m.p99_us, m.p999_us, m.steal_pct
         );
         for a in ANCHORS {
             match results.get(&(job.clone(), a.to_string())) {
@@ -92,7 +97,7 @@ fn cycle_us(m: &Measure) -> f64 {
 
 /// A limit no three-replica engine can pass here: the 4 KiB write at iodepth 1 needs at least
 /// one NBD round trip (nbdkit-memory's p50: no storage at all) and one durable write on this
-/// disk before it may answer (the local disk's write + fdatasync, one at a time), over
+/// disk before it may answer (the local disk's write + fsync, one at a time), over
 /// nbdkit-file's p50. An estimate (a sum of a median and a mean), not a bound on every write.
 fn qd1_latency_limit(r: &Results) -> Option<(f64, String)> {
     let get = |job: &str, target: &str| r.get(&(job.to_string(), target.to_string()));
@@ -104,7 +109,7 @@ fn qd1_latency_limit(r: &Results) -> Option<(f64, String)> {
         limit,
         format!(
             "NBD round trip {round_trip:.0} µs (nbdkit-memory p50) + durable 4 KiB write {durable:.0} µs \
-             (local disk, write + fdatasync) over nbdkit-file's {anchor:.0} µs"
+             (local disk, write + fsync) over nbdkit-file's {anchor:.0} µs"
         ),
     ))
 }
@@ -277,9 +282,11 @@ pub fn summary_json(r: &Results, per_run: &PerRun, goals: &[Goal], runs: usize) 
             let each = per_run.get(key).map_or(&[][..], |v| v.as_slice());
             serde_json::json!({
                 "job": key.0, "target": key.1, "iops": m.iops, "mib_s": m.mib_s, "mean_us": m.mean_us,
-                "p50_us": m.p50_us, "p99_us": m.p99_us, "p999_us": m.p999_us,
+                "p50_us": m.p50_us, "p99_us": m.p99_us, "p999_us": m.p999_us, "steal_pct": m.steal_pct,
                 "iops_runs": each.iter().map(|m| m.iops).collect::<Vec<_>>(),
                 "mib_s_runs": each.iter().map(|m| m.mib_s).collect::<Vec<_>>(),
+                // null where unknown (NaN is not JSON).
+                "steal_pct_runs": each.iter().map(|m| m.steal_pct).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -307,6 +314,7 @@ mod tests {
         r.insert(("randwrite-4k-qd32".into(), "raft".into()), m(40_000.0, 1000.0));
         let t = table(&r, 1);
         assert!(t.contains("1.50"), "{t}");
+        assert!(t.contains("steal%"), "{t}");
         let g = goals(&r, &PerRun::new());
         assert_eq!(g[0].ratio, Some(1.5));
         assert_eq!(g[0].met(), Some(true));
@@ -370,5 +378,6 @@ mod tests {
         let json = summary_json(&medians, &per_run, &g, 3);
         assert_eq!(json["results"][1]["iops_runs"], serde_json::json!([50.0, 40.0, 60.0]), "{json}");
         assert_eq!(json["goals"][2]["per_run"], serde_json::json!([0.5, 0.5, 0.6]));
+        assert_eq!(json["results"][1]["steal_pct_runs"], serde_json::json!([0.0, 0.0, 0.0]), "{json}");
     }
 }

@@ -10,10 +10,10 @@
 //!
 //! Per chunk, replay is the records in order: entries, truncations, and resets (a chunk's
 //! replica was created anew on this server: everything recorded for the chunk before is void).
-//! A segment is deleted once every chunk with entries in it has a durable checkpoint covering
-//! them ([`Wal::cover`]), or no longer has a replica here ([`Wal::forget`]); a chunk whose
-//! entries pin old segments is named by [`Wal::pinning`], so its replica can write its log
-//! anew at the head (a reset and its entries) and let them go.
+//! A segment is pruned (recycled or deleted, see below) once every chunk with entries in it
+//! has a durable checkpoint covering them ([`Wal::cover`]), or no longer has a replica here
+//! ([`Wal::forget`]); a chunk whose entries pin old segments is named by [`Wal::pinning`], so
+//! its replica can write its log anew at the head (a reset and its entries) and let them go.
 //!
 //! Record layout (little endian):
 //!

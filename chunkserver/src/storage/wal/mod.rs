@@ -145,8 +145,9 @@ struct Segment {
     number: u64,
     path: PathBuf,
     file: FileId,
-    /// Every record in it carries a tag (written by this version): it may be recycled.
-    tagged_only: bool,
+    /// It may be recycled: every record in it carries a tag (written by this version) and the
+    /// file is one segment long (a log opened with another segment size keeps older sizes).
+    recyclable: bool,
     /// Bytes past the write position may be old records (a recycled segment, or one found at
     /// open): each write ends with a zeroed block.
     stale_after_tail: bool,
@@ -262,7 +263,8 @@ impl Wal {
         for number in numbers {
             let path = Wal::segment_path(dir, log_id, number);
             let file = engine.open(&path, OpenMode { create: false, direct: options.direct })?;
-            let len = (engine.len(file)? as usize / ALIGN) * ALIGN;
+            let file_len = engine.len(file)?;
+            let len = (file_len as usize / ALIGN) * ALIGN;
             let mut image = AlignedBuf::zeroed(len.max(ALIGN));
             if len > 0 {
                 let results = engine.submit(&mut [IoOp::Read { file, offset: 0, buf: &mut image[..len] }]);
@@ -274,7 +276,7 @@ impl Wal {
                 number,
                 path,
                 file,
-                tagged_only: false,
+                recyclable: file_len == options.segment_bytes,
                 stale_after_tail: true,
                 live: BTreeMap::new(),
             });
@@ -338,7 +340,7 @@ impl Wal {
             number,
             path,
             file,
-            tagged_only: true,
+            recyclable: true,
             stale_after_tail: recycled,
             live: BTreeMap::new(),
         });
@@ -619,8 +621,8 @@ impl Wal {
     }
 
     /// Deletes the oldest segments in which every chunk's entries are covered by its
-    /// checkpoint; the first of them becomes the spare instead when there is none and its
-    /// records all carry tags (see the module docs). The segment being written is kept.
+    /// checkpoint; the first of them becomes the spare instead when there is none and it is
+    /// recyclable (see the module docs and `Segment::recyclable`). The segment being written is kept.
     pub fn prune_covered(&mut self) -> Result<usize> {
         let mut removed = 0;
         if self.poisoned.is_some() {
@@ -629,7 +631,7 @@ impl Wal {
         while self.segments.len() > 1 && self.segments[0].live.iter().all(|(c, max)| self.is_covered(*c, *max)) {
             let s = self.segments.pop_front().unwrap();
             removed += 1;
-            if s.tagged_only && self.spare.is_none() && self.engine.len(s.file)? == self.options.segment_bytes {
+            if s.recyclable && self.spare.is_none() {
                 let path = Wal::spare_path(&self.dir, self.log_id);
                 if let Err(e) = self.engine.rename_durable(&s.path, &path) {
                     self.engine.close(s.file);

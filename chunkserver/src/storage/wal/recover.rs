@@ -117,7 +117,7 @@ impl Wal {
             written_end[*seg] = written_end[*seg].max(round_up(offset + 1));
         }
         for (seg, segment) in self.segments.iter_mut().enumerate() {
-            segment.tagged_only = !valid.iter().any(|v| v.seg == seg && v.rec.tag == 0);
+            segment.recyclable &= !valid.iter().any(|v| v.seg == seg && v.rec.tag == 0);
         }
         let mut recovery = Recovery::default();
         // Each maximal invalid region, with the batch its bytes belong to.

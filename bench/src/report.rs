@@ -37,7 +37,7 @@ pub fn table(results: &Results, runs: usize) -> String {
             m.iops, m.mib_s, m.mean_us, m.p50_us, m.p99_us, m.p999_us, m.steal_pct
         );
         for a in ANCHORS {
-            match results.get(&(job.clone(), a.to_string())) {
+            match results.get(&key(job, a)) {
                 Some(anchor) if anchor.iops > 0.0 => {
                     let _ = write!(s, " {:>14.2}", m.iops / anchor.iops);
                 }
@@ -90,6 +90,11 @@ impl Goal {
     }
 }
 
+/// The key of (job, target) in [`Results`] and [`PerRun`].
+fn key(job: &str, target: &str) -> (String, String) {
+    (job.to_string(), target.to_string())
+}
+
 /// The IOPS-derived mean time of one operation of a job run at iodepth 1, µs.
 fn cycle_us(m: &Measure) -> f64 {
     1e6 / m.iops
@@ -100,7 +105,7 @@ fn cycle_us(m: &Measure) -> f64 {
 /// disk before it may answer (the local disk's write + fsync, one at a time), over
 /// nbdkit-file's p50. An estimate (a sum of a median and a mean), not a bound on every write.
 fn qd1_latency_limit(r: &Results) -> Option<(f64, String)> {
-    let get = |job: &str, target: &str| r.get(&(job.to_string(), target.to_string()));
+    let get = |job: &str, target: &str| r.get(&key(job, target));
     let round_trip = get("randwrite-4k-qd1", "nbdkit-memory")?.p50_us;
     let durable = cycle_us(get("durable-write-4k-qd1", "local-disk")?);
     let anchor = get("randwrite-4k-qd1", "nbdkit-file")?.p50_us;
@@ -117,7 +122,7 @@ fn qd1_latency_limit(r: &Results) -> Option<(f64, String)> {
 /// A limit no three-replica engine can pass here: all three copies go to this one disk, so at
 /// best a third of the local disk's sequential bandwidth, over nbdkit-memory's.
 fn seq_write_limit(r: &Results) -> Option<(f64, String)> {
-    let get = |target: &str| r.get(&("seqwrite-128k-qd16".to_string(), target.to_string())).map(|m| m.mib_s);
+    let get = |target: &str| r.get(&key("seqwrite-128k-qd16", target)).map(|m| m.mib_s);
     let (disk, anchor) = (get("local-disk")?, get("nbdkit-memory")?);
     let limit = ratio(Some(disk / 3.0), Some(anchor))?;
     Some((limit, format!("local disk {disk:.0} MiB/s / 3 copies over nbdkit-memory's {anchor:.0} MiB/s")))
@@ -221,7 +226,6 @@ const SPECS: [Spec; 7] = [
 /// The goals of issue 5, from what was measured (a goal whose figures were not measured in
 /// this run has no ratio).
 pub fn goals(r: &Results, per_run: &PerRun) -> Vec<Goal> {
-    let key = |job: &str, target: &str| (job.to_string(), target.to_string());
     SPECS
         .iter()
         .map(|s| {

@@ -622,7 +622,8 @@ impl Wal {
 
     /// Deletes the oldest segments in which every chunk's entries are covered by its
     /// checkpoint; the first of them becomes the spare instead when there is none and it is
-    /// recyclable (see the module docs and `Segment::recyclable`). The segment being written is kept.
+    /// recyclable (see the module docs and `Segment::recyclable`). The segment being written
+    /// is kept.
     pub fn prune_covered(&mut self) -> Result<usize> {
         let mut removed = 0;
         if self.poisoned.is_some() {

@@ -120,9 +120,14 @@ fn server_file(opts: &LocalOptions, cluster_id: u64, id: u32, spare: bool) -> Se
     ServerFile { id, addr, spare }
 }
 
+/// Server `id`'s data directory.
+fn server_dir(opts: &LocalOptions, id: u32) -> PathBuf {
+    opts.data_dir.join(format!("server-{id}"))
+}
+
 fn spawn_server(opts: &LocalOptions, id: u32) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
-    let dir = opts.data_dir.join(format!("server-{id}"));
+    let dir = server_dir(opts, id);
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let mut cmd = Command::new(exe);
     cmd.arg("serve")
@@ -177,6 +182,10 @@ pub fn run(opts: LocalOptions) -> Result<(), String> {
         if let Err(e) = StdListener::bind(peer_addr) {
             return Err(format!("chunk server {} cannot listen on {peer_addr}: {e}", id.0));
         }
+    }
+    // One clear error before anything starts, rather than servers exiting one by one.
+    for (id, _) in &cluster.servers {
+        crate::storage::format::check(&server_dir(&opts, id.0))?;
     }
     let server_count = cluster.servers.len();
     let mut children = Vec::new();

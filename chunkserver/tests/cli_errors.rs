@@ -9,7 +9,34 @@ use support::*;
 fn fails_with(cmd: &mut Command, needle: &str) {
     let out = cmd.env("NO_COLOR", "1").output().unwrap();
     assert!(!out.status.success(), "{cmd:?} should fail");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    expect_error(cmd, &out.stderr, needle);
+}
+
+/// As [`fails_with`] for a command that would serve forever if it did not fail: killed after
+/// 30 s, and that is a failure of the test, not a hang.
+fn fails_soon_with(cmd: &mut Command, needle: &str) {
+    use std::process::Stdio;
+    let mut child = cmd.env("NO_COLOR", "1").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("{cmd:?} kept running instead of failing with {needle:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(!status.success(), "{cmd:?} should fail");
+    let mut stderr = Vec::new();
+    std::io::Read::read_to_end(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    expect_error(cmd, &stderr, needle);
+}
+
+fn expect_error(cmd: &Command, stderr: &[u8], needle: &str) {
+    let stderr = String::from_utf8_lossy(stderr);
     let last = stderr.lines().last().unwrap_or("");
     assert!(last.starts_with("chunkserver: ") && last.contains(needle), "{cmd:?}: unexpected error {stderr:?}");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -123,4 +150,59 @@ fn bad_or_busy_unix_socket_addresses_are_one_line_errors() {
     std::fs::write(&config, with_addr(&format!("unix:{}", plain.display()))).unwrap();
     fails_with(&mut serve(), "is not a socket");
     assert_eq!(std::fs::read(&plain).unwrap(), b"keep");
+}
+
+#[test]
+fn a_data_directory_of_a_newer_format_is_refused_before_anything_starts() {
+    use chunkserver::storage::format::{FORMAT_FILE, FORMAT_VERSION};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cluster.toml");
+    let name = format!("parallelraft-format-test-{}", std::process::id());
+    std::fs::write(
+        &config,
+        format!(
+            "cluster_id = 1\n[volume]\nname = \"v\"\nsize = \"64M\"\nchunk_size = \"64M\"\n\
+             [[server]]\nid = 1\naddr = \"unix:@{name}-1\"\n[[server]]\nid = 2\naddr = \"unix:@{name}-2\"\n\
+             [[server]]\nid = 3\naddr = \"unix:@{name}-3\"\n"
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let serve = || {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--id", "1", "--data-dir"]).arg(&data).arg("--config").arg(&config);
+        cmd
+    };
+    let newer = format!("{}\n", FORMAT_VERSION + 1);
+    std::fs::write(data.join(FORMAT_FILE), &newer).unwrap();
+    fails_soon_with(&mut serve(), &format!("data format {}, newer than this chunkserver reads", FORMAT_VERSION + 1));
+    assert_eq!(std::fs::read_to_string(data.join(FORMAT_FILE)).unwrap(), newer, "the file is left as it is");
+    assert!(!data.join("wal").exists(), "nothing was written");
+    std::fs::write(data.join(FORMAT_FILE), "wal\n").unwrap();
+    fails_soon_with(&mut serve(), "does not hold a format version");
+
+    // A server stamps the directory it serves.
+    std::fs::remove_file(data.join(FORMAT_FILE)).unwrap();
+    let mut child = serve().stderr(std::process::Stdio::null()).spawn().unwrap();
+    let stamped = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::fs::read_to_string(data.join(FORMAT_FILE)).is_ok_and(|t| t == format!("{FORMAT_VERSION}\n"))
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(stamped, "a serving server's directory has no format file");
+
+    // The local launcher checks every server's directory before it starts any.
+    let local = dir.path().join("local");
+    std::fs::create_dir_all(local.join("server-2")).unwrap();
+    std::fs::write(local.join("server-2").join(FORMAT_FILE), &newer).unwrap();
+    let base = free_ports(4);
+    fails_soon_with(
+        Command::new(BIN)
+            .args(["local", "--port", &base.to_string(), "--peer-base-port", &(base + 1).to_string(), "--data-dir"])
+            .arg(&local),
+        &format!("data format {}", FORMAT_VERSION + 1),
+    );
+    assert!(!local.join("server-1").exists(), "a server was started");
 }

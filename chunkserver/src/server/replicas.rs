@@ -98,6 +98,8 @@ fn open_one(
 pub fn open_log(opts: &ServerOptions) -> Result<(Wal, BTreeMap<u64, Vec<Entry>>), String> {
     let data = &opts.data_dir;
     std::fs::create_dir_all(data).map_err(|e| format!("cannot create data directory {}: {e}", data.display()))?;
+    // Before anything is read or written in it: a directory of a newer format is refused.
+    crate::storage::format::check_and_stamp(data)?;
     let dir = data.join(WAL_DIR);
     let ctx = |e: &dyn std::fmt::Display| format!("the write-ahead log in {}: {e}", dir.display());
     std::fs::create_dir_all(&dir).map_err(|e| ctx(&e))?;

@@ -1,6 +1,7 @@
 //! Durable storage of a server's chunk replicas: the [`wal::Wal`] (log entries of every chunk,
 //! group commit), per replica the [`blocks::BlockStore`] (4 KiB blocks with per-block
 //! checksums) and the [`meta`] files (hard state and checkpoint), all on an [`io::IoEngine`].
+//! The data directory's [`format`] version keeps a build from opening what it would misread.
 //!
 //! Failure policy: an error from `fdatasync` (or any write) is fatal for the replica
 //! ([`StorageError::Fatal`]): after a failed sync the kernel may have dropped the dirty pages,
@@ -8,6 +9,7 @@
 //! from its WAL and its peers on restart.
 
 pub mod blocks;
+pub mod format;
 pub mod io;
 pub mod meta;
 pub mod migrate;

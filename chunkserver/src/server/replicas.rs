@@ -26,8 +26,8 @@ use super::disk::Disk;
 use super::group::Group;
 use super::{group_config, ServerOptions};
 use crate::storage::io::open_engine;
-use crate::storage::meta;
 use crate::storage::wal::{Wal, WalOptions, WalRecord, SHARED_LOG_ID};
+use crate::storage::{fsync_dir, meta, write_durable};
 
 const BOOT_FILE: &str = "members.boot";
 const RETIRED_FILE: &str = "retired";
@@ -40,21 +40,6 @@ const WAL_DIR: &str = "wal";
 
 pub fn chunk_dir(data_dir: &Path, chunk: u32) -> PathBuf {
     data_dir.join(format!("chunk-{chunk:08}"))
-}
-
-fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// Writes a small file durably (tmp, fsync, rename, fsync the directory).
-fn write_durable(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    fsync_dir(dir)
 }
 
 fn write_boot(dir: &Path, voters: &[ReplicaId]) -> std::io::Result<()> {

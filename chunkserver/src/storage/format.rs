@@ -14,7 +14,6 @@
 //! synced, renamed, the directory synced) before the caller writes anything in the new
 //! format.
 
-use std::io::Write;
 use std::path::Path;
 
 /// The format this build writes, and the newest it reads. Bump it whenever a server of the
@@ -66,12 +65,7 @@ fn parse(text: &str) -> Option<u32> {
 }
 
 fn stamp(dir: &Path) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{FORMAT_FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(format!("{FORMAT_VERSION}\n").as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(FORMAT_FILE))?;
-    std::fs::File::open(dir)?.sync_all()
+    super::write_durable(dir, FORMAT_FILE, &format!("{FORMAT_VERSION}\n"))
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ pub mod migrate;
 pub mod wal;
 
 use std::fmt;
+use std::io::Write;
+use std::path::Path;
 
 use parallelraft::Index;
 
@@ -72,3 +74,19 @@ impl From<std::io::Error> for StorageError {
 }
 
 pub type Result<T> = std::result::Result<T, StorageError>;
+
+/// Fsyncs a directory: the names created, renamed or removed in it so far are durable.
+pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes a small file durably and whole: a temporary file, fsync, rename over `name`, fsync
+/// of the directory. A crash leaves the old content or the new one, never a part.
+pub fn write_durable(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    fsync_dir(dir)
+}

@@ -31,7 +31,7 @@ use crate::storage::meta;
 use crate::storage::meta::RebuildProgress;
 use crate::storage::migrate::migrate;
 use crate::storage::wal::{WalOptions, WalRecord};
-use crate::storage::{BadBlock, StorageError};
+use crate::storage::{fsync_dir, BadBlock, StorageError};
 use crate::wire::{BlockNeed, Body, GroupStatus, Outcome, RequestOp, SnapBlock, MAX_SCRUB_BLOCKS};
 
 use super::disk::{CheckpointJob, Disk, GroupAppend};
@@ -132,10 +132,6 @@ fn staging_dir(dir: &Path) -> PathBuf {
 
 fn old_dir(dir: &Path) -> PathBuf {
     dir.join("blocks.old")
-}
-
-fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Finishes or undoes a snapshot install a crash interrupted (see [`Group::install`]).

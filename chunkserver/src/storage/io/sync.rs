@@ -101,7 +101,7 @@ pub(super) fn fallocate(file: &File, len: u64) -> io::Result<()> {
 pub(super) fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
     std::fs::rename(from, to)?;
     let dir = to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    File::open(dir)?.sync_all()
+    crate::storage::fsync_dir(dir)
 }
 
 pub(super) fn list_dir(dir: &Path) -> io::Result<Vec<std::path::PathBuf>> {

@@ -641,3 +641,62 @@ fn a_fresh_spare_waits_while_an_older_segment_may_be_recycled() {
     wal.append(&[WalRecord::Entry(entry(next, 1))]).unwrap();
     assert!(wal.prepare_spare().unwrap() && engine.exists(&spare));
 }
+
+/// Bytes one append of a single entry (`*next`) writes; advances `*next`.
+fn bytes_of_one_append(wal: &mut Wal, engine: &CrashEngine, next: &mut u64) -> u64 {
+    let before = engine.written_bytes();
+    wal.append(&[WalRecord::Entry(entry(*next, 1))]).unwrap();
+    *next += 1;
+    engine.written_bytes() - before
+}
+
+#[test]
+fn after_a_restart_writes_end_with_a_zeroed_block_only_over_old_records() {
+    // A segment zeroed when made: a restart finds zeroes past its records and writes on as
+    // before (a 4 KiB trailer per group commit would be pure overhead).
+    let (engine, dir, _spare, mut wal) = spare_test_log();
+    let mut next = 1;
+    let plain = bytes_of_one_append(&mut wal, &engine, &mut next);
+    assert_eq!(plain, 8192, "one packed entry, padded to 4 KiB");
+    bytes_of_one_append(&mut wal, &engine, &mut next);
+    drop(wal);
+    let (mut wal, recovery) = Wal::open(Box::new(engine.clone()), dir, 1, small()).unwrap();
+    assert_eq!(recovery.entries.len(), 2);
+    assert_eq!(bytes_of_one_append(&mut wal, &engine, &mut next), plain, "a trailer into a zeroed segment");
+
+    // A recycled segment: past its records lie the old ones, so after a restart each write
+    // still ends with a zeroed block.
+    while wal.segment_count() < 4 {
+        bytes_of_one_append(&mut wal, &engine, &mut next);
+    }
+    let covered = next - 12;
+    wal.prune(Index(covered)).unwrap();
+    assert!(wal.spare_ready(), "no recycled spare");
+    append_until_rotation(&mut wal, &engine, &mut next);
+    drop(wal);
+    let (mut wal, recovery) = Wal::open(Box::new(engine.clone()), dir, 1, small()).unwrap();
+    assert!(recovery.corruptions.is_empty() && !recovery.torn_tail, "{:?}", recovery.corruptions);
+    assert_eq!(bytes_of_one_append(&mut wal, &engine, &mut next), plain + 4096, "no trailer over old records");
+    // Two entries (a 12 KiB write, at 16 KiB) end inside an old 8 KiB record (24..32 KiB):
+    // the zeroed block after them is what ends the next scan there, not the old record's
+    // remains (which would read as a torn tail now and as corruption once later batches
+    // follow).
+    wal.append(&[WalRecord::Entry(entry(next, 1)), WalRecord::Entry(entry(next + 1, 1))]).unwrap();
+    next += 2;
+    let check = |recovery: &chunkserver::storage::wal::Recovery, last: u64| {
+        assert!(recovery.corruptions.is_empty() && !recovery.torn_tail, "{:?}", recovery.corruptions);
+        let held: Vec<u64> = recovery.entries.iter().map(|e| e.index.0).collect();
+        assert!(held.windows(2).all(|w| w[1] == w[0] + 1), "not contiguous: {held:?}");
+        assert_eq!(held.last(), Some(&last));
+    };
+    drop(wal);
+    let crashed = engine.crash(CrashPolicy::DropUnsynced, &mut Rng::new(5));
+    let (mut wal, recovery) = Wal::open(Box::new(crashed.clone()), dir, 1, small()).unwrap();
+    check(&recovery, next - 1);
+    // Then on into the next segment: still no corruption, and the old records never replay.
+    append_pairs_until_rotation(&mut wal, &crashed, &mut next, 1);
+    drop(wal);
+    let (_, recovery) =
+        Wal::open(Box::new(crashed.crash(CrashPolicy::DropUnsynced, &mut Rng::new(6))), dir, 1, small()).unwrap();
+    check(&recovery, next - 1);
+}

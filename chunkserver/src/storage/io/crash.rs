@@ -49,6 +49,7 @@ struct Disk {
     /// Injected failure: the next `Sync` fails with EIO (and its writes are lost at a crash).
     fail_next_sync: bool,
     syncs: u64,
+    written_bytes: u64,
 }
 
 /// What a crash does to unsynced writes.
@@ -166,6 +167,11 @@ impl CrashEngine {
         self.disk.lock().unwrap().syncs
     }
 
+    /// Bytes written so far (every `Write`, synced or not).
+    pub fn written_bytes(&self) -> u64 {
+        self.disk.lock().unwrap().written_bytes
+    }
+
     /// Flips one bit of a file's durable and current contents (bit rot).
     pub fn flip_bit(&self, path: &Path, offset: u64, bit: u8) {
         let mut disk = self.disk.lock().unwrap();
@@ -236,6 +242,7 @@ impl IoEngine for CrashEngine {
                         let f = disk.files.get_mut(&path).unwrap();
                         write_into(&mut f.current, *offset, buf);
                         f.unsynced.push((*offset, buf.to_vec()));
+                        disk.written_bytes += buf.len() as u64;
                         disk.trace.push(TraceOp::Write(path, *offset, buf.to_vec()));
                         Ok(buf.len())
                     }

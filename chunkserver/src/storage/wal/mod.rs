@@ -39,10 +39,11 @@
 //! discard. Its old records stay in it; each record carries its segment's tag (a 16-bit
 //! digest of the segment's number; 0 in logs written before recycling, accepted as they are),
 //! and recovery reads a record whose checksum holds but whose tag is another segment's as the
-//! end of the segment, as it reads zeroes. A write into a recycled segment ends with one
-//! zeroed 4 KiB block (when the segment has room), so that the scan never runs from the new
-//! records into old bytes (an old record cut at a 4 KiB boundary is invalid, and an invalid
-//! region followed by later valid batches would be reported as corruption). Only segments
+//! end of the segment, as it reads zeroes. A write into a recycled segment (or into one found
+//! at open with anything but zeroes past its records) ends with one zeroed 4 KiB block (when
+//! the segment has room), so that the scan never runs from the new records into old bytes (an
+//! old record cut at a 4 KiB boundary is invalid, and an invalid region followed by later
+//! valid batches would be reported as corruption). Only segments
 //! whose records all carry tags are recycled (an untagged old record would be replayed), and
 //! a spare whose old tag equals the new segment's is deleted instead.
 //!
@@ -149,7 +150,8 @@ struct Segment {
     /// file is one segment long (a log opened with another segment size keeps older sizes).
     recyclable: bool,
     /// Bytes past the write position may be old records (a recycled segment, or one found at
-    /// open): each write ends with a zeroed block.
+    /// open whose bytes past its records are not all zero): each write ends with a zeroed
+    /// block.
     stale_after_tail: bool,
     /// Per chunk, the highest index of its live entries in the segment (for pruning). A
     /// chunk's reset or `forget` removes it from every segment.
@@ -277,7 +279,7 @@ impl Wal {
                 path,
                 file,
                 recyclable: file_len == options.segment_bytes,
-                stale_after_tail: true,
+                stale_after_tail: true, // until recovery has looked past its records
                 live: BTreeMap::new(),
             });
         }

@@ -399,11 +399,18 @@ fn records_of_a_batch_are_packed_and_a_damaged_one_hides_the_rest_of_its_write()
 
 /// A record as logs wrote them before packing: no flags, alone in whole 4 KiB units.
 fn legacy_record(e: &Entry, chunk: u64, seq: u64, batch: u64, position: u32, batch_len: u32) -> Vec<u8> {
+    unpacked_record(e, chunk, seq, batch, position, batch_len, 0)
+}
+
+/// An unpacked record (alone in whole 4 KiB units) carrying segment tag `tag` (0: untagged,
+/// as before recycling).
+fn unpacked_record(e: &Entry, chunk: u64, seq: u64, batch: u64, position: u32, batch_len: u32, tag: u16) -> Vec<u8> {
     let mut payload = bytes::BytesMut::new();
     parallelraft::codec::encode_entry(e, &mut payload);
     let mut out = vec![0u8; (88 + payload.len()).div_ceil(4096) * 4096];
     out[0..4].copy_from_slice(b"PRWL");
     out[8] = 1; // an entry
+    out[10..12].copy_from_slice(&tag.to_le_bytes());
     out[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     out[16..24].copy_from_slice(&seq.to_le_bytes());
     out[24..32].copy_from_slice(&batch.to_le_bytes());
@@ -421,10 +428,15 @@ fn legacy_record(e: &Entry, chunk: u64, seq: u64, batch: u64, position: u32, bat
 
 /// Writes `image` (whole 4 KiB units) as the first segment of chunk 5's log in `/wal`, durably.
 fn write_first_segment(engine: &CrashEngine, opts: WalOptions, image: &[u8]) {
+    write_segment(engine, opts, 5, 1, image);
+}
+
+/// Writes `image` (whole 4 KiB units) as segment `number` of log `log_id` in `/wal`, durably.
+fn write_segment(engine: &CrashEngine, opts: WalOptions, log_id: u64, number: u64, image: &[u8]) {
     use chunkserver::storage::io::{AlignedBuf, IoOp, OpenMode};
     let mut raw: Box<dyn IoEngine> = Box::new(engine.clone());
-    let path = Path::new("/wal/wal-0000000000000005-0000000001.log");
-    let file = raw.open(path, OpenMode { create: true, direct: true }).unwrap();
+    let path = Path::new("/wal").join(format!("wal-{log_id:016x}-{number:010}.log"));
+    let file = raw.open(&path, OpenMode { create: true, direct: true }).unwrap();
     raw.allocate(file, opts.segment_bytes).unwrap();
     let mut buf = AlignedBuf::zeroed(image.len());
     buf.copy_from_slice(image);
@@ -699,4 +711,41 @@ fn after_a_restart_writes_end_with_a_zeroed_block_only_over_old_records() {
     let (_, recovery) =
         Wal::open(Box::new(crashed.crash(CrashPolicy::DropUnsynced, &mut Rng::new(6))), dir, 1, small()).unwrap();
     check(&recovery, next - 1);
+}
+
+#[test]
+fn a_spare_whose_old_tag_is_the_new_segments_is_not_recycled() {
+    // Tags repeat 65,535 segment numbers apart (tag = number % 65,535 + 1). A log of segments
+    // 1 (tag 2) and 65,535 (tag 1), as a long-lived log could hold, must not recycle segment
+    // 1 as 65,536 (tag 2 again): its old records would read as that segment's own, bringing
+    // pruned entries back whenever the new segment's first write is lost.
+    let engine = CrashEngine::new();
+    let dir = Path::new("/wal");
+    let log = |entries: std::ops::RangeInclusive<u64>, tag: u16| -> Vec<u8> {
+        entries.flat_map(|i| unpacked_record(&entry(i, 1), 1, i, i, 0, 1, tag)).collect()
+    };
+    write_segment(&engine, small(), 1, 1, &log(1..=3, 2));
+    write_segment(&engine, small(), 1, 65_535, &log(4..=5, 1));
+    let (mut wal, recovery) = Wal::open(Box::new(engine.clone()), dir, 1, small()).unwrap();
+    assert_eq!(recovery.entries, (1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>());
+    let spare = dir.join(format!("wal-{:016x}-spare.tmp", 1));
+    // Segment 1 is pruned and kept as the spare (its records are tagged: recyclable).
+    wal.prune(Index(3)).unwrap();
+    assert!(engine.exists(&spare) && wal.spare_ready());
+    let start = engine.trace_len();
+    let mut next = 6;
+    let syncs = append_until_rotation(&mut wal, &engine, &mut next);
+    assert!(engine.exists(&dir.join(format!("wal-{:016x}-{:010}.log", 1, 65_536))));
+    assert!(!engine.exists(&spare));
+    assert!(syncs > 1, "the rotation wrote no zeroes: the colliding spare was recycled");
+    // Crashed anywhere in the rotation, the log never holds a pruned entry again.
+    let mut rng = Rng::new(7);
+    for point in start..=engine.trace_len() {
+        for policy in [CrashPolicy::DropUnsynced, CrashPolicy::RandomSubsetReordered] {
+            let (_, recovery) = Wal::open(Box::new(engine.crash_at(point, policy, &mut rng)), dir, 1, small()).unwrap();
+            let held: Vec<u64> = recovery.entries.iter().map(|e| e.index.0).collect();
+            assert!(held.first().is_some_and(|f| *f >= 4), "point {point} {policy:?}: {held:?}");
+            assert!(recovery.corruptions.is_empty(), "point {point} {policy:?}: {:?}", recovery.corruptions);
+        }
+    }
 }

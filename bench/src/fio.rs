@@ -86,6 +86,10 @@ pub struct Measure {
     /// Per cent of the machine's CPU time the host stole while the job ran (see
     /// [`crate::host`]); not from fio, set by the harness (`NaN` where unknown).
     pub steal_pct: f64,
+    /// CPU time the target's processes spent per operation, µs (see [`crate::host`]): their
+    /// CPU seconds over the job's wall time, over its IOPS. Set by the harness; `NaN` where the
+    /// target has no process of its own (the local disk: fio does the I/O).
+    pub cpu_us_per_op: f64,
 }
 
 /// Extracts the measure of the first job of a fio JSON document (group_reporting merges the
@@ -112,6 +116,7 @@ pub fn measure(doc: &serde_json::Value) -> Result<Measure, String> {
         p99_us: pct("99.000000"),
         p999_us: pct("99.900000"),
         steal_pct: f64::NAN,
+        cpu_us_per_op: f64::NAN,
     })
 }
 
@@ -134,6 +139,7 @@ pub fn median(runs: &[Measure]) -> Measure {
         p99_us: f(|m| m.p99_us),
         p999_us: f(|m| m.p999_us),
         steal_pct: f(|m| m.steal_pct),
+        cpu_us_per_op: f(|m| m.cpu_us_per_op),
     }
 }
 
@@ -169,10 +175,11 @@ mod tests {
         assert_eq!((m.iops, m.p50_us, m.p99_us, m.p999_us), (1000.0, 800.0, 2000.0, 5000.0));
         assert!((m.mib_s - 3.90625).abs() < 1e-9);
         assert!(m.steal_pct.is_nan(), "fio does not know the host's steal");
-        let a = Measure { iops: 1.0, p50_us: 9.0, steal_pct: 30.0, ..m };
-        let b = Measure { iops: 5.0, p50_us: 1.0, steal_pct: 2.0, ..m };
-        let c = Measure { iops: 3.0, p50_us: 4.0, steal_pct: 10.0, ..m };
+        assert!(m.cpu_us_per_op.is_nan(), "nor the target's CPU time");
+        let a = Measure { iops: 1.0, p50_us: 9.0, steal_pct: 30.0, cpu_us_per_op: 80.0, ..m };
+        let b = Measure { iops: 5.0, p50_us: 1.0, steal_pct: 2.0, cpu_us_per_op: 120.0, ..m };
+        let c = Measure { iops: 3.0, p50_us: 4.0, steal_pct: 10.0, cpu_us_per_op: 100.0, ..m };
         let med = median(&[a, b, c]);
-        assert_eq!((med.iops, med.p50_us, med.steal_pct), (3.0, 4.0, 10.0));
+        assert_eq!((med.iops, med.p50_us, med.steal_pct, med.cpu_us_per_op), (3.0, 4.0, 10.0, 100.0));
     }
 }

@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use bench::fio::{self, JobSettings, Measure};
-use bench::host::CpuTimes;
+use bench::host::{self, CpuTimes};
 use bench::plot::{self, Series};
 use bench::report::{self, Results};
 use bench::targets::{Kind, Running, Target};
@@ -268,12 +268,17 @@ fn run(cli: Cli) -> Result<(), String> {
                 let path = out.join("jobs").join(format!("{}-{}.fio", target.name, job.name));
                 std::fs::write(&path, text).map_err(|e| e.to_string())?;
                 let before = CpuTimes::now();
+                let cpu_before = running.pid().and_then(host::tree_cpu_seconds);
+                let wall = Instant::now();
                 let doc = fio::run(&path, &out.join("raw").join(format!("{}-{}-r{r}.json", target.name, job.name)))?;
+                let wall_s = wall.elapsed().as_secs_f64();
+                let cpu_s = cpu_before.zip(running.pid().and_then(host::tree_cpu_seconds)).map(|(b, a)| a - b);
                 let mut m = fio::measure(&doc).map_err(|e| format!("{} {}: {e}", target.name, job.name))?;
                 m.steal_pct = before.zip(CpuTimes::now()).map_or(f64::NAN, |(b, a)| b.steal_pct(&a));
+                m.cpu_us_per_op = host::cpu_us_per_op(cpu_s, wall_s, m.iops);
                 eprintln!(
-                    "  {:<22} {:>9.0} IOPS {:>8.1} MiB/s  p50 {:>7.0} µs  p99 {:>7.0} µs  steal {:>3.0}%",
-                    job.name, m.iops, m.mib_s, m.p50_us, m.p99_us, m.steal_pct
+                    "  {:<22} {:>9.0} IOPS {:>8.1} MiB/s  p50 {:>7.0} µs  p99 {:>7.0} µs  steal {:>3.0}%  cpu {:>5.0} µs/op",
+                    job.name, m.iops, m.mib_s, m.p50_us, m.p99_us, m.steal_pct, m.cpu_us_per_op
                 );
                 measured.entry((job.name.clone(), target.name.clone())).or_default().push(m);
             }

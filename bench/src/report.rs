@@ -19,12 +19,13 @@ pub fn table(results: &Results, runs: usize) -> String {
     let _ = writeln!(
         s,
         "medians of {runs} run(s); latencies are fio completion latencies in µs; steal%: the \
-         machine's CPU time the host took during the job"
+         machine's CPU time the host took during the job; cpu/op: µs of CPU the target's \
+         processes spent per operation (all of the engine's; none of fio's)"
     );
     let _ = write!(
         s,
-        "{:<24} {:<18} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
-        "job", "target", "IOPS", "MiB/s", "mean", "p50", "p99", "p99.9", "steal%"
+        "{:<24} {:<18} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>7}",
+        "job", "target", "IOPS", "MiB/s", "mean", "p50", "p99", "p99.9", "steal%", "cpu/op"
     );
     for a in ANCHORS {
         let _ = write!(s, " {:>14}", format!("x {a}"));
@@ -33,8 +34,8 @@ pub fn table(results: &Results, runs: usize) -> String {
     for ((job, target), m) in results {
         let _ = write!(
             s,
-            "{job:<24} {target:<18} {:>10.0} {:>9.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>6.0}",
-            m.iops, m.mib_s, m.mean_us, m.p50_us, m.p99_us, m.p999_us, m.steal_pct
+            "{job:<24} {target:<18} {:>10.0} {:>9.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>6.0} {:>7.1}",
+            m.iops, m.mib_s, m.mean_us, m.p50_us, m.p99_us, m.p999_us, m.steal_pct, m.cpu_us_per_op
         );
         for a in ANCHORS {
             match results.get(&key(job, a)) {
@@ -313,10 +314,12 @@ pub fn summary_json(r: &Results, per_run: &PerRun, goals: &[Goal], runs: usize) 
             serde_json::json!({
                 "job": key.0, "target": key.1, "iops": m.iops, "mib_s": m.mib_s, "mean_us": m.mean_us,
                 "p50_us": m.p50_us, "p99_us": m.p99_us, "p999_us": m.p999_us, "steal_pct": m.steal_pct,
+                "cpu_us_per_op": m.cpu_us_per_op,
                 "iops_runs": each.iter().map(|m| m.iops).collect::<Vec<_>>(),
                 "mib_s_runs": each.iter().map(|m| m.mib_s).collect::<Vec<_>>(),
                 // null where unknown (NaN is not JSON).
                 "steal_pct_runs": each.iter().map(|m| m.steal_pct).collect::<Vec<_>>(),
+                "cpu_us_per_op_runs": each.iter().map(|m| m.cpu_us_per_op).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -413,21 +416,30 @@ mod tests {
     #[test]
     fn per_run_ratios_pair_run_k_with_run_k() {
         let m = |iops: f64| Measure { iops, ..Default::default() };
+        let with_cpu = |iops: f64| Measure { iops, cpu_us_per_op: 5000.0 / iops, ..Default::default() };
         let mut per_run = PerRun::new();
-        per_run.insert(("randread-4k-qd32".into(), "parallel".into()), vec![m(50.0), m(40.0), m(60.0)]);
+        per_run.insert(
+            ("randread-4k-qd32".into(), "parallel".into()),
+            vec![with_cpu(50.0), with_cpu(40.0), with_cpu(62.5)],
+        );
         per_run.insert(("randread-4k-qd32".into(), "nbdkit-memory".into()), vec![m(100.0), m(80.0), m(100.0)]);
         let medians: Results = per_run.iter().map(|(k, v)| (k.clone(), crate::fio::median(v))).collect();
         let g = goals(&medians, &per_run);
         assert_eq!(g[2].ratio, Some(0.5), "median 50 over median 100");
-        assert_eq!(g[2].per_run, vec![0.5, 0.5, 0.6]);
+        assert_eq!(g[2].per_run, vec![0.5, 0.5, 0.625]);
         assert!(
-            goals_text(&g).contains("0.50 (goal >= 0.70): NOT met (per run 0.50 / 0.50 / 0.60)"),
+            goals_text(&g).contains("0.50 (goal >= 0.70): NOT met (per run 0.50 / 0.50 / 0.62)"),
             "{}",
             goals_text(&g)
         );
         let json = summary_json(&medians, &per_run, &g, 3);
-        assert_eq!(json["results"][1]["iops_runs"], serde_json::json!([50.0, 40.0, 60.0]), "{json}");
-        assert_eq!(json["goals"][2]["per_run"], serde_json::json!([0.5, 0.5, 0.6]));
+        assert_eq!(json["results"][1]["iops_runs"], serde_json::json!([50.0, 40.0, 62.5]), "{json}");
+        assert_eq!(json["goals"][2]["per_run"], serde_json::json!([0.5, 0.5, 0.625]));
         assert_eq!(json["results"][1]["steal_pct_runs"], serde_json::json!([0.0, 0.0, 0.0]), "{json}");
+        assert_eq!(json["results"][1]["cpu_us_per_op_runs"], serde_json::json!([100.0, 125.0, 80.0]), "{json}");
+        assert_eq!(json["results"][1]["cpu_us_per_op"], serde_json::json!(100.0), "the median");
+        let table = table(&medians, 3);
+        let row = table.lines().find(|l| l.contains("parallel")).unwrap();
+        assert!(table.contains("cpu/op") && row.contains(" 100.0"), "{table}");
     }
 }

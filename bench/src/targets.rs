@@ -146,6 +146,13 @@ fn make_file(path: &PathBuf) -> Result<(), String> {
     f.set_len(VOLUME_BYTES).map_err(|e| e.to_string())
 }
 
+impl Running {
+    /// The target's own process (the root of the engine's processes), if it has one.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {

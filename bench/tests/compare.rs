@@ -1,6 +1,6 @@
 //! The harness end to end, briefly: one engine target and one anchor, one-second jobs. Checks
-//! that every job produced a measure, that the summary, table, plots and the engine's stage
-//! profile are written. (Performance itself is never asserted.)
+//! that every job produced a measure (with the targets' CPU per operation), that the summary,
+//! table, plots and the engine's stage profile are written. (Performance itself is never asserted.)
 
 use std::process::Command;
 
@@ -32,6 +32,12 @@ fn compare_runs_jobs_on_engine_and_anchor_and_writes_every_output() {
             let iops = row.and_then(|r| r["iops"].as_f64()).unwrap_or(0.0);
             assert!(iops > 0.0, "{job} on {target}: {row:?}");
         }
+    }
+    // Both targets' processes spend CPU on random writes (seconds of work at thousands of IOPS).
+    for target in ["parallel", "nbdkit-memory"] {
+        let row = rows.iter().find(|r| r["job"] == "randwrite-4k-qd32" && r["target"] == target);
+        let cpu = row.and_then(|r| r["cpu_us_per_op"].as_f64()).unwrap_or(0.0);
+        assert!(cpu > 0.0 && cpu.is_finite(), "no CPU per operation for {target}: {row:?}");
     }
     let table = std::fs::read_to_string(out.path().join("table.txt")).unwrap();
     assert!(table.contains("x nbdkit-memory") && table.contains("goals"), "{table}");

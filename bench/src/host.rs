@@ -4,9 +4,10 @@
 //! Why: on a shared host the hypervisor may run other guests on this VM's vCPUs. It showed as
 //! 36-54% steal while the engine ran (its many threads sleep and wake) and as a few per cent
 //! under two busy loops, so the same commit measured far apart on two days. Recording the
-//! steal of every job lets a reader tell a slow engine from a slow host. CPU time per
-//! operation is the steadier figure of the two kinds: stolen ticks are not charged to a
-//! process, so it moves far less with the host than IOPS do.
+//! steal of every job lets a reader tell a slow engine from a slow host. Stolen ticks are not
+//! charged to a process, so the CPU time per operation of a target that does not poll moves
+//! far less with the host than its IOPS do; a polling one (the engine) spends whatever is
+//! idle, and its figure includes the spinning.
 
 /// The machine-wide CPU counters of `/proc/stat` (its first line), in clock ticks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -584,3 +584,32 @@ fn a_decided_log_larger_than_one_sync_goes_in_chunks() {
         assert_eq!(h.block(B, 1 + k as u64), Some(*id));
     }
 }
+
+/// An acknowledgement commits what it completes a quorum for, even when nothing else happens
+/// after it: here the leader's own disk is parked, so no completion of its own (which looks at
+/// every index) follows, and only the acknowledgements' own look (their indices) can commit.
+#[test]
+fn an_acknowledgement_alone_commits_the_index_it_completes() {
+    let mut h = Harness::new(NaiveFlags::default());
+    h.elect(C);
+    h.slow_disk.insert(C);
+    h.cut.insert((C, B));
+    let id = h.propose(C, 1, X);
+    h.run();
+    let index = h.replicas[C].last_index();
+    // Durable on A only (C's copy is parked): one copy of three.
+    assert!(!h.replicas[C].is_committed(index), "committed on one durable copy");
+    h.cut.remove(&(C, B));
+    for _ in 0..4 {
+        h.step(C, Event::Tick);
+        h.run();
+        if h.replicas[C].is_committed(index) {
+            break;
+        }
+    }
+    assert!(h.replicas[C].is_committed(index), "A's and B's acknowledgements did not commit it");
+    assert!(h.parked.iter().all(|(r, _)| *r == C) && !h.parked.is_empty(), "C's own write completed");
+    h.step(C, Event::Tick);
+    h.run();
+    assert!(h.acknowledged.contains(&id));
+}

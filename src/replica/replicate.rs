@@ -9,6 +9,10 @@ use crate::io::{ClientError, ClientRequest};
 use crate::message::{CommitNotice, Message};
 use crate::types::{Index, ReplicaId, Term};
 
+/// At most this many indices newly under a peer's durable prefix are looked at one by one
+/// after its acknowledgement; a longer advance (a peer catching up) takes the full scan.
+const MAX_PREFIX_CANDIDATES: u64 = 256;
+
 impl Replica {
     pub(super) fn on_propose(&mut self, request: ClientRequest) {
         if !self.serving_or_refuse(request.id) {
@@ -330,6 +334,7 @@ impl Replica {
             return;
         }
         let ticks = self.ticks;
+        let (parallel, watermark) = (self.cfg.mode == Mode::Parallel, self.committed);
         let Role::Leader(l) = &mut self.role else {
             return;
         };
@@ -344,9 +349,19 @@ impl Replica {
         p.committed = Some(committed);
         p.synced = synced;
         p.read_seq = p.read_seq.max(read_seq);
+        // Parallel mode, from a peer synced before and after: the indices whose count this
+        // acknowledgement can raise, the only ones it can make committable (see
+        // `try_commit_among`). `None`: look at every index.
+        let mut candidates: Option<Vec<Index>> = None;
         if synced {
             if durable > p.durable {
                 p.stall_tick = ticks;
+            }
+            let from_index = p.durable.max(watermark);
+            if parallel && was_synced && durable.0.saturating_sub(from_index.0) <= MAX_PREFIX_CANDIDATES {
+                let mut c: Vec<Index> = acked.iter().copied().filter(|i| *i > watermark).collect();
+                c.extend((from_index.0 + 1..=durable.0).map(Index));
+                candidates = Some(c);
             }
             p.durable = p.durable.max(durable);
             p.acked.extend(acked);
@@ -370,7 +385,10 @@ impl Replica {
         if !was_synced {
             self.maybe_start_serving();
         }
-        self.try_commit();
+        match candidates {
+            Some(c) => self.try_commit_among(c),
+            None => self.try_commit(),
+        }
         self.try_reads();
         if matches!(&self.role, Role::Leader(l) if l.change.is_some()) {
             self.drain_queue(); // the echo may confirm a waiting membership change
@@ -384,6 +402,27 @@ impl Replica {
     /// committed watermark belongs to it (the entries before an uncommitted configuration entry
     /// are all committed).
     pub(super) fn try_commit(&mut self) {
+        self.commit_quorums(None);
+    }
+
+    /// [`Replica::try_commit`] for Parallel mode, looking only at `candidates`: after an
+    /// acknowledgement, the indices it acknowledged and those its durable prefix newly covers.
+    /// No other index's count changed, and every other event that changes counts (the leader's
+    /// own durable writes, a peer becoming synced, serving, a configuration) is followed by a
+    /// full [`Replica::try_commit`], so an index left out had no quorum before and has none
+    /// now. Why: the full scan walks the whole in-flight window (two peers, a set lookup each)
+    /// on every acknowledgement, two per write: in a profile of 4 KiB random writes at iodepth
+    /// 32 it was the leader's most costly function of its own.
+    fn try_commit_among(&mut self, mut candidates: Vec<Index>) {
+        debug_assert_eq!(self.cfg.mode, Mode::Parallel, "Raft mode commits in order: a full scan");
+        candidates.sort_unstable();
+        candidates.dedup();
+        self.commit_quorums(Some(candidates));
+    }
+
+    /// Commits the indices durable on a quorum among `candidates` (ascending), or among all
+    /// held above the watermark.
+    fn commit_quorums(&mut self, candidates: Option<Vec<Index>>) {
         let membership = self.log.membership();
         let quorum = membership.quorum();
         let me_voter = membership.is_voter(self.cfg.id);
@@ -392,7 +431,11 @@ impl Replica {
             return;
         }
         let mut newly = Vec::new();
-        for slot in self.log.iter_from(self.committed) {
+        let slots: Box<dyn Iterator<Item = &crate::log::LogSlot>> = match &candidates {
+            Some(c) => Box::new(c.iter().filter(|i| **i > self.committed).filter_map(|i| self.log.get(*i))),
+            None => Box::new(self.log.iter_from(self.committed)),
+        };
+        for slot in slots {
             let i = slot.entry.index;
             if self.committed_above.contains(&i) {
                 continue;

@@ -72,19 +72,21 @@ fn bench_step(c: &mut Criterion) {
     group.finish();
 }
 
-/// Three voters with instant disks and an in-process network. The followers' acknowledgements
-/// wait in a queue of `window` and are delivered one by one, oldest first, as new writes come
-/// in: the leader keeps `window` writes in flight and hears one acknowledgement at a time, as
-/// at iodepth 32 (a single voter never has more than one write in flight).
+/// Three voters with instant disks and an in-process network. Up to `held` of the followers'
+/// acknowledgements wait in a queue and are delivered one by one, oldest first, as new writes
+/// come in (about four a write: each follower acknowledges an append on arrival and again once
+/// durable): so the leader keeps about `held / 4` writes in flight and hears one
+/// acknowledgement at a time, as at iodepth 32 (a single voter never has more than one write in
+/// flight).
 struct Trio {
     replicas: Vec<Replica>,
     network: std::collections::VecDeque<(usize, usize, Message)>,
     acks: std::collections::VecDeque<(usize, usize, Message)>,
-    window: usize,
+    held: usize,
 }
 
 impl Trio {
-    fn new(mode: Mode, window: usize) -> Trio {
+    fn new(mode: Mode, held: usize) -> Trio {
         let voters: Vec<ReplicaId> = (0..3).map(ReplicaId).collect();
         let replicas = (0..3)
             .map(|i| {
@@ -94,7 +96,7 @@ impl Trio {
                 })
             })
             .collect();
-        let mut t = Trio { replicas, network: Default::default(), acks: Default::default(), window };
+        let mut t = Trio { replicas, network: Default::default(), acks: Default::default(), held };
         // Replica 0 campaigns first; the others hear it before their own timeouts.
         for _ in 0..1000 {
             t.step(0, Event::Tick);
@@ -124,8 +126,8 @@ impl Trio {
         }
     }
 
-    /// Delivers messages until quiet; acknowledgements to the leader beyond the window wait
-    /// (all of them with `flush`).
+    /// Delivers messages until quiet, but for the last `held` acknowledgements to the leader
+    /// (none are held with `flush`).
     fn run(&mut self, flush: bool) {
         loop {
             if let Some((from, to, message)) = self.network.pop_front() {
@@ -134,7 +136,7 @@ impl Trio {
                     continue;
                 }
                 self.step(to, Event::Receive { from: ReplicaId(from as u32), message });
-            } else if self.acks.len() > self.window || (flush && !self.acks.is_empty()) {
+            } else if self.acks.len() > self.held || (flush && !self.acks.is_empty()) {
                 let (from, to, message) = self.acks.pop_front().unwrap();
                 self.step(to, Event::Receive { from: ReplicaId(from as u32), message });
             } else {
@@ -148,7 +150,7 @@ fn bench_window(c: &mut Criterion) {
     let mut group = c.benchmark_group("cluster_write_window32");
     group.throughput(Throughput::Elements(1));
     for mode in [Mode::Parallel, Mode::Raft] {
-        let mut t = Trio::new(mode, 120);
+        let mut t = Trio::new(mode, 120); // ~30 writes in flight (the LBB span allows 33)
         let data = Bytes::from(vec![7u8; 4096]);
         let mut seq = 0u64;
         let mut write = |t: &mut Trio| {

@@ -14,9 +14,11 @@ use parallelraft::{
     RequestId, RoleKind, Term,
 };
 
-/// Runs every command a step produced as an instant, perfect disk would.
-fn drive(replica: &mut Replica) {
+/// Runs every command a step produced as an instant, perfect disk would; returns the messages
+/// it sent (a single voter sends none).
+fn drive(replica: &mut Replica) -> Vec<(ReplicaId, Message)> {
     let mut events = Vec::new();
+    let mut sent = Vec::new();
     loop {
         for command in replica.take_commands() {
             match command {
@@ -25,11 +27,12 @@ fn drive(replica: &mut Replica) {
                 }
                 Command::Apply { entry } => events.push(Event::Applied { index: entry.index }),
                 Command::Checkpoint { state } => events.push(Event::CheckpointDone { index: state.index }),
+                Command::Send { to, message } => sent.push((to, message)),
                 _ => {}
             }
         }
         if events.is_empty() {
-            return;
+            return sent;
         }
         for e in events.drain(..) {
             replica.step(e);
@@ -109,20 +112,9 @@ impl Trio {
     }
 
     fn step(&mut self, r: usize, event: Event) {
-        let mut local = vec![event];
-        while let Some(event) = local.pop() {
-            self.replicas[r].step(event);
-            for command in self.replicas[r].take_commands() {
-                match command {
-                    Command::PersistEntries { token, .. } | Command::TruncateLog { token, .. } => {
-                        local.push(Event::Persisted { token })
-                    }
-                    Command::Apply { entry } => local.push(Event::Applied { index: entry.index }),
-                    Command::Checkpoint { state } => local.push(Event::CheckpointDone { index: state.index }),
-                    Command::Send { to, message } => self.network.push_back((r, to.0 as usize, message)),
-                    _ => {}
-                }
-            }
+        self.replicas[r].step(event);
+        for (to, message) in drive(&mut self.replicas[r]) {
+            self.network.push_back((r, to.0 as usize, message));
         }
     }
 

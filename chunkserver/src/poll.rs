@@ -77,10 +77,15 @@ impl Activity {
     /// One spin round: lets any runnable thread of this vCPU go first.
     pub fn spin_once(&self) {
         self.spins.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: sched_yield takes no arguments and only reschedules the calling thread.
-        unsafe {
-            libc::sched_yield();
-        }
+        yield_cpu();
+    }
+}
+
+/// Lets any other runnable thread of this vCPU go first (a spinning thread's courtesy).
+pub fn yield_cpu() {
+    // SAFETY: sched_yield takes no arguments and only reschedules the calling thread.
+    unsafe {
+        libc::sched_yield();
     }
 }
 

@@ -20,6 +20,7 @@
 //! tasks read what arrived meanwhile. Messages to peers leave before the local fdatasync
 //! starts, so the leader's own log write overlaps the followers'.
 
+mod delay;
 pub mod disk;
 pub mod group;
 pub mod link;
@@ -181,7 +182,6 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
         inbox: inbox_tx,
         next_conn: Arc::new(AtomicU64::new(1)),
         jitter: opts.jitter,
-        delayed: Arc::new(AtomicU64::new(0)),
     };
     let mut outbox = Outbox::new(cluster.cluster_id, me);
     let mut peers = Peers {
@@ -315,6 +315,8 @@ async fn core_loop(
     let mut wal_segments = disk.lock_log().segment_count();
     // Reused round after round (it grows to the largest round once, not every round).
     let mut batch = Vec::new();
+    // Frames the benchmark jitter holds back (empty unless it is on).
+    let mut held = delay::DelayLine::default();
     loop {
         if Instant::now() >= next_status {
             next_status = Instant::now() + STATUS_INTERVAL;
@@ -323,7 +325,8 @@ async fn core_loop(
         if opts.metrics.is_some() && Instant::now() >= next_metrics {
             next_metrics = Instant::now() + METRICS_INTERVAL;
             let bytes_per_sec = rate.sample(groups);
-            *published.lock().unwrap() = render_metrics(&stages, groups, outbox, bytes_per_sec, wal_segments);
+            *published.lock().unwrap() =
+                render_metrics(&stages, groups, outbox, bytes_per_sec, wal_segments, held.held_total());
         }
         if Instant::now() >= next_report {
             next_report += REPORT_INTERVAL;
@@ -336,11 +339,22 @@ async fn core_loop(
         // Wait for work, but never past the next tick; keep streaming snapshots promptly.
         let streaming = groups.values().any(|g| g.snapshots_streaming());
         let now = Instant::now();
-        let wait = if streaming { Duration::from_millis(1) } else { next_tick.saturating_duration_since(now) };
+        let mut wait = if streaming { Duration::from_millis(1) } else { next_tick.saturating_duration_since(now) };
         if !take(&inbox, &mut batch) {
             return;
         }
+        held.release_due(now, &mut batch);
         if batch.is_empty() {
+            match held.idle(now) {
+                // A held frame is due sooner than tokio's timer could wake us: look again.
+                delay::Idle::Spin if now < next_tick => {
+                    crate::poll::yield_cpu();
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                delay::Idle::Spin => wait = Duration::ZERO, // this round runs the tick
+                delay::Idle::Sleep(until_due) => wait = wait.min(until_due.unwrap_or(wait)),
+            }
             // A send after the take above left a permit: this returns at once then.
             tokio::select! {
                 _ = ready.notified() => {}
@@ -394,6 +408,12 @@ async fn core_loop(
                 Inbound::Frame { conn, frame, at } => {
                     stages.record(Stage::Queue, at.elapsed());
                     frame_arrived(opts, disk, groups, outbox, conn, frame);
+                }
+                Inbound::Held { conn, frame, due } => {
+                    if let Some((conn, frame)) = held.hold(due, conn, frame) {
+                        // The line is full: stepped now, as if it had drawn no delay.
+                        frame_arrived(opts, disk, groups, outbox, conn, frame);
+                    }
                 }
             }
         }
@@ -581,6 +601,7 @@ fn render_metrics(
     outbox: &Outbox,
     rebuild_rate: i64,
     wal_segments: usize,
+    jitter_held: u64,
 ) -> String {
     let mut stages = own.clone();
     let mut c = GroupCounters::default();
@@ -634,6 +655,11 @@ fn render_metrics(
             ),
             ("blocks_repaired", "Blocks repaired from a peer after a checksum failure", repaired),
             ("dropped_batches", "Outgoing batches dropped on full backlogs", outbox.dropped_batches),
+            (
+                "jitter_held_frames",
+                "Frames from peers held back by the benchmark jitter (--jitter-us, --straggler-us)",
+                jitter_held,
+            ),
             (
                 "wal_rewrites",
                 "Replica logs rewritten at the head of the server's WAL because their entries kept its oldest segment",

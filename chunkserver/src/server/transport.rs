@@ -36,6 +36,12 @@ pub enum Inbound {
         frame: Frame,
         at: Instant,
     },
+    /// A frame from a peer the benchmark jitter holds back until `due` (see [`super::delay`]).
+    Held {
+        conn: ConnId,
+        frame: Frame,
+        due: Instant,
+    },
     FrontendConnected {
         conn: ConnId,
         link: Arc<LinkWriter>,
@@ -103,12 +109,7 @@ pub struct Shared {
     /// Benchmark option: frames from peers are held back at random (see [`Jitter`]). Off in
     /// production.
     pub jitter: Jitter,
-    /// Frames being held back by the jitter, across all links (bounded by [`MAX_DELAYED`]).
-    pub delayed: Arc<AtomicU64>,
 }
-
-/// Frames held back by the jitter at once; beyond it frames are delivered at once.
-const MAX_DELAYED: u64 = 8192;
 
 /// Benchmark option: how long each frame from a peer is held before the core sees it, so frames
 /// overtake each other (the reordering the paper's Figure 7 measures). Two shapes, which add:
@@ -117,7 +118,8 @@ const MAX_DELAYED: u64 = 8192;
 ///   retransmission, a descheduled sender: the rare long delay real networks have, and the one
 ///   in-order protocols stall behind).
 ///
-/// Resolution is tokio's timer (1 ms).
+/// The core holds them in its delay line (see [`super::delay`]) and steps each within a round
+/// of its due time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Jitter {
     pub uniform_us: u64,
@@ -176,10 +178,6 @@ impl Shared {
         }
     }
 
-    fn delivered_late(&self) {
-        self.delayed.fetch_sub(1, Ordering::Relaxed);
-    }
-
     fn hello(&self) -> Bytes {
         let mut out = bytes::BytesMut::new();
         let frame =
@@ -202,18 +200,13 @@ async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, reader: ReadHa
                     return;
                 }
                 let delay = if jitter.is_off() { Duration::ZERO } else { jitter.delay(&mut rng) };
-                if !delay.is_zero() && shared.delayed.fetch_add(1, Ordering::Relaxed) < MAX_DELAYED {
-                    let shared = shared.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        shared.delivered_late();
-                        shared.deliver(Inbound::Frame { conn, frame, at: Instant::now() }).await;
-                    });
-                    continue;
-                } else if !delay.is_zero() {
-                    shared.delivered_late();
-                }
-                if !shared.deliver(Inbound::Frame { conn, frame, at: Instant::now() }).await {
+                let at = Instant::now();
+                let item = if delay.is_zero() {
+                    Inbound::Frame { conn, frame, at }
+                } else {
+                    Inbound::Held { conn, frame, due: at + delay }
+                };
+                if !shared.deliver(item).await {
                     return;
                 }
             }

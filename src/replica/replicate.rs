@@ -431,11 +431,12 @@ impl Replica {
             return;
         }
         let mut newly = Vec::new();
-        let slots: Box<dyn Iterator<Item = &crate::log::LogSlot>> = match &candidates {
-            Some(c) => Box::new(c.iter().filter(|i| **i > self.committed).filter_map(|i| self.log.get(*i))),
-            None => Box::new(self.log.iter_from(self.committed)),
+        // One of the two walks, without boxing either (this runs on every acknowledgement).
+        let (among, all) = match &candidates {
+            Some(c) => (Some(c.iter().filter(|i| **i > self.committed).filter_map(|i| self.log.get(*i))), None),
+            None => (None, Some(self.log.iter_from(self.committed))),
         };
-        for slot in slots {
+        for slot in among.into_iter().flatten().chain(all.into_iter().flatten()) {
             let i = slot.entry.index;
             if self.committed_above.contains(&i) {
                 continue;

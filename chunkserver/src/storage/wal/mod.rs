@@ -312,8 +312,7 @@ impl Wal {
         self.spare_failed = false;
         if let Some(spare) = self.spare.take_if(|s| s.origin.is_some_and(|o| segment_tag(o) == segment_tag(number))) {
             // Its old records would read as this segment's.
-            self.engine.close(spare.file);
-            self.engine.remove(&spare.path)?;
+            self.discard(spare)?;
         }
         let recycled = self.spare.as_ref().is_some_and(|s| s.origin.is_some());
         let (tmp, file) = match self.spare.take() {
@@ -369,11 +368,17 @@ impl Wal {
         if result.is_err() {
             self.spare_failed = true;
             if let Some(spare) = self.spare.take() {
-                self.engine.close(spare.file);
-                let _ = self.engine.remove(&spare.path);
+                let _ = self.discard(spare);
             }
         }
         result
+    }
+
+    /// Closes and deletes a spare that will not become a segment.
+    fn discard(&mut self, spare: Spare) -> Result<()> {
+        self.engine.close(spare.file);
+        self.engine.remove(&spare.path)?;
+        Ok(())
     }
 
     fn prepare_spare_step(&mut self) -> Result<bool> {
@@ -663,8 +668,7 @@ impl Wal {
     /// Deletes every segment (a chunk's log of an earlier version, once moved; see [`super::migrate`]).
     pub fn destroy(mut self) -> Result<()> {
         if let Some(spare) = self.spare.take() {
-            self.engine.close(spare.file);
-            self.engine.remove(&spare.path)?;
+            self.discard(spare)?;
         }
         while let Some(s) = self.segments.pop_front() {
             self.engine.close(s.file);

@@ -367,7 +367,7 @@ async fn core_loop(
         let round_start = Instant::now();
         let mut clock_checked = false;
         for item in batch.drain(..) {
-            if !clock_checked && matches!(item, Inbound::Frame { .. }) {
+            if !clock_checked && matches!(item, Inbound::Frame { .. } | Inbound::Held { .. }) {
                 // Leases count ticks: a stall that held them back is reported before any
                 // frame is stepped (a frame may be a read the lease would serve).
                 clock_checked = true;

@@ -1,6 +1,7 @@
 //! Fault tests with real processes: SIGKILL the leader during a verifying fio run (servers
 //! linked by TCP), kill a follower for good, kill two servers (writes stall, then resume when
-//! one returns).
+//! one returns), freeze the leader with SIGSTOP (a hung server, which no connection error
+//! reveals) during a verifying fio run.
 
 mod support;
 
@@ -85,5 +86,79 @@ fn one_follower_down_io_continues_two_down_writes_stall_then_resume() {
     assert!(status.success());
     let out =
         run_ok(&mut qemu_io(&c.uri(), &["read -P 0x13 4096 8k", "read -P 0x11 0 4096", "read -P 0x11 12288 4096"]));
+    assert!(!out.contains("verification failed"), "{out}");
+}
+
+/// Sends `signal` to a process.
+fn signal(pid: i32, signal: i32) {
+    // SAFETY: kill(2) only delivers a signal to the named process.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill({pid}, {signal})");
+}
+
+/// Continues a stopped server when dropped, so a failing test still lets the cluster stop.
+struct Thaw(i32);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        signal(self.0, libc::SIGCONT);
+    }
+}
+
+/// A leader that hangs instead of dying (SIGSTOP: its connections stay open, nothing is
+/// answered, no connection error tells anyone). The frontend's attempts to it time out and go
+/// to the other servers, the followers elect a new leader, and a verifying fio run finishes
+/// while the old leader is still frozen. Thawed, the old leader steps down and the volume
+/// keeps serving the data.
+#[test]
+fn leader_frozen_during_verifying_fio_run() {
+    let _g = serial();
+    require_tool("fio");
+    require_tool("qemu-io");
+    let c = LocalCluster::start("parallel", "128M");
+    let leader = c.leader_of(0).expect("chunk 0 has a leader");
+    let pid = c.pid_of(leader).expect("leader pid");
+    let fio = fio_verify(&c.uri(), 16, 2, 24, 32).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    signal(pid, libc::SIGSTOP);
+    let thaw = Thaw(pid);
+    // A frozen process still counts as alive; the new leader's higher term wins `leader_of`.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let new_leader = loop {
+        if let Some(l) = c.leader_of(0).filter(|l| *l != leader) {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no new leader for chunk 0:\n{}", c.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Bounded, so a frontend that waits on the frozen server forever fails the test rather
+    // than hanging it (its output is read meanwhile, so a full pipe cannot stall fio).
+    let fio_pid = fio.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(fio.wait_with_output()));
+    let Ok(out) = rx.recv_timeout(Duration::from_secs(90)) else {
+        signal(fio_pid, libc::SIGKILL);
+        panic!("fio did not finish while the old leader was frozen:\n{}", c.log_tail());
+    };
+    let out = out.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "fio failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let job = fio_job(&stdout);
+    assert_eq!(job["error"], 0, "{job}");
+    assert_eq!(job["write"]["io_bytes"].as_u64(), Some(2 * (24 << 20)));
+    assert_eq!(job["read"]["io_bytes"].as_u64(), Some(2 * (24 << 20)), "every block verified");
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    assert!(state.split(") ").nth(1).is_some_and(|s| s.starts_with('T')), "the run waited for a thaw: {state}");
+    // The frontend went around the frozen server: answers it never got were tried again.
+    let front = chunkserver::profile::fetch(&format!("127.0.0.1:{}", c.metrics_port())).unwrap();
+    assert!(counter(&front, "parallelraft_frontend_retries_total").unwrap_or(0.0) > 0.0, "{front}");
+    drop(thaw);
+    // Thawed, it hears of the newer term and follows.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.chunk_status(leader).iter().any(|s| s.chunk == 0 && s.role == "Leader") {
+        assert!(Instant::now() < deadline, "server {leader} still leads chunk 0:\n{}", c.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(c.leader_of(0), Some(new_leader), "{}", c.log_tail());
+    let out = run_ok(&mut qemu_io(&c.uri(), &["write -P 0x5a 0 64k", "read -P 0x5a 0 64k"]));
     assert!(!out.contains("verification failed"), "{out}");
 }

@@ -117,8 +117,9 @@ fn leader_frozen_during_verifying_fio_run() {
     let c = LocalCluster::start("parallel", "128M");
     let leader = c.leader_of(0).expect("chunk 0 has a leader");
     let pid = c.pid_of(leader).expect("leader pid");
-    let fio = fio_verify(&c.uri(), 16, 2, 24, 32).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    // Two jobs of 32 MiB fill chunk 0 (64 MiB here); the freeze comes while they write.
+    let fio = fio_verify(&c.uri(), 16, 2, 32, 32).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
     signal(pid, libc::SIGSTOP);
     let thaw = Thaw(pid);
     // A frozen process still counts as alive; the new leader's higher term wins `leader_of`.
@@ -144,13 +145,25 @@ fn leader_frozen_during_verifying_fio_run() {
     assert!(out.status.success(), "fio failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let job = fio_job(&stdout);
     assert_eq!(job["error"], 0, "{job}");
-    assert_eq!(job["write"]["io_bytes"].as_u64(), Some(2 * (24 << 20)));
-    assert_eq!(job["read"]["io_bytes"].as_u64(), Some(2 * (24 << 20)), "every block verified");
+    assert_eq!(job["write"]["io_bytes"].as_u64(), Some(2 * (32 << 20)));
+    assert_eq!(job["read"]["io_bytes"].as_u64(), Some(2 * (32 << 20)), "every block verified");
     let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     assert!(state.split(") ").nth(1).is_some_and(|s| s.starts_with('T')), "the run waited for a thaw: {state}");
     // The frontend went around the frozen server: answers it never got were tried again.
     let front = chunkserver::profile::fetch(&format!("127.0.0.1:{}", c.metrics_port())).unwrap();
     assert!(counter(&front, "parallelraft_frontend_retries_total").unwrap_or(0.0) > 0.0, "{front}");
+    // Writes were still coming when it froze: the new leader served some (fio writes only
+    // chunk 0, which it leads only since the freeze). Rendered every 500 ms: wait for it.
+    let new_addr = format!("127.0.0.1:{}", c.metrics_port() as u32 + new_leader);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = chunkserver::profile::fetch(&new_addr).unwrap();
+        if counter(&text, "parallelraft_writes_total").unwrap_or(0.0) > 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new leader served no write:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     drop(thaw);
     // Thawed, it hears of the newer term and follows.
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -24,15 +24,7 @@ fn leader_kill_during_verifying_fio_run() {
     std::thread::sleep(Duration::from_secs(2));
     let killed_at = Instant::now();
     c.kill(leader);
-    // A new leader takes over chunk 0.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let new_leader = loop {
-        if let Some(l) = c.leader_of(0).filter(|l| *l != leader) {
-            break l;
-        }
-        assert!(Instant::now() < deadline, "no new leader for chunk 0:\n{}", c.log_tail());
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let new_leader = new_leader_of(&c, 0, leader);
     let election = killed_at.elapsed();
     let job = fio_finished(fio);
     assert_eq!(job["write"]["io_bytes"].as_u64(), Some(2 * (24 << 20)));
@@ -89,6 +81,18 @@ fn one_follower_down_io_continues_two_down_writes_stall_then_resume() {
     assert!(!out.contains("verification failed"), "{out}");
 }
 
+/// Waits (up to 30 s) for a server other than `old` to lead `chunk`, and names it.
+fn new_leader_of(c: &LocalCluster, chunk: u32, old: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(l) = c.leader_of(chunk).filter(|l| *l != old) {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "no new leader for chunk {chunk}:\n{}", c.log_tail());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Sends `signal` to a process.
 fn signal(pid: i32, signal: i32) {
     // SAFETY: kill(2) only delivers a signal to the named process.
@@ -123,14 +127,7 @@ fn leader_frozen_during_verifying_fio_run() {
     signal(pid, libc::SIGSTOP);
     let thaw = Thaw(pid);
     // A frozen process still counts as alive; the new leader's higher term wins `leader_of`.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let new_leader = loop {
-        if let Some(l) = c.leader_of(0).filter(|l| *l != leader) {
-            break l;
-        }
-        assert!(Instant::now() < deadline, "no new leader for chunk 0:\n{}", c.log_tail());
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let new_leader = new_leader_of(&c, 0, leader);
     // Bounded, so a frontend that waits on the frozen server forever fails the test rather
     // than hanging it (its output is read meanwhile, so a full pipe cannot stall fio).
     let fio_pid = fio.id() as i32;

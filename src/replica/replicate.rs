@@ -359,7 +359,8 @@ impl Replica {
             }
             let from_index = p.durable.max(watermark);
             if parallel && was_synced && durable.0.saturating_sub(from_index.0) <= MAX_PREFIX_CANDIDATES {
-                let mut c: Vec<Index> = acked.iter().copied().filter(|i| *i > watermark).collect();
+                // Indices at or below the watermark among them are skipped by `commit_quorums`.
+                let mut c: Vec<Index> = acked.clone();
                 c.extend((from_index.0 + 1..=durable.0).map(Index));
                 candidates = Some(c);
             }

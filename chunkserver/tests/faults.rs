@@ -24,7 +24,7 @@ fn leader_kill_during_verifying_fio_run() {
     std::thread::sleep(Duration::from_secs(2));
     let killed_at = Instant::now();
     c.kill(leader);
-    let new_leader = new_leader_of(&c, 0, leader);
+    let new_leader = new_leader_of(&c, 0, leader, Duration::from_secs(20));
     let election = killed_at.elapsed();
     let job = fio_finished(fio);
     assert_eq!(job["write"]["io_bytes"].as_u64(), Some(2 * (24 << 20)));
@@ -81,9 +81,9 @@ fn one_follower_down_io_continues_two_down_writes_stall_then_resume() {
     assert!(!out.contains("verification failed"), "{out}");
 }
 
-/// Waits (up to 30 s) for a server other than `old` to lead `chunk`, and names it.
-fn new_leader_of(c: &LocalCluster, chunk: u32, old: u32) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(30);
+/// Waits (up to `limit`) for a server other than `old` to lead `chunk`, and names it.
+fn new_leader_of(c: &LocalCluster, chunk: u32, old: u32, limit: Duration) -> u32 {
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(l) = c.leader_of(chunk).filter(|l| *l != old) {
             return l;
@@ -127,21 +127,12 @@ fn leader_frozen_during_verifying_fio_run() {
     signal(pid, libc::SIGSTOP);
     let thaw = Thaw(pid);
     // A frozen process still counts as alive; the new leader's higher term wins `leader_of`.
-    let new_leader = new_leader_of(&c, 0, leader);
+    let new_leader = new_leader_of(&c, 0, leader, Duration::from_secs(30));
     // Bounded, so a frontend that waits on the frozen server forever fails the test rather
-    // than hanging it (its output is read meanwhile, so a full pipe cannot stall fio).
-    let fio_pid = fio.id() as i32;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || tx.send(fio.wait_with_output()));
-    let Ok(out) = rx.recv_timeout(Duration::from_secs(90)) else {
-        signal(fio_pid, libc::SIGKILL);
+    // than hanging it.
+    let Some(job) = fio_finished_within(fio, Duration::from_secs(90)) else {
         panic!("fio did not finish while the old leader was frozen:\n{}", c.log_tail());
     };
-    let out = out.unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "fio failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let job = fio_job(&stdout);
-    assert_eq!(job["error"], 0, "{job}");
     assert_eq!(job["write"]["io_bytes"].as_u64(), Some(2 * (32 << 20)));
     assert_eq!(job["read"]["io_bytes"].as_u64(), Some(2 * (32 << 20)), "every block verified");
     let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -150,17 +141,9 @@ fn leader_frozen_during_verifying_fio_run() {
     let front = chunkserver::profile::fetch(&format!("127.0.0.1:{}", c.metrics_port())).unwrap();
     assert!(counter(&front, "parallelraft_frontend_retries_total").unwrap_or(0.0) > 0.0, "{front}");
     // Writes were still coming when it froze: the new leader served some (fio writes only
-    // chunk 0, which it leads only since the freeze). Rendered every 500 ms: wait for it.
+    // chunk 0, which it leads only since the freeze).
     let new_addr = format!("127.0.0.1:{}", c.metrics_port() as u32 + new_leader);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = chunkserver::profile::fetch(&new_addr).unwrap();
-        if counter(&text, "parallelraft_writes_total").unwrap_or(0.0) > 0.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the new leader served no write:\n{text}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_counter(&new_addr, "parallelraft_writes_total", 1.0, Duration::from_secs(5));
     drop(thaw);
     // Thawed, it hears of the newer term and follows.
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -3,7 +3,8 @@
 
 mod support;
 
-use chunkserver::profile::fetch;
+use std::time::Duration;
+
 use support::*;
 
 /// Writes with fio at depth while the servers delay each other's frames (uniform 0..3 ms, and
@@ -20,17 +21,7 @@ fn verified_under_jitter(mode: &str) {
     assert_eq!(job["read"]["io_bytes"].as_u64(), Some(2 * (8 << 20)), "{job}");
     for server in 1..=3u32 {
         let addr = format!("127.0.0.1:{}", c.metrics_port() as u32 + server);
-        // Rendered every 500 ms: wait for a rendering after the writes.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let text = fetch(&addr).unwrap();
-            let held = counter(&text, "parallelraft_jitter_held_frames_total").unwrap_or(0.0);
-            if held >= 100.0 {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "server {server} held {held} frames:\n{text}");
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
+        wait_for_counter(&addr, "parallelraft_jitter_held_frames_total", 100.0, Duration::from_secs(10));
     }
 }
 

@@ -354,7 +354,27 @@ pub fn fio_verify(uri: &str, iodepth: u32, numjobs: u32, size_mib: u64, offset_m
 /// Waits for a fio run started with piped output; asserts it succeeded without error and
 /// returns its (group-reported) job.
 pub fn fio_finished(fio: std::process::Child) -> serde_json::Value {
-    let out = fio.wait_with_output().unwrap();
+    fio_succeeded(fio.wait_with_output().unwrap())
+}
+
+/// [`fio_finished`], waiting at most `limit` (its output is read meanwhile, so a full pipe
+/// cannot stall fio); `None`, with fio killed, when it has not finished by then.
+pub fn fio_finished_within(fio: std::process::Child, limit: Duration) -> Option<serde_json::Value> {
+    let pid = fio.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(fio.wait_with_output()));
+    match rx.recv_timeout(limit) {
+        Ok(out) => Some(fio_succeeded(out.unwrap())),
+        Err(_) => {
+            // SAFETY: kill(2) only delivers a signal to the named process.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            None
+        }
+    }
+}
+
+/// Asserts a finished fio run succeeded without error; returns its (group-reported) job.
+fn fio_succeeded(out: Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "fio failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let job = fio_job(&stdout);
@@ -372,4 +392,19 @@ pub fn fio_job(stdout: &str) -> serde_json::Value {
 /// The value of `name` (a whole metric name, labels included) in a `/metrics` text.
 pub fn counter(text: &str, name: &str) -> Option<f64> {
     text.lines().find(|l| l.starts_with(&format!("{name} "))).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Waits (up to `limit`: `/metrics` is rendered every 500 ms) until counter `name` at `addr`
+/// reaches `at_least`; panics with the last text otherwise.
+pub fn wait_for_counter(addr: &str, name: &str, at_least: f64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let text = chunkserver::profile::fetch(addr).unwrap();
+        let value = counter(&text, name).unwrap_or(0.0);
+        if value >= at_least {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} at {addr} is {value}, not {at_least}:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

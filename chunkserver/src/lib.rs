@@ -17,6 +17,7 @@ pub mod local;
 pub mod metrics;
 pub mod nbd;
 pub mod net;
+pub mod outgoing;
 pub mod poll;
 pub mod profile;
 pub mod server;

@@ -644,21 +644,6 @@ pub async fn read_bytes<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> std
     Ok(buf)
 }
 
-/// `first` and whatever else waits in `rx`, up to about `limit` bytes, as one buffer to write
-/// with one syscall. It yields once before looking, so tasks made ready by the same event
-/// (replies completed together) queue their bytes first.
-pub async fn gather(first: Bytes, rx: &mut tokio::sync::mpsc::Receiver<Bytes>, limit: usize) -> BytesMut {
-    tokio::task::yield_now().await;
-    let mut batch = BytesMut::from(&first[..]);
-    while batch.len() < limit {
-        match rx.try_recv() {
-            Ok(more) => batch.extend_from_slice(&more),
-            Err(_) => break,
-        }
-    }
-    batch
-}
-
 /// Reads one frame. `Ok(None)` at a clean end of stream.
 pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<Frame>, WireError> {
     let mut head = [0u8; 8];

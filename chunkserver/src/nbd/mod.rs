@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::metrics::Stage;
+use crate::outgoing::{write_queued, Outgoing};
 use crate::volume::{Volume, VolumeOp};
 use proto::*;
 
@@ -252,7 +253,8 @@ fn parse_info_request(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
 }
 
 /// One reply, ready to write.
-type Reply = Bytes;
+/// A reply: its header, then the data of a read (not copied behind the header).
+type Reply = Outgoing;
 
 /// Replies coalesced into one write at most (past it, the next write takes the rest).
 const REPLY_BATCH_BYTES: usize = 1 << 20;
@@ -332,7 +334,7 @@ fn error_reply(req: &Request, structured: bool, errno: u32) -> Reply {
     } else {
         simple_reply(&mut out, errno, req.cookie, &[]);
     }
-    out.freeze()
+    out.freeze().into()
 }
 
 async fn execute(volume: &Volume, req: Request, payload: Option<Bytes>, structured: bool) -> Reply {
@@ -359,24 +361,24 @@ async fn execute_inner(volume: &Volume, req: Request, payload: Option<Bytes>, st
         CMD_FLUSH | CMD_CACHE => {
             let mut out = BytesMut::new();
             simple_reply(&mut out, 0, req.cookie, &[]);
-            return out.freeze();
+            return out.freeze().into();
         }
         _ => unreachable!("validated"),
     };
     match volume.execute(op).await {
         Ok(Some(data)) => {
-            let mut out = BytesMut::with_capacity(data.len() + 32);
+            let mut head = BytesMut::with_capacity(32);
             if structured {
-                structured_data(&mut out, req.cookie, offset, &data);
+                structured_data_head(&mut head, req.cookie, offset, data.len());
             } else {
-                simple_reply(&mut out, 0, req.cookie, &data);
+                simple_reply(&mut head, 0, req.cookie, &[]);
             }
-            out.freeze()
+            Outgoing { head: head.freeze(), tail: data }
         }
         Ok(None) => {
             let mut out = BytesMut::new();
             simple_reply(&mut out, 0, req.cookie, &[]);
-            out.freeze()
+            out.freeze().into()
         }
         Err(e) => {
             warn!("request failed: {e}");
@@ -388,8 +390,8 @@ async fn execute_inner(volume: &Volume, req: Request, payload: Option<Bytes>, st
 async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut rx: mpsc::Receiver<Reply>) {
     while let Some(first) = rx.recv().await {
         // Replies already waiting go out in one write (one syscall, not one each).
-        let batch = crate::wire::gather(first, &mut rx, REPLY_BATCH_BYTES).await;
-        if writer.write_all(&batch).await.is_err() || writer.flush().await.is_err() {
+        if write_queued(&mut writer, first, &mut rx, REPLY_BATCH_BYTES).await.is_err() || writer.flush().await.is_err()
+        {
             return;
         }
     }

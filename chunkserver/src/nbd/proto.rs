@@ -147,15 +147,15 @@ pub fn simple_reply(out: &mut BytesMut, error: u32, cookie: u64, data: &[u8]) {
     out.put_slice(data);
 }
 
-/// A structured READ reply: one OFFSET_DATA chunk with DONE.
-pub fn structured_data(out: &mut BytesMut, cookie: u64, offset: u64, data: &[u8]) {
+/// The head of a structured READ reply: one OFFSET_DATA chunk with DONE, whose `data_len`
+/// bytes of data must follow it directly.
+pub fn structured_data_head(out: &mut BytesMut, cookie: u64, offset: u64, data_len: usize) {
     out.put_u32(STRUCTURED_REPLY_MAGIC);
     out.put_u16(REPLY_FLAG_DONE);
     out.put_u16(REPLY_TYPE_OFFSET_DATA);
     out.put_u64(cookie);
-    out.put_u32(8 + data.len() as u32);
+    out.put_u32(8 + data_len as u32);
     out.put_u64(offset);
-    out.put_slice(data);
 }
 
 /// A structured error chunk with DONE.

@@ -90,6 +90,11 @@ pub struct Measure {
     /// CPU seconds over the job's wall time, over its IOPS. Set by the harness; `NaN` where the
     /// target has no process of its own (the local disk: fio does the I/O).
     pub cpu_us_per_op: f64,
+    /// The host's speed just before the job (see [`crate::probe`]): the fixed CPU work's
+    /// time, µs. Set by the harness; `NaN` where unknown.
+    pub cpu_probe_us: f64,
+    /// The disk's write + fdatasync latency just before the job, µs (see [`crate::probe`]).
+    pub flush_probe_us: f64,
 }
 
 /// Extracts the measure of the first job of a fio JSON document (group_reporting merges the
@@ -117,6 +122,8 @@ pub fn measure(doc: &serde_json::Value) -> Result<Measure, String> {
         p999_us: pct("99.900000"),
         steal_pct: f64::NAN,
         cpu_us_per_op: f64::NAN,
+        cpu_probe_us: f64::NAN,
+        flush_probe_us: f64::NAN,
     })
 }
 
@@ -140,6 +147,8 @@ pub fn median(runs: &[Measure]) -> Measure {
         p999_us: f(|m| m.p999_us),
         steal_pct: f(|m| m.steal_pct),
         cpu_us_per_op: f(|m| m.cpu_us_per_op),
+        cpu_probe_us: f(|m| m.cpu_probe_us),
+        flush_probe_us: f(|m| m.flush_probe_us),
     }
 }
 
@@ -176,10 +185,12 @@ mod tests {
         assert!((m.mib_s - 3.90625).abs() < 1e-9);
         assert!(m.steal_pct.is_nan(), "fio does not know the host's steal");
         assert!(m.cpu_us_per_op.is_nan(), "nor the target's CPU time");
-        let a = Measure { iops: 1.0, p50_us: 9.0, steal_pct: 30.0, cpu_us_per_op: 80.0, ..m };
-        let b = Measure { iops: 5.0, p50_us: 1.0, steal_pct: 2.0, cpu_us_per_op: 120.0, ..m };
-        let c = Measure { iops: 3.0, p50_us: 4.0, steal_pct: 10.0, cpu_us_per_op: 100.0, ..m };
+        assert!(m.cpu_probe_us.is_nan() && m.flush_probe_us.is_nan(), "nor the host's speed");
+        let a = Measure { iops: 1.0, p50_us: 9.0, steal_pct: 30.0, cpu_us_per_op: 80.0, flush_probe_us: 60.0, ..m };
+        let b = Measure { iops: 5.0, p50_us: 1.0, steal_pct: 2.0, cpu_us_per_op: 120.0, flush_probe_us: 200.0, ..m };
+        let c = Measure { iops: 3.0, p50_us: 4.0, steal_pct: 10.0, cpu_us_per_op: 100.0, flush_probe_us: 50.0, ..m };
         let med = median(&[a, b, c]);
         assert_eq!((med.iops, med.p50_us, med.steal_pct, med.cpu_us_per_op), (3.0, 4.0, 10.0, 100.0));
+        assert_eq!(med.flush_probe_us, 60.0);
     }
 }

@@ -6,5 +6,6 @@
 pub mod fio;
 pub mod host;
 pub mod plot;
+pub mod probe;
 pub mod report;
 pub mod targets;

@@ -18,6 +18,7 @@ use std::time::Instant;
 use bench::fio::{self, JobSettings, Measure};
 use bench::host::{self, CpuTimes};
 use bench::plot::{self, Series};
+use bench::probe;
 use bench::report::{self, Results};
 use bench::targets::{Kind, Running, Target};
 use chunkserver::server::transport::Jitter;
@@ -267,6 +268,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 let text = fio::job_text(&configs, job.file, &running.endpoint, &settings(job.iodepth))?;
                 let path = out.join("jobs").join(format!("{}-{}.fio", target.name, job.name));
                 std::fs::write(&path, text).map_err(|e| e.to_string())?;
+                let speed = probe::probe(&work);
                 let before = CpuTimes::now();
                 let cpu_before = running.pid().and_then(host::tree_cpu_seconds);
                 let wall = Instant::now();
@@ -276,9 +278,19 @@ fn run(cli: Cli) -> Result<(), String> {
                 let mut m = fio::measure(&doc).map_err(|e| format!("{} {}: {e}", target.name, job.name))?;
                 m.steal_pct = before.zip(CpuTimes::now()).map_or(f64::NAN, |(b, a)| b.steal_pct(&a));
                 m.cpu_us_per_op = host::cpu_us_per_op(cpu_s, wall_s, m.iops);
+                (m.cpu_probe_us, m.flush_probe_us) = (speed.cpu_us, speed.flush_us);
                 eprintln!(
-                    "  {:<22} {:>9.0} IOPS {:>8.1} MiB/s  p50 {:>7.0} µs  p99 {:>7.0} µs  steal {:>3.0}%  cpu {:>5.0} µs/op",
-                    job.name, m.iops, m.mib_s, m.p50_us, m.p99_us, m.steal_pct, m.cpu_us_per_op
+                    "  {:<22} {:>9.0} IOPS {:>8.1} MiB/s  p50 {:>7.0} µs  p99 {:>7.0} µs  steal {:>3.0}%  cpu {:>5.0} µs/op  \
+                     probe: cpu {:>6.0} µs, flush {:>5.0} µs",
+                    job.name,
+                    m.iops,
+                    m.mib_s,
+                    m.p50_us,
+                    m.p99_us,
+                    m.steal_pct,
+                    m.cpu_us_per_op,
+                    m.cpu_probe_us,
+                    m.flush_probe_us
                 );
                 measured.entry((job.name.clone(), target.name.clone())).or_default().push(m);
             }

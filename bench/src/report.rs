@@ -20,12 +20,14 @@ pub fn table(results: &Results, runs: usize) -> String {
         s,
         "medians of {runs} run(s); latencies are fio completion latencies in µs; steal%: the \
          machine's CPU time the host took during the job; cpu/op: µs of CPU the target's \
-         processes spent per operation (all of the engine's; none of fio's)"
+         processes spent per operation (all of the engine's; none of fio's); probe-cpu and \
+         probe-sync: the host's speed just before the job, µs (a fixed piece of CPU work, and a \
+         4 KiB write + fdatasync: higher is a slower host)"
     );
     let _ = write!(
         s,
-        "{:<24} {:<18} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>7}",
-        "job", "target", "IOPS", "MiB/s", "mean", "p50", "p99", "p99.9", "steal%", "cpu/op"
+        "{:<24} {:<18} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>7} {:>9} {:>10}",
+        "job", "target", "IOPS", "MiB/s", "mean", "p50", "p99", "p99.9", "steal%", "cpu/op", "probe-cpu", "probe-sync"
     );
     for a in ANCHORS {
         let _ = write!(s, " {:>14}", format!("x {a}"));
@@ -34,8 +36,17 @@ pub fn table(results: &Results, runs: usize) -> String {
     for ((job, target), m) in results {
         let _ = write!(
             s,
-            "{job:<24} {target:<18} {:>10.0} {:>9.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>6.0} {:>7.1}",
-            m.iops, m.mib_s, m.mean_us, m.p50_us, m.p99_us, m.p999_us, m.steal_pct, m.cpu_us_per_op
+            "{job:<24} {target:<18} {:>10.0} {:>9.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>6.0} {:>7.1} {:>9.0} {:>10.0}",
+            m.iops,
+            m.mib_s,
+            m.mean_us,
+            m.p50_us,
+            m.p99_us,
+            m.p999_us,
+            m.steal_pct,
+            m.cpu_us_per_op,
+            m.cpu_probe_us,
+            m.flush_probe_us
         );
         for a in ANCHORS {
             match results.get(&key(job, a)) {
@@ -314,12 +325,15 @@ pub fn summary_json(r: &Results, per_run: &PerRun, goals: &[Goal], runs: usize) 
             serde_json::json!({
                 "job": key.0, "target": key.1, "iops": m.iops, "mib_s": m.mib_s, "mean_us": m.mean_us,
                 "p50_us": m.p50_us, "p99_us": m.p99_us, "p999_us": m.p999_us, "steal_pct": m.steal_pct,
-                "cpu_us_per_op": m.cpu_us_per_op,
+                "cpu_us_per_op": m.cpu_us_per_op, "cpu_probe_us": m.cpu_probe_us,
+                "flush_probe_us": m.flush_probe_us,
                 "iops_runs": each.iter().map(|m| m.iops).collect::<Vec<_>>(),
                 "mib_s_runs": each.iter().map(|m| m.mib_s).collect::<Vec<_>>(),
                 // null where unknown (NaN is not JSON).
                 "steal_pct_runs": each.iter().map(|m| m.steal_pct).collect::<Vec<_>>(),
                 "cpu_us_per_op_runs": each.iter().map(|m| m.cpu_us_per_op).collect::<Vec<_>>(),
+                "cpu_probe_us_runs": each.iter().map(|m| m.cpu_probe_us).collect::<Vec<_>>(),
+                "flush_probe_us_runs": each.iter().map(|m| m.flush_probe_us).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -416,7 +430,13 @@ mod tests {
     #[test]
     fn per_run_ratios_pair_run_k_with_run_k() {
         let m = |iops: f64| Measure { iops, ..Default::default() };
-        let with_cpu = |iops: f64| Measure { iops, cpu_us_per_op: 5000.0 / iops, ..Default::default() };
+        let with_cpu = |iops: f64| Measure {
+            iops,
+            cpu_us_per_op: 5000.0 / iops,
+            cpu_probe_us: 7000.0,
+            flush_probe_us: 3.0 * iops,
+            ..Default::default()
+        };
         let mut per_run = PerRun::new();
         per_run.insert(
             ("randread-4k-qd32".into(), "parallel".into()),
@@ -441,5 +461,8 @@ mod tests {
         let table = table(&medians, 3);
         let row = table.lines().find(|l| l.contains("parallel")).unwrap();
         assert!(table.contains("cpu/op") && row.contains(" 100.0"), "{table}");
+        assert_eq!(json["results"][1]["flush_probe_us_runs"], serde_json::json!([150.0, 120.0, 187.5]), "{json}");
+        assert_eq!(json["results"][1]["flush_probe_us"], serde_json::json!(150.0), "the median");
+        assert!(table.contains("probe-sync") && row.contains(" 7000 ") && row.contains(" 150 "), "{row}");
     }
 }

@@ -32,8 +32,9 @@ struct Tuning {
     /// has up to N + 1 writes in flight past its committed watermark.
     #[arg(long, default_value_t = DEFAULT_LBB_SPAN)]
     lbb_span: usize,
-    /// Benchmarks only: delay every message between chunk servers by a random 0..=N µs (1 ms
-    /// resolution), which reorders them.
+    /// Benchmarks only: delay every message between chunk servers by a random 0..=N µs, which
+    /// reorders them. The receiving server holds each one until it is due (it polls while one
+    /// is due within 2 ms, so the delay is what was drawn, not rounded up to a timer's 1 ms).
     #[arg(long, default_value_t = 0)]
     jitter_us: u64,
     /// Benchmarks only: on top of --jitter-us, hold one message in 1000/K (K is

@@ -1,6 +1,7 @@
 //! The harness end to end, briefly: one engine target and one anchor, one-second jobs. Checks
 //! that every job produced a measure (with the targets' CPU per operation), that the summary,
-//! table, plots and the engine's stage profile are written. (Performance itself is never asserted.)
+//! table, plots and the engine's stage profile are written, and that the host was probed
+//! before every job. (Performance itself is never asserted.)
 
 use std::process::Command;
 
@@ -38,6 +39,14 @@ fn compare_runs_jobs_on_engine_and_anchor_and_writes_every_output() {
         let row = rows.iter().find(|r| r["job"] == "randwrite-4k-qd32" && r["target"] == target);
         let cpu = row.and_then(|r| r["cpu_us_per_op"].as_f64()).unwrap_or(0.0);
         assert!(cpu > 0.0 && cpu.is_finite(), "no CPU per operation for {target}: {row:?}");
+    }
+    // Every job was preceded by the host probes (a fixed piece of CPU work, durable writes in
+    // the work directory).
+    for row in rows {
+        for probe in ["cpu_probe_us", "flush_probe_us"] {
+            let us = row[probe].as_f64().unwrap_or(0.0);
+            assert!(us > 0.0 && us.is_finite(), "no {probe}: {row}");
+        }
     }
     let table = std::fs::read_to_string(out.path().join("table.txt")).unwrap();
     assert!(table.contains("x nbdkit-memory") && table.contains("goals"), "{table}");

@@ -346,10 +346,11 @@ impl Volume {
             let placed = inner.cluster.replicas_of(chunk);
             placed[chunk as usize % placed.len()]
         });
-        // Set at the first answer that does not end the request: the common case (the leader
-        // answers the first attempt) needs neither the search order nor the clock.
-        // The group's members are where it was placed, unless membership changes moved it:
-        // then any server of the cluster may hold it, and redirects lead to its leader.
+        // The search order and the stall deadline are set at the first answer that does not
+        // end the request: the common case (the leader answers the first attempt) needs
+        // neither the order nor the clock. The order: the group's members are where it was
+        // placed, unless membership changes moved it; then any server of the cluster may hold
+        // it, and redirects lead to its leader.
         let mut search: Option<Vec<ReplicaId>> = None;
         let mut deadline: Option<Instant> = None;
         let mut redirects = 0u32;

@@ -252,8 +252,8 @@ fn parse_info_request(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
     Some((name, list.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect()))
 }
 
-/// One reply, ready to write.
-/// A reply: its header, then the data of a read (not copied behind the header).
+/// One reply, ready to write: its header, then the data of a read (not copied behind the
+/// header).
 type Reply = Outgoing;
 
 /// Replies coalesced into one write at most (past it, the next write takes the rest).
@@ -332,7 +332,7 @@ fn error_reply(req: &Request, structured: bool, errno: u32) -> Reply {
     if req.kind == CMD_READ && structured {
         structured_error(&mut out, req.cookie, errno, "request rejected");
     } else {
-        simple_reply(&mut out, errno, req.cookie, &[]);
+        simple_reply(&mut out, errno, req.cookie);
     }
     out.freeze().into()
 }
@@ -360,7 +360,7 @@ async fn execute_inner(volume: &Volume, req: Request, payload: Option<Bytes>, st
         // Every answered write is already durable on a majority; CACHE is a hint.
         CMD_FLUSH | CMD_CACHE => {
             let mut out = BytesMut::new();
-            simple_reply(&mut out, 0, req.cookie, &[]);
+            simple_reply(&mut out, 0, req.cookie);
             return out.freeze().into();
         }
         _ => unreachable!("validated"),
@@ -371,13 +371,13 @@ async fn execute_inner(volume: &Volume, req: Request, payload: Option<Bytes>, st
             if structured {
                 structured_data_head(&mut head, req.cookie, offset, data.len());
             } else {
-                simple_reply(&mut head, 0, req.cookie, &[]);
+                simple_reply(&mut head, 0, req.cookie);
             }
             Outgoing { head: head.freeze(), tail: data }
         }
         Ok(None) => {
             let mut out = BytesMut::new();
-            simple_reply(&mut out, 0, req.cookie, &[]);
+            simple_reply(&mut out, 0, req.cookie);
             out.freeze().into()
         }
         Err(e) => {

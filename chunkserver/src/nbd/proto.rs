@@ -140,11 +140,11 @@ pub fn option_reply(out: &mut BytesMut, option: u32, kind: u32, data: &[u8]) {
     out.put_slice(data);
 }
 
-pub fn simple_reply(out: &mut BytesMut, error: u32, cookie: u64, data: &[u8]) {
+/// A simple reply's header; the data of a successful READ must follow it directly.
+pub fn simple_reply(out: &mut BytesMut, error: u32, cookie: u64) {
     out.put_u32(SIMPLE_REPLY_MAGIC);
     out.put_u32(error);
     out.put_u64(cookie);
-    out.put_slice(data);
 }
 
 /// The head of a structured READ reply: one OFFSET_DATA chunk with DONE, whose `data_len`

@@ -74,6 +74,10 @@ pub struct Goal {
     pub ratio: Option<f64>,
     /// Of run k against run k, for each run both targets completed.
     pub per_run: Vec<f64>,
+    /// The host probes before each of those runs' jobs (see [`crate::probe`]), target then
+    /// anchor: `[cpu µs, cpu µs, sync µs, sync µs]`. Tells a run's ratio measured on a slow
+    /// host (on one side) from one that was not.
+    pub per_run_probes: Vec<[f64; 4]>,
     /// `true`: the ratio should be at least `bound`; `false`: at most.
     pub at_least: bool,
     pub bound: f64,
@@ -267,15 +271,19 @@ pub fn goals(r: &Results, per_run: &PerRun) -> Vec<Goal> {
         .map(|s| {
             let median = |target: &str| r.get(&key(s.job, target)).map(s.field);
             let runs = |target: &str| per_run.get(&key(s.job, target)).map_or(&[][..], |v| v.as_slice());
-            let per_run = runs(s.target)
+            let (per_run, per_run_probes) = runs(s.target)
                 .iter()
                 .zip(runs(s.anchor))
-                .filter_map(|(a, b)| ratio(Some((s.field)(a)), Some((s.field)(b))))
-                .collect();
+                .filter_map(|(a, b)| {
+                    let probes = [a.cpu_probe_us, b.cpu_probe_us, a.flush_probe_us, b.flush_probe_us];
+                    Some((ratio(Some((s.field)(a)), Some((s.field)(b)))?, probes))
+                })
+                .unzip();
             Goal {
                 what: s.what,
                 ratio: ratio(median(s.target), median(s.anchor)),
                 per_run,
+                per_run_probes,
                 at_least: s.at_least,
                 bound: s.bound,
                 limit: s.limit.as_ref().and_then(|l| (l.of)(r)),
@@ -301,6 +309,17 @@ pub fn goals_text(goals: &[Goal]) -> String {
             String::new()
         };
         let _ = writeln!(s, "  {:<58} {:>8} (goal {bound}): {verdict}{runs}", g.what, ratio);
+        if g.per_run.len() > 1 && g.per_run_probes.iter().flatten().any(|p| p.is_finite()) {
+            let pair = |a: f64, b: f64| format!("{a:.0} / {b:.0}");
+            let cpu: Vec<String> = g.per_run_probes.iter().map(|p| pair(p[0], p[1])).collect();
+            let sync: Vec<String> = g.per_run_probes.iter().map(|p| pair(p[2], p[3])).collect();
+            let _ = writeln!(
+                s,
+                "      host before each run, target / anchor: probe-cpu {} µs; probe-sync {} µs",
+                cpu.join(", "),
+                sync.join(", ")
+            );
+        }
         if let Some((limit, how)) = &g.limit {
             let verdict =
                 if g.reachable() == Some(false) { "the goal is out of reach for it here" } else { "within its reach" };
@@ -449,6 +468,15 @@ mod tests {
         assert_eq!(g[2].per_run, vec![0.5, 0.5, 0.625]);
         assert!(
             goals_text(&g).contains("0.50 (goal >= 0.70): NOT met (per run 0.50 / 0.50 / 0.62)"),
+            "{}",
+            goals_text(&g)
+        );
+        assert_eq!(g[2].per_run_probes[2], [7000.0, 0.0, 187.5, 0.0], "target's, then the anchor's");
+        assert!(
+            goals_text(&g).contains(
+                "host before each run, target / anchor: probe-cpu 7000 / 0, 7000 / 0, 7000 / 0 µs; \
+                 probe-sync 150 / 0, 120 / 0, 188 / 0 µs"
+            ),
             "{}",
             goals_text(&g)
         );

@@ -127,17 +127,19 @@ pub fn measure(doc: &serde_json::Value) -> Result<Measure, String> {
     })
 }
 
+/// The median of `values` (the mean of the middle two for an even count; `NaN` for none).
+pub fn median_of(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
 /// The median of each field over several runs.
 pub fn median(runs: &[Measure]) -> Measure {
-    fn med(mut v: Vec<f64>) -> f64 {
-        v.sort_by(|a, b| a.total_cmp(b));
-        match v.len() {
-            0 => f64::NAN,
-            n if n % 2 == 1 => v[n / 2],
-            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        }
-    }
-    let f = |g: fn(&Measure) -> f64| med(runs.iter().map(g).collect());
+    let f = |g: fn(&Measure) -> f64| median_of(runs.iter().map(g).collect());
     Measure {
         iops: f(|m| m.iops),
         mib_s: f(|m| m.mib_s),
@@ -192,5 +194,7 @@ mod tests {
         let med = median(&[a, b, c]);
         assert_eq!((med.iops, med.p50_us, med.steal_pct, med.cpu_us_per_op), (3.0, 4.0, 10.0, 100.0));
         assert_eq!(med.flush_probe_us, 60.0);
+        assert_eq!(median_of(vec![4.0, 1.0, 3.0, 2.0]), 2.5, "even count: the middle two");
+        assert!(median_of(Vec::new()).is_nan());
     }
 }

@@ -17,6 +17,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
 
+use crate::fio::median_of;
+
 /// What the probes measured before one job.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Probe {
@@ -43,14 +45,14 @@ pub fn probe(dir: &Path) -> Probe {
 pub fn cpu_probe_us() -> f64 {
     let mut from = vec![1u8; COPY_BYTES];
     let mut to = vec![0u8; COPY_BYTES];
-    let mut times: Vec<f64> = (0..CPU_REPEATS)
+    let times: Vec<f64> = (0..CPU_REPEATS)
         .map(|_| {
             let start = Instant::now();
             std::hint::black_box(cpu_work(&mut from, &mut to));
             start.elapsed().as_secs_f64() * 1e6
         })
         .collect();
-    median(&mut times)
+    median_of(times)
 }
 
 /// The fixed work: 200,000 rounds of a xorshift generator, two copies of `from` into `to`
@@ -88,19 +90,10 @@ pub fn flush_probe_us(dir: &Path) -> std::io::Result<f64> {
             file.sync_data()?;
             times.push(start.elapsed().as_secs_f64() * 1e6);
         }
-        Ok(median(&mut times))
+        Ok(median_of(times))
     })();
     let _ = std::fs::remove_file(&path);
     result
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 #[cfg(test)]
@@ -128,12 +121,5 @@ mod tests {
         assert!(flush_probe_us(&missing).is_err());
         let p = probe(&missing);
         assert!(p.flush_us.is_nan() && p.cpu_us > 0.0, "{p:?}");
-    }
-
-    #[test]
-    fn medians_are_of_the_middle() {
-        assert_eq!(median(&mut [5.0, 1.0, 3.0]), 3.0);
-        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert!(median(&mut []).is_nan());
     }
 }

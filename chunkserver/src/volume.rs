@@ -472,8 +472,7 @@ async fn sweep_attempts(volume: std::sync::Weak<Inner>) {
 
 /// Takes the waiters of `pending` sent [`ATTEMPT_TICKS`] or more ticks before `now`.
 fn expired(pending: &mut HashMap<u64, Waiter>, now: u64) -> Vec<Waiter> {
-    let old: Vec<u64> = pending.iter().filter(|(_, w)| now >= w.sent_at + ATTEMPT_TICKS).map(|(seq, _)| *seq).collect();
-    old.iter().filter_map(|seq| pending.remove(seq)).collect()
+    pending.extract_if(|_, w| now >= w.sent_at + ATTEMPT_TICKS).map(|(_, w)| w).collect()
 }
 
 /// Keeps one connection to a server: writes queued requests, routes answers to their

@@ -27,7 +27,9 @@ impl std::fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
-pub fn encode_entry(entry: &Entry, out: &mut BytesMut) {
+/// Writes `entry` ([`encoded_len`] bytes) to `out`: a growing buffer, or a slice of exactly
+/// that length (the WAL encodes into its aligned write buffer without an intermediate copy).
+pub fn encode_entry(entry: &Entry, out: &mut impl BufMut) {
     out.put_u64_le(entry.index.0);
     out.put_u64_le(entry.term.0);
     out.put_u64_le(entry.ballot.0);
@@ -211,7 +213,7 @@ fn read_entry(r: &mut Reader<'_>) -> Result<Entry, DecodeError> {
 }
 
 /// A membership: voter count (u16) and ids (u32 each), then the same for learners.
-fn put_membership(m: &Membership, out: &mut BytesMut) {
+fn put_membership(m: &Membership, out: &mut impl BufMut) {
     for set in [&m.voters, &m.learners] {
         out.put_u16_le(set.len() as u16);
         for id in set {

@@ -397,6 +397,58 @@ fn records_of_a_batch_are_packed_and_a_damaged_one_hides_the_rest_of_its_write()
     assert_eq!(held, vec![1, 6, 7, 8, 9, 10], "second batch at offset {second_at}");
 }
 
+/// Bytes `from..to` of `path`, read through `engine`.
+fn read_bytes(engine: &CrashEngine, path: &Path, from: usize, to: usize) -> Vec<u8> {
+    use chunkserver::storage::io::{AlignedBuf, IoOp, OpenMode};
+    let mut raw: Box<dyn IoEngine> = Box::new(engine.clone());
+    let file = raw.open(path, OpenMode { create: false, direct: true }).unwrap();
+    let (start, end) = (from / 4096 * 4096, to.div_ceil(4096) * 4096);
+    let mut buf = AlignedBuf::zeroed(end - start);
+    let results = raw.submit(&mut [IoOp::Read { file, offset: start as u64, buf: &mut buf }]);
+    assert!(results.iter().all(|r| r.is_ok()));
+    buf[from - start..to - start].to_vec()
+}
+
+#[test]
+fn a_batch_writes_zeroes_between_and_after_its_records_whatever_the_batch_before_it_held() {
+    // The log reuses one write buffer from batch to batch: a small batch after one of large
+    // entries must not carry the earlier bytes in its padding.
+    let engine = CrashEngine::new();
+    let dir = Path::new("/wal");
+    let opts = WalOptions { segment_bytes: 1 << 20, direct: true };
+    let (mut wal, _) = Wal::open(Box::new(engine.clone()), dir, 5, opts).unwrap();
+    let large = |index: u64| {
+        let mut e = entry(index, 1);
+        e.op = parallelraft::Op::Write { offset: 0, data: bytes::Bytes::from(vec![0xa5; 64 << 10]) };
+        WalRecord::Entry(e)
+    };
+    wal.append(&(1..=4).map(large).collect::<Vec<_>>()).unwrap();
+    let second: Vec<Entry> = (5..=7).map(|i| entry(i, 1)).collect();
+    let encoded = parallelraft::codec::encoded_len(&second[0]);
+    assert_ne!((88 + encoded) % 8, 0, "the test needs records with alignment padding");
+    wal.append(&second.iter().cloned().map(WalRecord::Entry).collect::<Vec<_>>()).unwrap();
+    drop(wal);
+    let first_len: usize = (1..=4)
+        .map(|i| match large(i) {
+            WalRecord::Entry(e) => packed_len(&e),
+            _ => unreachable!(),
+        })
+        .sum();
+    let at = first_len.div_ceil(4096) * 4096;
+    let segment = Path::new("/wal/wal-0000000000000005-0000000001.log");
+    let len = packed_len(&second[0]);
+    let end = at + 3 * len;
+    let written = read_bytes(&engine, segment, at, end.div_ceil(4096) * 4096);
+    for k in 0..3 {
+        let padding = &written[k * len + 88 + encoded..(k + 1) * len];
+        assert!(padding.iter().all(|b| *b == 0), "record {k}'s alignment padding: {padding:?}");
+    }
+    assert!(written[3 * len..].iter().all(|b| *b == 0), "the padding after the batch holds old bytes");
+    let (_, recovery) = Wal::open(Box::new(engine.clone()), dir, 5, opts).unwrap();
+    assert_eq!(recovery.entries.len(), 7);
+    assert_eq!(recovery.entries[4..], second[..]);
+}
+
 /// A record as logs wrote them before packing: no flags, alone in whole 4 KiB units.
 fn legacy_record(e: &Entry, chunk: u64, seq: u64, batch: u64, position: u32, batch_len: u32) -> Vec<u8> {
     unpacked_record(e, chunk, seq, batch, position, batch_len, 0)

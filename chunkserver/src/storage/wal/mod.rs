@@ -56,9 +56,9 @@
 //! torn tail: that batch never completed, was never acknowledged, and is discarded whole.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use bytes::BytesMut;
 use parallelraft::codec::{encode_entry, encoded_len};
 use parallelraft::{Entry, Index, Op, Term};
 
@@ -71,6 +71,10 @@ const MAGIC: u32 = u32::from_le_bytes(*b"PRWL");
 const HEADER_LEN: usize = 88;
 /// Size of the writes that zero-fill a new segment.
 const ZERO_FILL_BYTES: usize = 1 << 20;
+/// Write buffers grow in steps of this; one larger than [`SCRATCH_KEEP_BYTES`] (a batch of many
+/// large entries) is not kept after its batch.
+const SCRATCH_STEP_BYTES: usize = 256 << 10;
+const SCRATCH_KEEP_BYTES: usize = 16 << 20;
 /// Bytes of the spare segment zeroed per [`Wal::prepare_spare`] step: small, so a group commit
 /// that arrives during a step waits little (a 256 KiB O_DIRECT write is ~0.1–0.2 ms here).
 const SPARE_STEP_BYTES: usize = 256 << 10;
@@ -206,6 +210,8 @@ pub struct Wal {
     /// Preparing a spare failed since the last rotation: not retried until then (rotation
     /// then zeroes its segment inline and reports any error to the group commit).
     spare_failed: bool,
+    /// The last batch's write buffer, kept for the next (see [`Wal::take_scratch`]).
+    scratch: Option<AlignedBuf>,
 }
 
 fn round_up(n: usize) -> usize {
@@ -296,6 +302,7 @@ impl Wal {
             next_batch: 1,
             spare: None,
             spare_failed: false,
+            scratch: None,
         };
         let recovery = wal.recover(&images)?;
         if wal.segments.is_empty() {
@@ -459,25 +466,32 @@ impl Wal {
         flags: u8,
         out: &mut [u8],
     ) {
-        let mut payload = BytesMut::new();
-        let (kind, index, term, ballot, lba) = match record {
+        let (kind, index, term, ballot, lba, payload_len) = match record {
             WalRecord::Entry(e) => {
-                encode_entry(e, &mut payload);
                 let lba = match &e.op {
                     Op::Noop | Op::Config(_) => (0, 0),
                     Op::Write { offset, data } => (*offset, data.len() as u64),
                     Op::Trim { offset, len_bytes } | Op::WriteZeroes { offset, len_bytes } => (*offset, *len_bytes),
                 };
-                (KIND_ENTRY, e.index, e.term, e.ballot, lba)
+                (KIND_ENTRY, e.index, e.term, e.ballot, lba, encoded_len(e))
             }
-            WalRecord::Truncate { after } => (KIND_TRUNCATE, *after, Term(0), Term(0), (0, 0)),
-            WalRecord::Reset => (KIND_RESET, Index(0), Term(0), Term(0), (0, 0)),
+            WalRecord::Truncate { after } => (KIND_TRUNCATE, *after, Term(0), Term(0), (0, 0), 0),
+            WalRecord::Reset => (KIND_RESET, Index(0), Term(0), Term(0), (0, 0), 0),
         };
+        let end = HEADER_LEN + payload_len;
+        if let WalRecord::Entry(e) = record {
+            // Straight into the write buffer: a slice of exactly the encoded length, so a
+            // length that disagreed with the encoding would panic, not write a bad record.
+            let mut payload = &mut out[HEADER_LEN..end];
+            encode_entry(e, &mut payload);
+            debug_assert!(payload.is_empty(), "encoded_len disagrees with encode_entry");
+        }
+        out[end..].fill(0); // the alignment padding
         out[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         out[8] = kind;
         out[9] = flags;
         out[10..12].copy_from_slice(&tag.to_le_bytes());
-        out[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        out[12..16].copy_from_slice(&(payload_len as u32).to_le_bytes());
         out[16..24].copy_from_slice(&seq.to_le_bytes());
         out[24..32].copy_from_slice(&batch.to_le_bytes());
         out[32..36].copy_from_slice(&position.to_le_bytes());
@@ -488,9 +502,8 @@ impl Wal {
         out[64..72].copy_from_slice(&ballot.0.to_le_bytes());
         out[72..80].copy_from_slice(&lba.0.to_le_bytes());
         out[80..88].copy_from_slice(&lba.1.to_le_bytes());
-        out[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(&payload);
         let mut crc = crc32fast::Hasher::new();
-        crc.update(&out[8..HEADER_LEN + payload.len()]);
+        crc.update(&out[8..end]);
         out[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
     }
 
@@ -529,8 +542,11 @@ impl Wal {
         let segment_bytes = self.options.segment_bytes as usize;
         let batch = self.next_batch;
         self.next_batch += 1;
+        // Each piece (one per segment touched) pads to 4 KiB and may add a trailer block.
+        let mut scratch = self.take_scratch(lens.iter().sum::<usize>() + records.len() * 2 * ALIGN);
         // Lay the records out, rotating segments when the next record does not fit.
-        let mut pieces: Vec<(usize, u64, AlignedBuf)> = Vec::new(); // (segment slot, offset, bytes)
+        let mut pieces: Vec<(usize, u64, Range<usize>)> = Vec::new(); // (segment slot, offset, bytes of `scratch`)
+        let mut used = 0;
         let mut i = 0;
         while i < records.len() {
             if self.tail as usize + lens[i] > segment_bytes {
@@ -547,7 +563,8 @@ impl Wal {
             let tag = segment_tag(segment.number);
             // A zeroed block after the records ends the scan there (see the module docs).
             let trailer = segment.stale_after_tail && self.tail as usize + round_up(bytes) + ALIGN <= segment_bytes;
-            let mut buf = AlignedBuf::zeroed(round_up(bytes) + if trailer { ALIGN } else { 0 });
+            let piece = used..used + round_up(bytes) + if trailer { ALIGN } else { 0 };
+            let buf = &mut scratch[piece.clone()];
             let mut at = 0;
             for (k, (chunk, record)) in records[start..i].iter().enumerate() {
                 let position = (start + k) as u32;
@@ -564,16 +581,19 @@ impl Wal {
                 }
                 at += lens[start + k];
             }
+            // The padding to 4 KiB and the trailer: the buffer holds an earlier batch's bytes.
+            buf[at..].fill(0);
             let offset = self.tail;
             // The next write starts over the trailer.
             self.tail += round_up(bytes) as u64;
-            pieces.push((self.segments.len() - 1, offset, buf));
+            used = piece.end;
+            pieces.push((self.segments.len() - 1, offset, piece));
         }
         let mut ops = Vec::new();
         let mut expected = Vec::new();
-        for (slot, offset, buf) in &pieces {
-            ops.push(IoOp::Write { file: self.segments[*slot].file, offset: *offset, buf });
-            expected.push(buf.len());
+        for (slot, offset, piece) in &pieces {
+            ops.push(IoOp::Write { file: self.segments[*slot].file, offset: *offset, buf: &scratch[piece.clone()] });
+            expected.push(piece.len());
         }
         let mut synced: Vec<usize> = pieces.iter().map(|p| p.0).collect();
         synced.dedup();
@@ -582,8 +602,22 @@ impl Wal {
             expected.push(0);
         }
         let results = self.engine.submit(&mut ops);
+        drop(ops);
+        if scratch.len() <= SCRATCH_KEEP_BYTES {
+            self.scratch = Some(scratch);
+        }
         check_batch(&results, &expected)?;
         Ok(())
+    }
+
+    /// A write buffer of at least `len` bytes: the one kept from the last batch when it is large
+    /// enough (reused, not zeroed again: a batch writes every byte of what it uses), else a new
+    /// one (in steps of [`SCRATCH_STEP_BYTES`]).
+    fn take_scratch(&mut self, len: usize) -> AlignedBuf {
+        match self.scratch.take() {
+            Some(buf) if buf.len() >= len => buf,
+            _ => AlignedBuf::zeroed(len.div_ceil(SCRATCH_STEP_BYTES).max(1) * SCRATCH_STEP_BYTES),
+        }
     }
 
     /// Deletes the oldest segments whose entries are all at or below `checkpoint` (covered by a

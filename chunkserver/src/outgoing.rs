@@ -20,7 +20,7 @@ pub const MAX_PIECES: usize = 256;
 /// What a task queues for a socket: `head`, directly followed by `tail` in the stream (a reply
 /// header and the data it carries, so the data need not be copied behind the header). The two
 /// travel as one item, so no other item can come between them.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outgoing {
     pub head: Bytes,
     /// Empty when there is nothing after `head`.

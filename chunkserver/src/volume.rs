@@ -24,7 +24,7 @@ use crate::metrics::{Published, Stage, Stages, Totals};
 use crate::net::{ServerAddr, Stream};
 use crate::outgoing::{write_queued, Outgoing};
 use crate::poll::Activity;
-use crate::wire::{encode, read_frame, Body, Frame, Outcome, RequestOp, Role};
+use crate::wire::{encode, encode_outgoing, read_frame, Body, Frame, Outcome, RequestOp, Role};
 
 /// Largest single request to a group: bounds entry and message sizes.
 pub const MAX_PIECE: u64 = 1 << 20;
@@ -439,9 +439,7 @@ impl Volume {
             group: chunk,
             body: Body::Request { id, floor, op },
         };
-        let mut buf = BytesMut::new();
-        encode(&frame, &mut buf);
-        if link.tx.send(buf.freeze().into()).await.is_err() {
+        if link.tx.send(encode_outgoing(&frame)).await.is_err() {
             link.pending.lock().unwrap().remove(&id.seq);
             return Outcome::Failed("link closed".into());
         }

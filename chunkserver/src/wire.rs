@@ -12,6 +12,8 @@ use parallelraft::codec::{decode_message_shared, encode_message};
 use parallelraft::{ClientId, Index, MembershipChange, MembershipError, Message, ReplicaId, RequestId, Term};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::outgoing::Outgoing;
+
 /// Largest body accepted: a full Append batch of large writes fits comfortably.
 pub const MAX_FRAME_BYTES: usize = 96 << 20;
 const HEADER_BYTES: usize = 1 + 8 + 4 + 4;
@@ -357,6 +359,31 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// `frame` encoded as one queue item: a write request's data is the tail, as the caller holds
+/// it, instead of a copy behind the header (the frontend sends every write's data this way);
+/// any other frame is all head. The bytes on the wire are those of [`encode`].
+pub fn encode_outgoing(frame: &Frame) -> Outgoing {
+    let Body::Request { id, floor, op: RequestOp::Write { offset, data } } = &frame.body else {
+        let mut out = BytesMut::new();
+        encode(frame, &mut out);
+        return out.freeze().into();
+    };
+    // The data is the request's last field: encode the rest, then count the data in.
+    let head = Frame {
+        body: Body::Request { id: *id, floor: *floor, op: RequestOp::Write { offset: *offset, data: Bytes::new() } },
+        ..*frame
+    };
+    let mut out = BytesMut::with_capacity(64);
+    encode(&head, &mut out);
+    let body_len = out.len() - 8 + data.len();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&out[8..]);
+    crc.update(data);
+    out[0..4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    out[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
+    Outgoing { head: out.freeze(), tail: data.clone() }
+}
+
 fn membership_error_code(e: MembershipError) -> u8 {
     match e {
         MembershipError::AlreadyMember => 1,
@@ -683,6 +710,36 @@ mod tests {
         damaged[at] ^= 0x10;
         let mut reader: &[u8] = &damaged;
         assert!(rt.block_on(read_frame(&mut reader)).is_err());
+    }
+
+    #[test]
+    fn a_write_requests_data_goes_out_as_the_tail_with_the_same_bytes_on_the_wire() {
+        let id = RequestId { client: ClientId(3), seq: 4 };
+        let data = Bytes::from((0..8192u32).map(|i| (i * 7) as u8).collect::<Vec<u8>>());
+        let ops = [
+            RequestOp::Write { offset: 8192, data: data.clone() },
+            RequestOp::Write { offset: 0, data: Bytes::new() },
+            RequestOp::Read { offset: 4096, len_bytes: 4096 },
+        ];
+        for op in ops {
+            let frame = Frame { cluster_id: 9, sender: 0, group: 5, body: Body::Request { id, floor: 2, op } };
+            let mut whole = BytesMut::new();
+            encode(&frame, &mut whole);
+            let out = encode_outgoing(&frame);
+            let written = [&out.head[..], &out.tail[..]].concat();
+            assert_eq!(written, whole[..], "{frame:?}");
+            if let Body::Request { op: RequestOp::Write { data, .. }, .. } = &frame.body {
+                // The tail is the caller's buffer itself, not a copy.
+                assert_eq!(out.tail.as_ptr(), data.as_ptr());
+                assert_eq!(out.tail.len(), data.len());
+            } else {
+                assert!(out.tail.is_empty());
+            }
+        }
+        let hello = Frame { cluster_id: 9, sender: 1, group: 0, body: Body::Hello { role: Role::Frontend } };
+        let mut whole = BytesMut::new();
+        encode(&hello, &mut whole);
+        assert_eq!(encode_outgoing(&hello), Outgoing::from(whole.freeze()));
     }
 
     #[test]

@@ -67,6 +67,15 @@ pub fn table(results: &Results, runs: usize) -> String {
 /// so run k of two targets ran close together).
 pub type PerRun = BTreeMap<(String, String), Vec<Measure>>;
 
+/// The host probes, µs, taken right before one run's target job and its anchor job.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RunProbes {
+    pub target_cpu_us: f64,
+    pub anchor_cpu_us: f64,
+    pub target_sync_us: f64,
+    pub anchor_sync_us: f64,
+}
+
 /// A benchmark goal: a ratio between two measured figures and the bound it should meet.
 pub struct Goal {
     pub what: &'static str,
@@ -74,10 +83,9 @@ pub struct Goal {
     pub ratio: Option<f64>,
     /// Of run k against run k, for each run both targets completed.
     pub per_run: Vec<f64>,
-    /// The host probes before each of those runs' jobs (see [`crate::probe`]), target then
-    /// anchor: `[cpu µs, cpu µs, sync µs, sync µs]`. Tells a run's ratio measured on a slow
-    /// host (on one side) from one that was not.
-    pub per_run_probes: Vec<[f64; 4]>,
+    /// The host probes before each of those runs' jobs (see [`crate::probe`]). Tells a run's
+    /// ratio measured on a slow host (on one side) from one that was not.
+    pub per_run_probes: Vec<RunProbes>,
     /// `true`: the ratio should be at least `bound`; `false`: at most.
     pub at_least: bool,
     pub bound: f64,
@@ -275,7 +283,12 @@ pub fn goals(r: &Results, per_run: &PerRun) -> Vec<Goal> {
                 .iter()
                 .zip(runs(s.anchor))
                 .filter_map(|(a, b)| {
-                    let probes = [a.cpu_probe_us, b.cpu_probe_us, a.flush_probe_us, b.flush_probe_us];
+                    let probes = RunProbes {
+                        target_cpu_us: a.cpu_probe_us,
+                        anchor_cpu_us: b.cpu_probe_us,
+                        target_sync_us: a.flush_probe_us,
+                        anchor_sync_us: b.flush_probe_us,
+                    };
                     Some((ratio(Some((s.field)(a)), Some((s.field)(b)))?, probes))
                 })
                 .unzip();
@@ -309,10 +322,13 @@ pub fn goals_text(goals: &[Goal]) -> String {
             String::new()
         };
         let _ = writeln!(s, "  {:<58} {:>8} (goal {bound}): {verdict}{runs}", g.what, ratio);
-        if g.per_run.len() > 1 && g.per_run_probes.iter().flatten().any(|p| p.is_finite()) {
+        let measured = |p: &RunProbes| {
+            [p.target_cpu_us, p.anchor_cpu_us, p.target_sync_us, p.anchor_sync_us].iter().any(|v| v.is_finite())
+        };
+        if g.per_run.len() > 1 && g.per_run_probes.iter().any(measured) {
             let pair = |a: f64, b: f64| format!("{a:.0} / {b:.0}");
-            let cpu: Vec<String> = g.per_run_probes.iter().map(|p| pair(p[0], p[1])).collect();
-            let sync: Vec<String> = g.per_run_probes.iter().map(|p| pair(p[2], p[3])).collect();
+            let cpu: Vec<String> = g.per_run_probes.iter().map(|p| pair(p.target_cpu_us, p.anchor_cpu_us)).collect();
+            let sync: Vec<String> = g.per_run_probes.iter().map(|p| pair(p.target_sync_us, p.anchor_sync_us)).collect();
             let _ = writeln!(
                 s,
                 "      host before each run, target / anchor: probe-cpu {} µs; probe-sync {} µs",
@@ -471,7 +487,11 @@ mod tests {
             "{}",
             goals_text(&g)
         );
-        assert_eq!(g[2].per_run_probes[2], [7000.0, 0.0, 187.5, 0.0], "target's, then the anchor's");
+        assert_eq!(
+            g[2].per_run_probes[2],
+            RunProbes { target_cpu_us: 7000.0, anchor_cpu_us: 0.0, target_sync_us: 187.5, anchor_sync_us: 0.0 },
+            "target's, then the anchor's"
+        );
         assert!(
             goals_text(&g).contains(
                 "host before each run, target / anchor: probe-cpu 7000 / 0, 7000 / 0, 7000 / 0 µs; \

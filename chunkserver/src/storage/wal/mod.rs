@@ -480,11 +480,12 @@ impl Wal {
         };
         let end = HEADER_LEN + payload_len;
         if let WalRecord::Entry(e) = record {
-            // Straight into the write buffer: a slice of exactly the encoded length, so a
-            // length that disagreed with the encoding would panic, not write a bad record.
+            // Straight into the write buffer, a slice of exactly the encoded length: an
+            // encoding longer than `encoded_len` panics in `put_slice`, a shorter one here
+            // (it would leave an earlier batch's bytes inside the record).
             let mut payload = &mut out[HEADER_LEN..end];
             encode_entry(e, &mut payload);
-            debug_assert!(payload.is_empty(), "encoded_len disagrees with encode_entry");
+            assert!(payload.is_empty(), "encoded_len disagrees with encode_entry");
         }
         out[end..].fill(0); // the alignment padding
         out[0..4].copy_from_slice(&MAGIC.to_le_bytes());

@@ -76,6 +76,12 @@ pub struct Config {
     /// follower's committed watermark) re-sent by a new leader. Entries alone let 4,096 writes
     /// of 128 KiB (512 MiB) accumulate.
     pub checkpoint_bytes: u64,
+    /// ... or once nothing more was applied for this many ticks while some entries are applied
+    /// past the last checkpoint (0, the default: never). A chunk that stops being written then lets go of
+    /// its log: its entries would otherwise keep every later segment of the server's shared
+    /// WAL until it is written again (or rewrites its log at the WAL's head), and the segments
+    /// freed all at once are deleted, not reused, so the next ones are zeroed anew.
+    pub checkpoint_idle_ticks: u64,
     /// Entries per Append message.
     pub max_batch_entries: usize,
     /// Bytes of entries (encoded) in one Sync message: a new leader sends its decided log (or a new
@@ -107,6 +113,7 @@ impl Config {
             lease_ticks: 10 - LEASE_MARGIN_TICKS,
             checkpoint_interval: 64,
             checkpoint_bytes: 16 << 20,
+            checkpoint_idle_ticks: 0,
             max_batch_entries: 64,
             max_sync_bytes: 32 << 20,
             max_vote_bytes: 64 << 20,

@@ -492,6 +492,41 @@ fn large_writes_are_checkpointed_by_bytes() {
     assert!(run(u64::MAX).iter().all(|c| *c == Index(0)));
 }
 
+/// A replica that stops applying checkpoints after `checkpoint_idle_ticks` (a chunk that is no
+/// longer written lets go of its log, and of the server WAL's segments that log keeps), not a
+/// tick before; with the trigger off, entries below both other thresholds stay above it.
+#[test]
+fn a_replica_that_stops_applying_checkpoints_once_idle() {
+    let ticks_until_checkpoint = |idle: u64| {
+        let mut h = Harness::configured(|cfg| cfg.checkpoint_idle_ticks = idle);
+        h.elect(0);
+        for seq in 1..=3 {
+            h.propose(0, seq, seq);
+            h.run();
+        }
+        let applied = h.replicas[0].applied_watermark();
+        assert!(applied >= Index(3), "three writes applied: {applied:?}");
+        assert_eq!(h.replicas[0].checkpoint_index(), Index(0), "no entry or byte trigger is due");
+        for tick in 1..=40 {
+            for r in 0..3 {
+                h.step(r, Event::Tick);
+            }
+            h.run();
+            if h.replicas[0].checkpoint_index() > Index(0) {
+                assert_eq!(h.replicas[0].checkpoint_index(), applied, "the checkpoint covers what was applied");
+                for r in 1..3 {
+                    assert!(h.replicas[r].checkpoint_index() <= h.replicas[r].applied_watermark());
+                }
+                return Some(tick);
+            }
+        }
+        None
+    };
+    assert_eq!(ticks_until_checkpoint(5), Some(5));
+    assert_eq!(ticks_until_checkpoint(12), Some(12));
+    assert_eq!(ticks_until_checkpoint(0), None, "0 turns the idle trigger off");
+}
+
 /// After a whole-cluster restart every replica's committed watermark is back at its checkpoint.
 /// A voter reports only the copies the candidate lacks (above its durable prefix), not its whole
 /// log above that watermark: 4,096 entries of 128 KiB once made a response too large to send.

@@ -108,6 +108,34 @@ fn decided_logs_sent_in_small_chunks() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// Replicas that checkpoint whenever applying pauses for a few ticks (the chunk servers' idle
+/// trigger, here far more eager than theirs): every seed must still pass, with membership changes
+/// too, and the trigger must really add checkpoints.
+#[test]
+fn idle_checkpoints_keep_every_invariant() {
+    let checkpoints = |start: u64, idle: u64| {
+        let mut total = 0;
+        for seed in start..start + 20 {
+            let mut cfg = SimConfig::new(seed, 3, Mode::Parallel);
+            cfg.checkpoint_idle_ticks = idle;
+            total += sim::run(&cfg).stats.checkpoints;
+        }
+        total
+    };
+    let (without, with) = (checkpoints(10_000_000, 0), checkpoints(10_000_000, 3));
+    assert!(with > without, "the idle trigger added no checkpoints ({with} against {without})");
+    let idle = |cfg: &mut SimConfig| cfg.checkpoint_idle_ticks = 3;
+    for (start, mode) in [(10_000_000, Mode::Parallel), (11_000_000, Mode::Raft)] {
+        let (failures, _) = sweep_tuned(start, 1_000, 3, mode, idle);
+        assert!(failures.is_empty(), "{failures:#?}");
+    }
+    let (failures, _) = sweep_tuned(12_000_000, 500, 3, Mode::Parallel, move |cfg| {
+        idle(cfg);
+        cfg.membership = true;
+    });
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
 #[test]
 fn membership_runs_really_change_the_membership() {
     // Without faults every run must pass, and the operator must complete changes (otherwise

@@ -102,22 +102,6 @@ fn killed_server_is_replaced_online_under_a_verifying_fio_job() {
     c.stop();
 }
 
-/// The number after `word` on `server`'s line for `chunk` in `admin status` (`rebuilt`: bytes
-/// received to rebuild the replica since the server started; `checkpoint`: its checkpoint).
-fn status_figure(c: &LocalCluster, chunk: u32, server: u32, word: &str) -> u64 {
-    let status = run_ok(&mut c.admin(&["status"]));
-    status
-        .lines()
-        .skip_while(|l| !l.starts_with(&format!("chunk {chunk}:")))
-        .skip(1)
-        .take_while(|l| !l.starts_with("chunk "))
-        .find(|l| l.trim_start().starts_with(&format!("server {server}:")))
-        .and_then(|l| l.split(&format!("{word} ")).nth(1))
-        .and_then(|t| t.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no {word} figure for server {server} in:\n{status}"))
-}
-
 /// Reads back and checks every block the verifying jobs of `fio_verify(uri, _, 4, 24, 64)`
 /// wrote (fio's verify-only mode regenerates the same pattern).
 fn fio_read_verify(uri: &str) -> std::process::Command {

@@ -29,12 +29,24 @@ fn a_quiet_chunk_does_not_pin_the_servers_log() {
     let uri = c.uri();
     let quiet: Vec<String> = (0..8).map(|k| format!("write -P {} {} 4k", 0x40 + k, k * 65536)).collect();
     run_ok(&mut qemu_io(&uri, &quiet.iter().map(String::as_str).collect::<Vec<_>>()));
+    // A trickle into chunk 0 (away from the blocks above) keeps it from going idle, which would
+    // checkpoint it (`an_idle_chunk_checkpoints_what_it_applied`): 20 writes a second stay far
+    // below both checkpoint thresholds, so its entries pin the oldest segment.
+    let mut trickle = Command::new("fio")
+        .args(["--name=trickle", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--rate_iops=20"])
+        .args(["--offset=1m", "--size=8m", "--time_based", "--runtime=600"])
+        .arg(format!("--uri={uri}"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("fio");
     // 384 MiB of 128 KiB writes into chunk 1: twelve segments' worth of log on every server.
     let mut fio = Command::new("fio");
     fio.args(["--name=busy", "--ioengine=nbd", "--rw=write", "--bs=128k", "--iodepth=16"])
         .args(["--offset=64m", "--size=64m", "--loops=6", "--output-format=json"])
         .arg(format!("--uri={uri}"));
     run_ok(&mut fio);
+    let _ = trickle.kill();
+    let _ = trickle.wait();
     for server in 1..=3 {
         let n = segments(&c, server);
         assert!(n <= 8, "server {server} keeps {n} segments of 32 MiB; cluster log:\n{}", c.log_tail());
@@ -61,6 +73,32 @@ fn a_quiet_chunk_does_not_pin_the_servers_log() {
     }
     c.restart_all();
     let check: Vec<String> = (0..8).map(|k| format!("read -P {} {} 4k", 0x40 + k, k * 65536)).collect();
+    let out = run_ok(&mut qemu_io(&c.uri(), &check.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert!(!out.contains("verification failed"), "{out}");
+}
+
+/// A chunk whose writes stop checkpoints what it applied once it has been idle for half a second
+/// of ticks, far below the entry and byte thresholds: its few entries keep no segment of the
+/// server's log (and need no rewrite at its head).
+#[test]
+fn an_idle_chunk_checkpoints_what_it_applied() {
+    let _g = serial();
+    require_tool("qemu-io");
+    let mut c = LocalCluster::start("parallel", "128M");
+    let writes: Vec<String> = (0..8).map(|k| format!("write -P {} {} 4k", 0x60 + k, k * 65536)).collect();
+    run_ok(&mut qemu_io(&c.uri(), &writes.iter().map(String::as_str).collect::<Vec<_>>()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let figures: Vec<(u64, u64)> =
+            (1..=3).map(|s| (status_figure(&c, 0, s, "applied"), status_figure(&c, 0, s, "checkpoint"))).collect();
+        if figures.iter().all(|(applied, checkpoint)| *applied >= 8 && checkpoint == applied) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "chunk 0 (applied, checkpoint) per server: {figures:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    c.restart_all();
+    let check: Vec<String> = (0..8).map(|k| format!("read -P {} {} 4k", 0x60 + k, k * 65536)).collect();
     let out = run_ok(&mut qemu_io(&c.uri(), &check.iter().map(String::as_str).collect::<Vec<_>>()));
     assert!(!out.contains("verification failed"), "{out}");
 }

@@ -64,6 +64,7 @@ impl Replica {
                 l.in_log.remove(&id);
             }
             self.folded = next;
+            self.last_fold_tick = self.ticks;
         }
         if let Role::Leader(l) = &mut self.role {
             if let Some(ids) = l.waiters.remove(&index) {
@@ -183,12 +184,16 @@ impl Replica {
         }
     }
 
-    /// Takes a checkpoint when enough entries, or enough bytes, were applied since the last one.
+    /// Takes a checkpoint when enough entries, or enough bytes, were applied since the last one,
+    /// or when applying stopped a while ago with entries applied past it.
     pub(super) fn maybe_checkpoint(&mut self) {
         let aw = self.applied_watermark();
+        let above = aw > self.log.checkpoint();
         let entries_due = aw.0 >= self.log.checkpoint().0 + self.cfg.checkpoint_interval;
-        let bytes_due = aw > self.log.checkpoint() && self.folded_bytes_since_checkpoint >= self.cfg.checkpoint_bytes;
-        if self.checkpoint_in_progress.is_some() || !(entries_due || bytes_due) {
+        let bytes_due = above && self.folded_bytes_since_checkpoint >= self.cfg.checkpoint_bytes;
+        let idle = self.cfg.checkpoint_idle_ticks;
+        let idle_due = above && idle > 0 && self.ticks >= self.last_fold_tick + idle;
+        if self.checkpoint_in_progress.is_some() || !(entries_due || bytes_due || idle_due) {
             return;
         }
         self.checkpoint_in_progress = Some(aw);

@@ -162,6 +162,9 @@ pub struct Replica {
     /// Payload bytes of the entries folded since the last checkpoint started (or since this
     /// replica started): the byte trigger of `maybe_checkpoint`.
     folded_bytes_since_checkpoint: u64,
+    /// The tick at which the applied watermark last moved: the idle trigger of
+    /// `maybe_checkpoint`.
+    last_fold_tick: u64,
     role: Role,
     leader_hint: Option<ReplicaId>,
     ticks: u64,
@@ -211,6 +214,7 @@ impl Replica {
             table: checkpoint.table,
             folded: checkpoint.index,
             folded_bytes_since_checkpoint: 0,
+            last_fold_tick: 0,
             role: Role::Follower,
             leader_hint: None,
             ticks: 0,
@@ -366,6 +370,7 @@ impl Replica {
 
     fn on_tick(&mut self) {
         self.ticks += 1;
+        self.maybe_checkpoint();
         if matches!(self.role, Role::Leader(_)) {
             self.leader_tick();
             return;

@@ -143,6 +143,7 @@ impl Sim {
                 self.net_send(Node::Replica(r), to, Net::Reply { id, result });
             }
             Command::Checkpoint { state } => {
+                self.stats.checkpoints += 1;
                 let d = self.disk_delay();
                 self.schedule(d, Ev::CheckpointDone { r, incarnation, state });
             }

@@ -54,6 +54,9 @@ pub struct SimConfig {
     pub naive: NaiveFlags,
     pub lbb_span: usize,
     pub checkpoint_interval: u64,
+    /// `Config::checkpoint_idle_ticks` of every replica (0 by default, so the recorded
+    /// regression seeds keep their schedules).
+    pub checkpoint_idle_ticks: u64,
     /// `Config::max_sync_bytes` of every replica: a tight one makes new leaders send their
     /// decided logs in many chunks.
     pub max_sync_bytes: u64,
@@ -89,6 +92,7 @@ impl SimConfig {
             naive: NaiveFlags::default(),
             lbb_span: lbb::DEFAULT_SPAN,
             checkpoint_interval: 24,
+            checkpoint_idle_ticks: 0,
             max_sync_bytes: defaults.max_sync_bytes,
             max_vote_bytes: defaults.max_vote_bytes,
             clients: 3,
@@ -126,6 +130,8 @@ pub struct SimStats {
     pub membership_changes: u64,
     /// Sync messages that carried only part of a decided log (`max_sync_bytes`).
     pub partial_syncs: u64,
+    /// Checkpoints the replicas started.
+    pub checkpoints: u64,
     pub end_time: u64,
     /// Perf model only: each acknowledged write's (invocation, reply) times, in reply order.
     pub writes: Vec<(u64, u64)>,
@@ -341,6 +347,7 @@ impl Sim {
         let mut c = Config::new(ReplicaId(r as u32), voters, self.cfg.mode, seed);
         c.lbb_span = self.cfg.lbb_span;
         c.checkpoint_interval = self.cfg.checkpoint_interval;
+        c.checkpoint_idle_ticks = self.cfg.checkpoint_idle_ticks;
         c.max_sync_bytes = self.cfg.max_sync_bytes;
         c.max_vote_bytes = self.cfg.max_vote_bytes;
         c.naive = self.cfg.naive;

@@ -113,6 +113,13 @@ pub struct ServerOptions {
 /// A chunk also checkpoints after this many bytes of writes (see `Config::checkpoint_bytes`).
 pub const CHECKPOINT_BYTES: u64 = 32 << 20;
 
+/// A chunk whose applying paused this many ticks (0.5 s at the default 20 ms tick) checkpoints
+/// (see `Config::checkpoint_idle_ticks`). 128 KiB sequential writes over two chunks, one
+/// written while the other waits, grew the server's WAL to ten segments (until the waiting
+/// chunk rewrote its log at the head), freed eight at once, deleted all but one of them and
+/// zeroed their successors anew.
+pub const CHECKPOINT_IDLE_TICKS: u64 = 25;
+
 /// Encoded entries of one merge report (`Config::max_vote_bytes`): as much as one frame holds,
 /// with room for the message around them.
 pub const MAX_VOTE_BYTES: u64 = 80 << 20;
@@ -139,6 +146,7 @@ pub(crate) fn group_config(opts: &ServerOptions, voters: Vec<ReplicaId>, chunk: 
     cfg.lease_ticks = cfg.election_timeout_min_ticks - parallelraft::LEASE_MARGIN_TICKS;
     cfg.checkpoint_interval = opts.checkpoint_interval;
     cfg.checkpoint_bytes = CHECKPOINT_BYTES;
+    cfg.checkpoint_idle_ticks = CHECKPOINT_IDLE_TICKS;
     cfg.max_vote_bytes = MAX_VOTE_BYTES;
     cfg.max_sync_bytes = opts.max_sync_bytes;
     cfg.max_batch_entries = 64;

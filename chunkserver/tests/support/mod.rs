@@ -408,3 +408,19 @@ pub fn wait_for_counter(addr: &str, name: &str, at_least: f64, limit: Duration) 
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The number after `word` on `server`'s line for `chunk` in `admin status` (`rebuilt`: bytes
+/// received to rebuild the replica since the server started; `checkpoint`: its checkpoint).
+pub fn status_figure(c: &LocalCluster, chunk: u32, server: u32, word: &str) -> u64 {
+    let status = run_ok(&mut c.admin(&["status"]));
+    status
+        .lines()
+        .skip_while(|l| !l.starts_with(&format!("chunk {chunk}:")))
+        .skip(1)
+        .take_while(|l| !l.starts_with("chunk "))
+        .find(|l| l.trim_start().starts_with(&format!("server {server}:")))
+        .and_then(|l| l.split(&format!("{word} ")).nth(1))
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {word} figure for server {server} in:\n{status}"))
+}

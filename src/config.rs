@@ -77,10 +77,11 @@ pub struct Config {
     /// of 128 KiB (512 MiB) accumulate.
     pub checkpoint_bytes: u64,
     /// ... or once nothing more was applied for this many ticks while some entries are applied
-    /// past the last checkpoint (0, the default: never). A chunk that stops being written then lets go of
-    /// its log: its entries would otherwise keep every later segment of the server's shared
-    /// WAL until it is written again (or rewrites its log at the WAL's head), and the segments
-    /// freed all at once are deleted, not reused, so the next ones are zeroed anew.
+    /// past the last checkpoint (0, the default: never). A chunk that stops being written then
+    /// lets go of its log: its entries would otherwise keep every later segment of the
+    /// server's shared WAL until it is written again (or rewrites its log at the WAL's head),
+    /// and the segments freed all at once are deleted, not reused, so the next ones are zeroed
+    /// anew.
     pub checkpoint_idle_ticks: u64,
     /// Entries per Append message.
     pub max_batch_entries: usize,

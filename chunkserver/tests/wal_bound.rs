@@ -18,6 +18,23 @@ fn segments(c: &LocalCluster, server: u32) -> usize {
         .count()
 }
 
+/// A qemu-io script of eight 4 KiB `verb`s (write or read) 64 KiB apart in chunk 0, with the
+/// patterns `base`, `base + 1`, ...
+fn eight_blocks(verb: &str, base: u32) -> Vec<String> {
+    (0..8).map(|k| format!("{verb} -P {} {} 4k", base + k, k * 65536)).collect()
+}
+
+fn qemu_io_ok(uri: &str, script: &[String]) -> String {
+    run_ok(&mut qemu_io(uri, &script.iter().map(String::as_str).collect::<Vec<_>>()))
+}
+
+/// After a restart of every server, the blocks `eight_blocks("write", base)` wrote read back.
+fn restart_and_read_back(c: &mut LocalCluster, base: u32) {
+    c.restart_all();
+    let out = qemu_io_ok(&c.uri(), &eight_blocks("read", base));
+    assert!(!out.contains("verification failed"), "{out}");
+}
+
 #[test]
 fn a_quiet_chunk_does_not_pin_the_servers_log() {
     let _g = serial();
@@ -27,8 +44,7 @@ fn a_quiet_chunk_does_not_pin_the_servers_log() {
     // names the replicas that pin its oldest one.
     let mut c = LocalCluster::start("parallel", "128M");
     let uri = c.uri();
-    let quiet: Vec<String> = (0..8).map(|k| format!("write -P {} {} 4k", 0x40 + k, k * 65536)).collect();
-    run_ok(&mut qemu_io(&uri, &quiet.iter().map(String::as_str).collect::<Vec<_>>()));
+    qemu_io_ok(&uri, &eight_blocks("write", 0x40));
     // A trickle into chunk 0 (away from the blocks above) keeps it from going idle, which would
     // checkpoint it (`an_idle_chunk_checkpoints_what_it_applied`): 20 writes a second stay far
     // below both checkpoint thresholds, so its entries pin the oldest segment.
@@ -71,10 +87,7 @@ fn a_quiet_chunk_does_not_pin_the_servers_log() {
         assert!(Instant::now() < deadline, "no rewrite in /metrics ({rewrites}, {segments:?})");
         std::thread::sleep(Duration::from_millis(200));
     }
-    c.restart_all();
-    let check: Vec<String> = (0..8).map(|k| format!("read -P {} {} 4k", 0x40 + k, k * 65536)).collect();
-    let out = run_ok(&mut qemu_io(&c.uri(), &check.iter().map(String::as_str).collect::<Vec<_>>()));
-    assert!(!out.contains("verification failed"), "{out}");
+    restart_and_read_back(&mut c, 0x40);
 }
 
 /// A chunk whose writes stop checkpoints what it applied once it has been idle for half a second
@@ -85,8 +98,7 @@ fn an_idle_chunk_checkpoints_what_it_applied() {
     let _g = serial();
     require_tool("qemu-io");
     let mut c = LocalCluster::start("parallel", "128M");
-    let writes: Vec<String> = (0..8).map(|k| format!("write -P {} {} 4k", 0x60 + k, k * 65536)).collect();
-    run_ok(&mut qemu_io(&c.uri(), &writes.iter().map(String::as_str).collect::<Vec<_>>()));
+    qemu_io_ok(&c.uri(), &eight_blocks("write", 0x60));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let figures: Vec<(u64, u64)> =
@@ -97,8 +109,5 @@ fn an_idle_chunk_checkpoints_what_it_applied() {
         assert!(Instant::now() < deadline, "chunk 0 (applied, checkpoint) per server: {figures:?}");
         std::thread::sleep(Duration::from_millis(250));
     }
-    c.restart_all();
-    let check: Vec<String> = (0..8).map(|k| format!("read -P {} {} 4k", 0x60 + k, k * 65536)).collect();
-    let out = run_ok(&mut qemu_io(&c.uri(), &check.iter().map(String::as_str).collect::<Vec<_>>()));
-    assert!(!out.contains("verification failed"), "{out}");
+    restart_and_read_back(&mut c, 0x60);
 }

@@ -210,10 +210,15 @@ fn bad(m: impl Into<String>) -> WireError {
 
 /// Appends the encoded frame to `out`.
 pub fn encode(frame: &Frame, out: &mut BytesMut) {
+    let start = encode_unsealed(frame, out);
+    seal(out, start, &[]);
+}
+
+/// Appends `frame` with its length and checksum left zero; returns where the frame starts.
+fn encode_unsealed(frame: &Frame, out: &mut BytesMut) -> usize {
     let start = out.len();
     out.put_u32_le(0);
     out.put_u32_le(0);
-    let body_start = out.len();
     let kind = match &frame.body {
         Body::Hello { .. } => 1,
         Body::Peer { .. } => 2,
@@ -353,10 +358,19 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
             }
         }
     }
-    let body_len = out.len() - body_start;
-    let crc = crc32fast::hash(&out[body_start..]);
+    start
+}
+
+/// Writes the length and checksum of the frame at `start` of `out`, whose body is the rest of
+/// `out` followed by `tail` (bytes that go on the wire right after it, not copied in).
+fn seal(out: &mut BytesMut, start: usize, tail: &[u8]) {
+    let body = start + 8;
+    let body_len = out.len() - body + tail.len();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&out[body..]);
+    crc.update(tail);
     out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    out[start + 4..body].copy_from_slice(&crc.finalize().to_le_bytes());
 }
 
 /// `frame` encoded as one queue item: a write request's data is the tail, as the caller holds
@@ -374,13 +388,8 @@ pub fn encode_outgoing(frame: &Frame) -> Outgoing {
         ..*frame
     };
     let mut out = BytesMut::with_capacity(64);
-    encode(&head, &mut out);
-    let body_len = out.len() - 8 + data.len();
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&out[8..]);
-    crc.update(data);
-    out[0..4].copy_from_slice(&(body_len as u32).to_le_bytes());
-    out[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
+    let start = encode_unsealed(&head, &mut out);
+    seal(&mut out, start, data);
     Outgoing { head: out.freeze(), tail: data.clone() }
 }
 

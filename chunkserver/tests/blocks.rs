@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use chunkserver::storage::blocks::{BlockStore, ImageBlock};
-use chunkserver::storage::io::{CrashEngine, CrashPolicy};
+use chunkserver::storage::io::{CrashEngine, CrashPolicy, WriteBackCall};
 use chunkserver::storage::meta::{load_checkpoint, load_hard_state, save_checkpoint, save_hard_state};
 use chunkserver::storage::{BadBlock, StorageError};
 use parallelraft::rng::Rng;
@@ -107,6 +107,62 @@ fn synced_blocks_survive_a_crash_and_unsynced_ones_never_read_as_garbage() {
             }
         }
     }
+}
+
+/// The blocks `calls` wrote back in `blocks.dat`, checked block by block against `written`
+/// (ascending): every window starts and ends on a written block, and every written block is
+/// in exactly one window.
+fn blocks_written_back(calls: &[WriteBackCall], written: &[u64]) -> Vec<u64> {
+    let mut covered = Vec::new();
+    for c in calls {
+        assert!(c.path.ends_with("blocks.dat"), "write-back of {:?}", c.path);
+        assert!(c.offset % 4096 == 0 && c.len % 4096 == 0 && c.len > 0, "{c:?}");
+        let (first, end) = (c.offset / 4096, (c.offset + c.len) / 4096);
+        let inside: Vec<u64> = written.iter().copied().filter(|b| (first..end).contains(b)).collect();
+        assert_eq!((inside.first(), inside.last()), (Some(&first), Some(&(end - 1))), "{c:?} ends off a written block");
+        covered.extend(inside);
+    }
+    covered
+}
+
+#[test]
+fn a_sync_writes_the_written_blocks_back_in_windows_before_it_syncs() {
+    // Scattered single blocks, a run of 600 and a block written twice; zeroed blocks hold no
+    // data and need no write-back.
+    let engine = CrashEngine::new();
+    let dir = Path::new("/chunk");
+    let mut store = BlockStore::open(Box::new(engine.clone()), dir, 4096 * 4096, true).unwrap();
+    let mut written: Vec<u64> = (0..40).map(|k| 7 + k * 61).collect();
+    written.extend(3000..3600);
+    written.push(7);
+    for (k, b) in written.iter().enumerate() {
+        store.write(b * 4096, &pattern(k as u8, 4096), Index(k as u64 + 1)).unwrap();
+    }
+    store.write_zeroes(3700 * 4096, 8 * 4096, Index(1000)).unwrap();
+    written.sort_unstable();
+    written.dedup();
+    let syncs = engine.sync_count();
+    store.sync().unwrap();
+    let calls = engine.write_backs();
+    assert!(calls.iter().all(|c| c.syncs_before == syncs), "every window before the sync: {calls:?}");
+    assert_eq!(blocks_written_back(&calls, &written), written);
+    // Small windows: 40 scattered blocks and a run of 600 take at least 40 / 8 + 600 / 256.
+    assert!(calls.len() >= 5 + 3, "{} windows", calls.len());
+
+    // Nothing written since: nothing to write back. Then the same through the checkpoint
+    // thread's path (`SyncWork` run on another handle of the disk).
+    store.sync().unwrap();
+    assert_eq!(engine.write_backs().len(), calls.len(), "a second sync writes nothing back");
+    let again = [5u64, 6, 4000];
+    for b in again {
+        store.write(b * 4096, &pattern(9, 4096), Index(2000 + b)).unwrap();
+    }
+    let work = store.take_sync_work();
+    let syncs = engine.sync_count();
+    work.run(&mut engine.clone()).unwrap();
+    let calls = &engine.write_backs()[calls.len()..];
+    assert!(calls.iter().all(|c| c.syncs_before == syncs), "{calls:?}");
+    assert_eq!(blocks_written_back(calls, &again), again);
 }
 
 #[test]

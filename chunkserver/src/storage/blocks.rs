@@ -2,7 +2,8 @@
 //! checksum, state and version per block, verified on every read.
 //!
 //! Durability contract: block writes become durable at [`BlockStore::sync`] (the checkpoint),
-//! which writes the dirty metadata pages and fdatasyncs both files. Between checkpoints a crash
+//! which writes the dirty metadata pages and fdatasyncs both files (after writing the dirty
+//! data pages back in small windows, see [`super::writeback`]). Between checkpoints a crash
 //! may leave any mix of old and new blocks and metadata; the protocol re-applies every entry
 //! above the checkpoint after a restart, and a block whose data and checksum disagree meanwhile
 //! reads as [`StorageError::BadBlocks`], never as data; the server repairs it from a peer.
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 use parallelraft::{Entry, Index, Op};
 
 use super::io::{check_batch, AlignedBuf, FileId, IoEngine, IoOp, OpenMode, ALIGN};
+use super::writeback::{self, DirtyBlocks};
 use super::{BadBlock, Result, StorageError};
 
 pub const BLOCK_BYTES: u64 = 4096;
@@ -136,18 +138,23 @@ pub struct BlockStore {
     meta: Vec<BlockMeta>,
     /// Metadata pages changed since the last sync.
     dirty_pages: BTreeSet<u64>,
+    /// Blocks whose data was written since the last sync (their pages may be dirty).
+    dirty_blocks: DirtyBlocks,
     dir: PathBuf,
     /// The data file is open with O_DIRECT: writes must come from aligned memory.
     direct: bool,
 }
 
 /// What making the store durable takes, prepared on the thread that owns the store and run on
-/// another ([`SyncWork::run`]): the changed metadata pages as they are now, then fdatasync of
-/// both files. Writes made after the work was taken may or may not be covered; their metadata
-/// pages stay dirty for the next sync.
+/// another ([`SyncWork::run`]): the data written since the last sync written back window by
+/// window, the changed metadata pages as they are now, then fdatasync of both files. Writes
+/// made after the work was taken may or may not be covered; their metadata pages stay dirty
+/// for the next sync.
 pub struct SyncWork {
     data_path: PathBuf,
     meta_path: PathBuf,
+    /// Byte ranges of the data file to write back first, one at a time.
+    windows: Vec<(u64, u64)>,
     pages: Vec<(u64, AlignedBuf)>,
 }
 
@@ -163,20 +170,26 @@ impl SyncWork {
                 return Err(e.into());
             }
         };
-        let result = write_pages_and_sync(engine, data, meta, &self.pages);
+        let result = write_back_and_sync(engine, data, meta, &self.windows, &self.pages);
         engine.close(data);
         engine.close(meta);
         result
     }
 }
 
-/// Writes metadata pages into `meta`, then fdatasyncs `data` and `meta`, as one batch.
-fn write_pages_and_sync(
+/// Writes `windows` of `data` back one at a time (each waits for the last), then writes
+/// metadata pages into `meta` and fdatasyncs `data` and `meta`, as one batch.
+fn write_back_and_sync(
     engine: &mut dyn IoEngine,
     data: FileId,
     meta: FileId,
+    windows: &[(u64, u64)],
     pages: &[(u64, AlignedBuf)],
 ) -> Result<()> {
+    for &(offset, len) in windows {
+        let results = engine.submit(&mut [IoOp::WriteBack { file: data, offset, len }]);
+        check_batch(&results, &[0])?;
+    }
     let mut ops: Vec<IoOp<'_>> = Vec::new();
     let mut expected = Vec::new();
     for (page, buf) in pages {
@@ -225,6 +238,7 @@ impl BlockStore {
             blocks,
             meta,
             dirty_pages: BTreeSet::new(),
+            dirty_blocks: DirtyBlocks::new(blocks),
             dir: dir.to_path_buf(),
             direct,
         })
@@ -247,9 +261,14 @@ impl BlockStore {
         Ok(())
     }
 
+    /// Every change of a block goes through here; a block given data is also marked for the
+    /// next sync's write-back.
     fn set_meta(&mut self, block: u64, m: BlockMeta) {
         self.meta[block as usize] = m;
         self.dirty_pages.insert(block / META_PER_PAGE);
+        if m.state == BlockState::Data {
+            self.dirty_blocks.mark(block);
+        }
     }
 
     /// Reads whole blocks `first..first + count` into `out`, verifying each checksum. Every
@@ -572,8 +591,16 @@ impl BlockStore {
         SyncWork {
             data_path: self.dir.join("blocks.dat"),
             meta_path: self.dir.join("blocks.meta"),
+            windows: self.take_write_back_windows(),
             pages: self.take_dirty_pages(),
         }
+    }
+
+    /// The byte ranges of the data file to write back before the next fdatasync (see
+    /// [`writeback::windows`]); clears the marks.
+    fn take_write_back_windows(&mut self) -> Vec<(u64, u64)> {
+        let runs = self.dirty_blocks.take_runs();
+        writeback::windows(&runs).into_iter().map(|(first, span)| (first * BLOCK_BYTES, span * BLOCK_BYTES)).collect()
     }
 
     /// The dirty metadata pages as they are now, encoded, in runs of consecutive pages (at most
@@ -604,8 +631,9 @@ impl BlockStore {
 
     /// Makes every write so far durable: dirty metadata pages, then fdatasync of both files.
     pub fn sync(&mut self) -> Result<()> {
+        let windows = self.take_write_back_windows();
         let pages = self.take_dirty_pages();
-        write_pages_and_sync(self.engine.as_mut(), self.data, self.meta_file, &pages)
+        write_back_and_sync(self.engine.as_mut(), self.data, self.meta_file, &windows, &pages)
     }
 }
 

@@ -14,6 +14,7 @@ pub mod io;
 pub mod meta;
 pub mod migrate;
 pub mod wal;
+pub mod writeback;
 
 use std::fmt;
 use std::io::Write;

@@ -50,6 +50,19 @@ struct Disk {
     fail_next_sync: bool,
     syncs: u64,
     written_bytes: u64,
+    /// Every `WriteBack` asked for: (file, offset, len, syncs done before it). Not part of the
+    /// trace: writing back changes nothing a crash keeps.
+    write_backs: Vec<WriteBackCall>,
+}
+
+/// One `WriteBack` a crash engine was asked for (see [`CrashEngine::write_backs`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteBackCall {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub len: u64,
+    /// `Sync`s of any file done before it.
+    pub syncs_before: u64,
 }
 
 /// What a crash does to unsynced writes.
@@ -163,6 +176,11 @@ impl CrashEngine {
         self.disk.lock().unwrap().fail_next_sync = true;
     }
 
+    /// Every `WriteBack` so far, in order.
+    pub fn write_backs(&self) -> Vec<WriteBackCall> {
+        self.disk.lock().unwrap().write_backs.clone()
+    }
+
     pub fn sync_count(&self) -> u64 {
         self.disk.lock().unwrap().syncs
     }
@@ -254,6 +272,14 @@ impl IoEngine for CrashEngine {
                         let n = buf.len().min(data.len() - start);
                         buf[..n].copy_from_slice(&data[start..start + n]);
                         Ok(n)
+                    }
+                    // On the device but not durable: a crash may still lose it, as here.
+                    IoOp::WriteBack { file, offset, len } => {
+                        let path = self.path(*file)?;
+                        let mut disk = self.disk.lock().unwrap();
+                        let syncs_before = disk.syncs;
+                        disk.write_backs.push(WriteBackCall { path, offset: *offset, len: *len, syncs_before });
+                        Ok(0)
                     }
                     IoOp::Sync { file } => {
                         let path = self.path(*file)?;

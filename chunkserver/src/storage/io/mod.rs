@@ -11,7 +11,7 @@ use std::io;
 use std::path::Path;
 
 pub use aligned::{AlignedBuf, ALIGN};
-pub use crash::{CrashEngine, CrashPolicy};
+pub use crash::{CrashEngine, CrashPolicy, WriteBackCall};
 pub use sync::SyncEngine;
 pub use uring::UringEngine;
 
@@ -36,7 +36,22 @@ pub enum IoOp<'a> {
     Sync {
         file: FileId,
     },
+    /// Writes the file's dirty page-cache pages in `offset..offset + len` to the device and
+    /// waits for them (`sync_file_range` with both waits). Not a durability point: no metadata
+    /// and no device cache flush, so only a later `Sync` makes them durable. It bounds how
+    /// much one later `Sync` submits at once (see `blocks::SyncWork`). Nothing to do for
+    /// O_DIRECT writes.
+    WriteBack {
+        file: FileId,
+        offset: u64,
+        len: u64,
+    },
 }
+
+/// `sync_file_range` flags of [`IoOp::WriteBack`]: wait for writeback already running in the
+/// range, start it for every dirty page, wait for all of it.
+const WRITE_BACK_FLAGS: u32 =
+    libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
 
 /// Opening a file: `direct` asks for O_DIRECT (every buffer, offset and length of a `direct`
 /// file must then be [`ALIGN`]-aligned).

@@ -117,6 +117,18 @@ fn run_one(files: &FileTable, op: &mut IoOp<'_>) -> io::Result<usize> {
         IoOp::Write { file, offset, buf } => files.get(*file)?.write_at(buf, *offset),
         IoOp::Read { file, offset, buf } => files.get(*file)?.read_at(buf, *offset),
         IoOp::Sync { file } => files.get(*file)?.sync_data().map(|_| 0),
+        IoOp::WriteBack { file, offset, len } => {
+            let fd = files.get(*file)?.as_raw_fd();
+            // SAFETY: plain syscall on an open descriptor.
+            let rc = unsafe {
+                libc::sync_file_range(fd, *offset as libc::off64_t, *len as libc::off64_t, super::WRITE_BACK_FLAGS)
+            };
+            if rc == 0 {
+                Ok(0)
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        }
     }
 }
 

@@ -95,6 +95,22 @@ impl IoEngine for UringEngine {
                             continue;
                         }
                     },
+                    IoOp::WriteBack { file, offset, len } => match self.fd(*file) {
+                        // A range longer than u32 would need several entries; no caller asks
+                        // for one (windows are at most a few MiB).
+                        Ok(fd) if *len <= u32::MAX as u64 => opcode::SyncFileRange::new(fd, *len as u32)
+                            .offset(*offset)
+                            .flags(super::WRITE_BACK_FLAGS)
+                            .build(),
+                        Ok(_) => {
+                            results[next + i] = Some(Err(io::Error::from_raw_os_error(libc::EINVAL)));
+                            continue;
+                        }
+                        Err(e) => {
+                            results[next + i] = Some(Err(e));
+                            continue;
+                        }
+                    },
                     IoOp::Sync { file } => match self.fd(*file) {
                         Ok(fd) => opcode::Fsync::new(fd)
                             .flags(types::FsyncFlags::DATASYNC)

@@ -12,7 +12,8 @@
 //!
 //! Contract: [`DirtyBlocks`] remembers every block marked since the last take;
 //! [`windows`] covers every such block with windows of at most [`WINDOW_RUNS`] runs of
-//! consecutive blocks and [`WINDOW_BLOCKS`] blocks each, ascending and disjoint. Windows only
+//! consecutive blocks and [`WINDOW_BLOCKS`] blocks each, spanning less than
+//! [`WINDOW_SPAN_BLOCKS`] + [`WINDOW_BLOCKS`], ascending and disjoint. Windows only
 //! pace the writing: durability still comes from the fdatasync after them alone.
 
 /// Runs of consecutive dirty blocks in one window at most: each run is at least one request,
@@ -21,6 +22,10 @@ pub const WINDOW_RUNS: usize = 8;
 /// Dirty blocks in one window at most (1 MiB): a long sequential run is cut into windows of
 /// this size, which the kernel still writes as large requests.
 pub const WINDOW_BLOCKS: u64 = 256;
+/// A window takes no more runs once this many blocks (64 MiB) past its first, so its span stays
+/// under `WINDOW_SPAN_BLOCKS + WINDOW_BLOCKS` whatever the chunk size (io_uring's
+/// `sync_file_range` takes a 32-bit length).
+pub const WINDOW_SPAN_BLOCKS: u64 = 16384;
 
 /// One bit per block of a chunk: written since the last [`DirtyBlocks::take_runs`].
 pub struct DirtyBlocks {
@@ -76,7 +81,9 @@ pub fn windows(runs: &[(u64, u64)]) -> Vec<(u64, u64)> {
         let (mut at, end) = (first, first + count);
         while at < end {
             let (start, runs_in, dirty) = match open {
-                Some((start, _, n, d)) if n < WINDOW_RUNS && d < WINDOW_BLOCKS => (start, n, d),
+                Some((start, _, n, d)) if n < WINDOW_RUNS && d < WINDOW_BLOCKS && at - start < WINDOW_SPAN_BLOCKS => {
+                    (start, n, d)
+                }
                 Some((start, stop, _, _)) => {
                     out.push((start, stop - start));
                     (at, 0, 0)
@@ -114,6 +121,7 @@ mod tests {
             assert_eq!(inside.first(), Some(&first), "window {i} does not start on a dirty block");
             assert_eq!(inside.last(), Some(&(first + span - 1)), "window {i} does not end on one");
             assert!(inside.len() as u64 <= WINDOW_BLOCKS, "window {i} holds {} blocks", inside.len());
+            assert!(span < WINDOW_SPAN_BLOCKS + WINDOW_BLOCKS, "window {i} spans {span} blocks");
             let pieces = inside.windows(2).filter(|p| p[1] != p[0] + 1).count() + 1;
             assert!(pieces <= WINDOW_RUNS, "window {i} holds {pieces} runs");
             covered.extend(inside);
@@ -133,6 +141,12 @@ mod tests {
         assert_eq!(check(&[(10, 600)]), vec![(10, 256), (266, 256), (522, 88)]);
         // A long run after short ones finishes the open window first, then continues.
         check(&[(0, 1), (3, 2), (100, 1000), (2000, 1), (2002, 255)]);
+        // Runs far apart (a large chunk): a window stops taking runs past its span.
+        let far = WINDOW_SPAN_BLOCKS;
+        assert_eq!(
+            check(&[(0, 1), (far - 1, 1), (far, 1), (3 * far, 300)]),
+            vec![(0, far), (far, 1), (3 * far, 256), (3 * far + 256, 44)]
+        );
         // A pseudo-random mix of run lengths and gaps.
         let mut runs = Vec::new();
         let (mut at, mut x) = (0u64, 12345u64);

@@ -97,7 +97,7 @@ impl IoEngine for UringEngine {
                     },
                     IoOp::WriteBack { file, offset, len } => match self.fd(*file) {
                         // A range longer than u32 would need several entries; no caller asks
-                        // for one (windows are at most a few MiB).
+                        // for one (a checkpoint's windows span less than 65 MiB).
                         Ok(fd) if *len <= u32::MAX as u64 => opcode::SyncFileRange::new(fd, *len as u32)
                             .offset(*offset)
                             .flags(super::WRITE_BACK_FLAGS)

@@ -4,7 +4,7 @@
 //! writes leave thousands of dirty 4 KiB pages scattered over it. One fdatasync submits all of
 //! them at once, and this machine's disk (one queue, 128 tags) then holds 40-110 requests
 //! (`iostat`'s `aqu-sz` under 4 KiB random writes at iodepth 32), so every group commit of the
-//! server's WAL, the write clients wait for, queued behind them: `wal_sync` p99 ~10-13 ms.
+//! server's WAL, the write clients wait for, queued behind them: `wal_sync` p99 ~8-12 ms.
 //! So a checkpoint first writes the pages it knows to be dirty back in small windows, one
 //! window in flight at a time ([`crate::storage::io::IoOp::WriteBack`]), and only then
 //! fdatasyncs, which finds little left to write. The device's work is the same; only the
@@ -70,9 +70,10 @@ impl DirtyBlocks {
 }
 
 /// Windows `(first block, blocks spanned)` covering `runs` (ascending, disjoint, as
-/// [`DirtyBlocks::take_runs`] returns them): each spans at most [`WINDOW_RUNS`] runs (or
-/// pieces of runs) holding at most [`WINDOW_BLOCKS`] dirty blocks, from the first dirty block
-/// to the last; the clean blocks between runs cost the kernel nothing to pass.
+/// [`DirtyBlocks::take_runs`] returns them): each holds at most [`WINDOW_RUNS`] runs (or
+/// pieces of runs) and [`WINDOW_BLOCKS`] dirty blocks, takes no run starting
+/// [`WINDOW_SPAN_BLOCKS`] or more past its first block, and reaches from its first dirty block
+/// to its last; the kernel passes the clean pages between runs by a lookup of dirty ones.
 pub fn windows(runs: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     // The window being built: (first block, end block, runs, dirty blocks).

@@ -376,9 +376,15 @@ fn seal(out: &mut BytesMut, start: usize, tail: &[u8]) {
 /// `frame` encoded as one queue item: a write request's data is the tail, as the caller holds
 /// it, instead of a copy behind the header (the frontend sends every write's data this way);
 /// any other frame is all head. The bytes on the wire are those of [`encode`].
+/// Room for a request frame without its data (a read, trim or zeroes request is ~70 bytes).
+const REQUEST_HEAD_BYTES: usize = 128;
+
 pub fn encode_outgoing(frame: &Frame) -> Outgoing {
     let Body::Request { id, floor, op: RequestOp::Write { offset, data } } = &frame.body else {
-        let mut out = BytesMut::new();
+        // Sized for any request but a write's data, so the buffer never grows (each growth
+        // from empty is a reallocation: three for a read request, ~3% of the frontend's CPU
+        // at 4 KiB reads).
+        let mut out = BytesMut::with_capacity(REQUEST_HEAD_BYTES);
         encode(frame, &mut out);
         return out.freeze().into();
     };
@@ -387,7 +393,7 @@ pub fn encode_outgoing(frame: &Frame) -> Outgoing {
         body: Body::Request { id: *id, floor: *floor, op: RequestOp::Write { offset: *offset, data: Bytes::new() } },
         ..*frame
     };
-    let mut out = BytesMut::with_capacity(64);
+    let mut out = BytesMut::with_capacity(REQUEST_HEAD_BYTES);
     let start = encode_unsealed(&head, &mut out);
     seal(&mut out, start, data);
     Outgoing { head: out.freeze(), tail: data.clone() }

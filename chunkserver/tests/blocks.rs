@@ -40,6 +40,12 @@ fn reads_return_what_was_written_on_every_engine() {
         expected[4096 + 512..4096 + 512 + 4096].copy_from_slice(&pattern(2, 4096));
         assert_eq!(store.read(0, 4 * 4096).unwrap(), expected, "{name}");
         assert_eq!(store.read(4096 + 1024, 512).unwrap(), expected[4096 + 1024..4096 + 1536], "{name}: sub-block read");
+        assert_eq!(store.read(4096, 1536).unwrap(), expected[4096..4096 + 1536], "{name}: the head of a block");
+        assert_eq!(
+            store.read(2 * 4096, 4096 + 512).unwrap(),
+            expected[2 * 4096..3 * 4096 + 512],
+            "{name}: a block and a head"
+        );
         // Write-zeroes over a partial block and a whole block.
         store.write_zeroes(2 * 4096 + 2048, 4096 + 2048, Index(3)).unwrap();
         expected[2 * 4096 + 2048..4 * 4096].fill(0);

@@ -76,8 +76,7 @@ enum Answer {
     /// To a task awaiting it (retries, membership changes, `ask`).
     Task(oneshot::Sender<Outcome>),
     /// To a function (a first attempt made by [`Volume::submit`]), called on the runtime's
-    /// thread by whoever ends the attempt: the link's reader, the sweeper, or a lost
-    /// connection.
+    /// thread by whoever ends the attempt (see [`Volume::start_attempt`]).
     Call(Box<dyn FnOnce(Outcome) + Send>),
 }
 
@@ -299,35 +298,9 @@ impl Volume {
                 });
             }
         };
-        let link = self.inner.links.read().unwrap().get(&target).cloned();
-        let Some(link) = link.filter(|l| l.up.load(Ordering::Relaxed)) else {
-            // As `attempt` answers it; the retry loop takes it from there.
-            on_answer(Outcome::Failed("not connected".into()));
-            return;
-        };
-        let sent_at = self.inner.ticks.load(Ordering::Relaxed);
-        link.pending.lock().unwrap().insert(seq, Waiter { answer: Answer::Call(Box::new(on_answer)), sent_at });
         let floor = *self.inner.outstanding.lock().unwrap().first().unwrap_or(&seq);
         let id = RequestId { client: self.inner.client, seq };
-        let frame = Frame {
-            cluster_id: self.inner.cluster.cluster_id,
-            sender: 0,
-            group: chunk,
-            body: Body::Request { id, floor, op: frame_op },
-        };
-        match link.tx.try_send(encode_outgoing(&frame)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(item)) => {
-                // The link's queue is full: wait for room in a task, the attempt still
-                // registered (as `attempt` waits in its send).
-                tokio::spawn(async move {
-                    if link.tx.send(item).await.is_err() {
-                        link_closed(&link, seq);
-                    }
-                });
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => link_closed(&link, seq),
-        }
+        self.start_attempt(target, chunk, id, floor, frame_op, Answer::Call(Box::new(on_answer)));
     }
 
     /// `op` cut at chunk boundaries and into pieces of at most [`MAX_PIECE`] bytes (trims and
@@ -548,28 +521,46 @@ impl Volume {
     }
 
     async fn attempt(&self, server: ReplicaId, chunk: u32, id: RequestId, floor: u64, op: RequestOp) -> Outcome {
-        let Some(link) = self.inner.links.read().unwrap().get(&server).cloned() else {
-            return Outcome::Failed("unknown server".into());
+        let (tx, rx) = oneshot::channel();
+        self.start_attempt(server, chunk, id, floor, op, Answer::Task(tx));
+        rx.await.unwrap_or_else(|_| Outcome::Failed("connection lost".into()))
+    }
+
+    /// Starts one attempt of request `id` at `server`: registers `answer` in the link's
+    /// pending map and queues the request. `answer` gets the outcome exactly once: from the
+    /// link's reader, from the sweeper when it waited too long, at a lost connection, or here
+    /// at once when the server is unknown, not connected or its link closed. When the link's
+    /// queue is full a task waits for room, the attempt registered meanwhile (so the sweeper
+    /// can still fail it).
+    fn start_attempt(&self, server: ReplicaId, chunk: u32, id: RequestId, floor: u64, op: RequestOp, answer: Answer) {
+        let waiter = Waiter { answer, sent_at: self.inner.ticks.load(Ordering::Relaxed) };
+        let link = self.inner.links.read().unwrap().get(&server).cloned();
+        let Some(link) = link else {
+            waiter.answer(Outcome::Failed("unknown server".into()));
+            return;
         };
         if !link.up.load(Ordering::Relaxed) {
-            return Outcome::Failed("not connected".into());
+            waiter.answer(Outcome::Failed("not connected".into()));
+            return;
         }
-        let (tx, rx) = oneshot::channel();
-        let sent_at = self.inner.ticks.load(Ordering::Relaxed);
-        link.pending.lock().unwrap().insert(id.seq, Waiter { answer: Answer::Task(tx), sent_at });
+        link.pending.lock().unwrap().insert(id.seq, waiter);
         let frame = Frame {
             cluster_id: self.inner.cluster.cluster_id,
             sender: 0,
             group: chunk,
             body: Body::Request { id, floor, op },
         };
-        if link.tx.send(encode_outgoing(&frame)).await.is_err() {
-            link.pending.lock().unwrap().remove(&id.seq);
-            return Outcome::Failed("link closed".into());
+        match link.tx.try_send(encode_outgoing(&frame)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                tokio::spawn(async move {
+                    if link.tx.send(item).await.is_err() {
+                        link_closed(&link, id.seq);
+                    }
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => link_closed(&link, id.seq),
         }
-        // The reader answers it, the sweeper fails it when it waited too long, and a lost
-        // connection drops it.
-        rx.await.unwrap_or_else(|_| Outcome::Failed("connection lost".into()))
     }
 }
 

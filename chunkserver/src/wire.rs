@@ -373,12 +373,12 @@ fn seal(out: &mut BytesMut, start: usize, tail: &[u8]) {
     out[start + 4..body].copy_from_slice(&crc.finalize().to_le_bytes());
 }
 
-/// `frame` encoded as one queue item: a write request's data is the tail, as the caller holds
-/// it, instead of a copy behind the header (the frontend sends every write's data this way);
-/// any other frame is all head. The bytes on the wire are those of [`encode`].
 /// Room for a request frame without its data (a read, trim or zeroes request is ~70 bytes).
 const REQUEST_HEAD_BYTES: usize = 128;
 
+/// `frame` encoded as one queue item: a write request's data is the tail, as the caller holds
+/// it, instead of a copy behind the header (the frontend sends every write's data this way);
+/// any other frame is all head. The bytes on the wire are those of [`encode`].
 pub fn encode_outgoing(frame: &Frame) -> Outgoing {
     let Body::Request { id, floor, op: RequestOp::Write { offset, data } } = &frame.body else {
         // Sized for any request but a write's data, so the buffer never grows (each growth

@@ -316,9 +316,7 @@ where
         let structured = session.structured;
         let Some(op) = volume_op(&req, payload) else {
             // Every answered write is already durable on a majority: nothing to wait for.
-            let mut out = BytesMut::with_capacity(SIMPLE_REPLY_BYTES);
-            simple_reply(&mut out, 0, req.cookie);
-            send_reply(reply_tx, out.freeze().into(), (slot, bytes));
+            send_reply(reply_tx, answer(&req, structured, Ok(None)), (slot, bytes));
             continue;
         };
         let volume = export.volume.clone();

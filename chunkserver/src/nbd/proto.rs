@@ -140,10 +140,10 @@ pub fn option_reply(out: &mut BytesMut, option: u32, kind: u32, data: &[u8]) {
     out.put_slice(data);
 }
 
-/// A simple reply's header; the data of a successful READ must follow it directly.
 /// Bytes of a simple reply's header.
 pub const SIMPLE_REPLY_BYTES: usize = 16;
 
+/// A simple reply's header; the data of a successful READ must follow it directly.
 pub fn simple_reply(out: &mut BytesMut, error: u32, cookie: u64) {
     out.put_u32(SIMPLE_REPLY_MAGIC);
     out.put_u32(error);

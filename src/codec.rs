@@ -15,6 +15,48 @@ use crate::message::{Candidacy, CommitNotice, Message};
 use crate::table::ClientTable;
 use crate::types::{ClientId, Index, ReplicaId, RequestId, Term};
 
+/// Where encodings go. A write's data goes through [`Sink::put_data`], so a sink that can keep a
+/// reference to it instead of a copy may (the chunk server's batches of frames, written with
+/// one `writev`: a leader used to copy each 128 KiB write into the batch of every follower).
+/// The bytes, in order, are the same whatever the sink.
+pub trait Sink {
+    fn put_slice(&mut self, bytes: &[u8]);
+
+    /// `data`, which the sink may share instead of copying.
+    fn put_data(&mut self, data: &Bytes) {
+        self.put_slice(data)
+    }
+
+    fn put_u8(&mut self, v: u8) {
+        self.put_slice(&[v])
+    }
+
+    fn put_u16_le(&mut self, v: u16) {
+        self.put_slice(&v.to_le_bytes())
+    }
+
+    fn put_u32_le(&mut self, v: u32) {
+        self.put_slice(&v.to_le_bytes())
+    }
+
+    fn put_u64_le(&mut self, v: u64) {
+        self.put_slice(&v.to_le_bytes())
+    }
+}
+
+impl Sink for BytesMut {
+    fn put_slice(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes)
+    }
+}
+
+/// A slice of exactly the length to encode (panics past its end, as `BufMut` does).
+impl Sink for &mut [u8] {
+    fn put_slice(&mut self, bytes: &[u8]) {
+        BufMut::put_slice(self, bytes)
+    }
+}
+
 /// A decoding failure: the bytes are not an entry this code wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodeError(pub &'static str);
@@ -29,7 +71,7 @@ impl std::error::Error for DecodeError {}
 
 /// Writes `entry` ([`encoded_len`] bytes) to `out`: a growing buffer, or a slice of exactly
 /// that length (the WAL encodes into its aligned write buffer without an intermediate copy).
-pub fn encode_entry(entry: &Entry, out: &mut impl BufMut) {
+pub fn encode_entry(entry: &Entry, out: &mut (impl Sink + ?Sized)) {
     out.put_u64_le(entry.index.0);
     out.put_u64_le(entry.term.0);
     out.put_u64_le(entry.ballot.0);
@@ -39,7 +81,7 @@ pub fn encode_entry(entry: &Entry, out: &mut impl BufMut) {
             out.put_u8(1);
             out.put_u64_le(*offset);
             out.put_u32_le(data.len() as u32);
-            out.put_slice(data);
+            out.put_data(data);
         }
         Op::Trim { offset, len_bytes } => {
             out.put_u8(2);
@@ -213,7 +255,7 @@ fn read_entry(r: &mut Reader<'_>) -> Result<Entry, DecodeError> {
 }
 
 /// A membership: voter count (u16) and ids (u32 each), then the same for learners.
-fn put_membership(m: &Membership, out: &mut impl BufMut) {
+fn put_membership(m: &Membership, out: &mut (impl Sink + ?Sized)) {
     for set in [&m.voters, &m.learners] {
         out.put_u16_le(set.len() as u16);
         for id in set {
@@ -227,7 +269,7 @@ fn membership_len(m: &Membership) -> usize {
 }
 
 /// A configuration state: the index of its entry (u64), then the membership.
-pub fn encode_config(config: &ConfigState, out: &mut BytesMut) {
+pub fn encode_config(config: &ConfigState, out: &mut (impl Sink + ?Sized)) {
     out.put_u64_le(config.index.0);
     put_membership(&config.membership, out);
 }
@@ -239,13 +281,13 @@ pub fn decode_config(buf: &[u8]) -> Result<(ConfigState, usize), DecodeError> {
     Ok((config, buf.len() - r.buf.len()))
 }
 
-fn put_candidacy(c: &Candidacy, out: &mut BytesMut) {
+fn put_candidacy(c: &Candidacy, out: &mut (impl Sink + ?Sized)) {
     for v in [c.sync.0, c.sync_end.0, c.committed.0, c.durable.0, c.config.0] {
         out.put_u64_le(v);
     }
 }
 
-fn put_entries(entries: &[Entry], out: &mut BytesMut) {
+fn put_entries(entries: &[Entry], out: &mut (impl Sink + ?Sized)) {
     out.put_u32_le(entries.len() as u32);
     for e in entries {
         out.put_u32_le(encoded_len(e) as u32);
@@ -253,7 +295,7 @@ fn put_entries(entries: &[Entry], out: &mut BytesMut) {
     }
 }
 
-fn put_commit(commit: &CommitNotice, out: &mut BytesMut) {
+fn put_commit(commit: &CommitNotice, out: &mut (impl Sink + ?Sized)) {
     out.put_u64_le(commit.watermark.0);
     out.put_u32_le(commit.above.len() as u32);
     for i in &commit.above {
@@ -263,7 +305,7 @@ fn put_commit(commit: &CommitNotice, out: &mut BytesMut) {
 
 /// Encodes a peer message: a tag byte, then the variant's fields in declaration order;
 /// entry lists are a count and length-prefixed entries.
-pub fn encode_message(message: &Message, out: &mut BytesMut) {
+pub fn encode_message(message: &Message, out: &mut (impl Sink + ?Sized)) {
     match message {
         Message::PreVote { term, candidate } => {
             out.put_u8(1);

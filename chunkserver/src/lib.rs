@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod net;
 pub mod outgoing;
+pub mod pieces;
 pub mod poll;
 pub mod profile;
 pub mod server;

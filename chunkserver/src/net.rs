@@ -137,11 +137,12 @@ pub enum WriteHalf {
 }
 
 impl WriteHalf {
-    /// A non-blocking write of what the socket takes now (`WouldBlock` if nothing).
-    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+    /// A non-blocking vectored write of what the socket takes now (`WouldBlock` if nothing).
+    /// At most `IOV_MAX` (1024) slices.
+    pub fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         match self {
-            WriteHalf::Tcp(w) => w.try_write(buf),
-            WriteHalf::Unix(w) => w.try_write(buf),
+            WriteHalf::Tcp(w) => w.try_write_vectored(bufs),
+            WriteHalf::Unix(w) => w.try_write_vectored(bufs),
         }
     }
 
@@ -305,7 +306,8 @@ mod tests {
         r.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"ping");
         w.writable().await.unwrap();
-        assert_eq!(w.try_write(b"pong").unwrap(), 4);
+        let pieces = [io::IoSlice::new(b"po"), io::IoSlice::new(b"ng")];
+        assert_eq!(w.try_write_vectored(&pieces).unwrap(), 4);
         assert_eq!(&client.await.unwrap(), b"pong");
     }
 

@@ -98,7 +98,7 @@ struct Session {
     structured: bool,
 }
 
-async fn connection<R, W>(mut reader: R, mut writer: W, export: &Export, peer: SocketAddr) -> Result<(), End>
+async fn connection<R, W>(mut reader: BufReader<R>, mut writer: W, export: &Export, peer: SocketAddr) -> Result<(), End>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -259,7 +259,7 @@ type Reply = Outgoing;
 /// Replies coalesced into one write at most (past it, the next write takes the rest).
 const REPLY_BATCH_BYTES: usize = 1 << 20;
 
-async fn transmission<R, W>(mut reader: R, writer: W, export: &Export, session: Session) -> Result<(), End>
+async fn transmission<R, W>(mut reader: BufReader<R>, writer: W, export: &Export, session: Session) -> Result<(), End>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -294,7 +294,7 @@ where
                     break Err(End::Protocol("stream ended inside a write payload".into()));
                 }
             } else {
-                match crate::wire::read_bytes(&mut reader, req.len as usize).await {
+                match crate::wire::read_bytes_buffered(&mut reader, req.len as usize).await {
                     Ok(buf) => payload = Some(buf.freeze()),
                     Err(e) => break Err(End::Io(e)),
                 }

@@ -18,15 +18,16 @@
 //! and a tail of a cut batch would be garbage on the new one.
 
 use std::collections::VecDeque;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, IoSlice};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use tokio::sync::Notify;
 
 use crate::net::WriteHalf;
+use crate::outgoing::MAX_PIECES;
 
-/// Coalesced into one write by the task, at most.
+/// Taken from the backlog for one write by the task, at most (or [`MAX_PIECES`] pieces).
 const DRAIN_WRITE_BYTES: usize = 1 << 20;
 
 /// Why a batch was not queued.
@@ -50,9 +51,10 @@ struct State {
     writer: Option<Arc<WriteHalf>>,
     /// Bumped on every connection change, so a task of an old connection stops.
     epoch: u64,
+    /// Pieces of batches, in stream order, none empty.
     backlog: VecDeque<Bytes>,
     backlog_bytes: usize,
-    /// The task holds bytes taken from the backlog and not yet written.
+    /// The task holds pieces taken from the backlog and not yet written.
     draining: bool,
 }
 
@@ -71,30 +73,30 @@ impl LinkWriter {
         })
     }
 
-    /// Sends `batch` (whole frames): at once if the socket takes it, else (the rest) through
-    /// the backlog. Called by the core thread; never blocks on the network.
-    pub fn send(&self, batch: Bytes) -> Result<(), Dropped> {
+    /// Sends `batch` (whole frames, as pieces in stream order: see [`crate::pieces`]): at once
+    /// if the socket takes it, else (the rest) through the backlog. Called by the core thread;
+    /// never blocks on the network.
+    pub fn send(&self, batch: Vec<Bytes>) -> Result<(), Dropped> {
         let mut st = self.state.lock().unwrap();
         let Some(writer) = st.writer.clone() else { return Err(Dropped::NotConnected) };
-        let mut rest = batch;
+        let mut rest = VecDeque::from(batch);
+        rest.retain(|p| !p.is_empty());
         let mut cut = false;
         if st.backlog.is_empty() && !st.draining {
-            match writer.try_write(&rest) {
-                Ok(n) if n == rest.len() => return Ok(()),
-                Ok(n) => {
-                    rest.advance(n);
-                    cut = n > 0;
-                }
+            match write_some(&writer, &mut rest) {
+                Ok(_) if rest.is_empty() => return Ok(()),
+                Ok(n) => cut = n > 0,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                 // A broken connection: its reader sees the error and the link reconnects.
                 Err(_) => return Err(Dropped::NotConnected),
             }
         }
-        if !cut && st.backlog_bytes + rest.len() > self.max_backlog_bytes {
+        let rest_bytes: usize = rest.iter().map(Bytes::len).sum();
+        if !cut && st.backlog_bytes + rest_bytes > self.max_backlog_bytes {
             return Err(Dropped::Full);
         }
-        st.backlog_bytes += rest.len();
-        st.backlog.push_back(rest);
+        st.backlog_bytes += rest_bytes;
+        st.backlog.extend(rest);
         drop(st);
         self.wake.notify_one();
         Ok(())
@@ -126,17 +128,17 @@ impl LinkWriter {
     pub async fn drain(&self, epoch: u64) {
         loop {
             let notified = self.wake.notified();
-            let Some((writer, mut batch)) = self.take(epoch) else { return };
-            if batch.is_empty() {
+            let Some((writer, mut pieces)) = self.take(epoch) else { return };
+            if pieces.is_empty() {
                 notified.await;
                 continue;
             }
-            while !batch.is_empty() {
+            while !pieces.is_empty() {
                 if writer.writable().await.is_err() {
                     return;
                 }
-                match writer.try_write(&batch) {
-                    Ok(n) => batch.advance(n),
+                match write_some(&writer, &mut pieces) {
+                    Ok(_) => {}
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                     Err(_) => return,
                 }
@@ -147,33 +149,61 @@ impl LinkWriter {
         }
     }
 
-    /// The task's next write: the backlog's front batches coalesced (empty: nothing queued,
-    /// and the core may write directly again). `None`: connection `epoch` is over.
-    fn take(&self, epoch: u64) -> Option<(Arc<WriteHalf>, Bytes)> {
+    /// The task's next write: pieces from the backlog's front, without copying them together
+    /// (empty: nothing queued, and the core may write directly again). `None`: connection
+    /// `epoch` is over.
+    fn take(&self, epoch: u64) -> Option<(Arc<WriteHalf>, VecDeque<Bytes>)> {
         let mut st = self.state.lock().unwrap();
         if st.epoch != epoch {
             return None;
         }
         let writer = st.writer.clone()?;
-        let Some(first) = st.backlog.pop_front() else {
-            st.draining = false;
-            return Some((writer, Bytes::new()));
-        };
-        let mut taken = first.len();
-        let batch = if st.backlog.is_empty() {
-            first
-        } else {
-            let mut buf = BytesMut::from(&first[..]);
-            while buf.len() < DRAIN_WRITE_BYTES {
-                let Some(more) = st.backlog.pop_front() else { break };
-                taken += more.len();
-                buf.extend_from_slice(&more);
-            }
-            buf.freeze()
-        };
+        let mut pieces = VecDeque::new();
+        let mut taken = 0;
+        while taken < DRAIN_WRITE_BYTES && pieces.len() < MAX_PIECES {
+            let Some(piece) = st.backlog.pop_front() else { break };
+            taken += piece.len();
+            pieces.push_back(piece);
+        }
         st.backlog_bytes -= taken;
-        st.draining = true;
-        Some((writer, batch))
+        st.draining = !pieces.is_empty();
+        Some((writer, pieces))
+    }
+}
+
+/// Writes from the front of `pieces` what the socket takes without waiting, and removes it
+/// (a piece written in part keeps its rest). Returns the bytes written; `WouldBlock` if none.
+fn write_some(writer: &WriteHalf, pieces: &mut VecDeque<Bytes>) -> std::io::Result<usize> {
+    let mut written = 0;
+    while !pieces.is_empty() {
+        let slices: Vec<IoSlice<'_>> = pieces.iter().take(MAX_PIECES).map(|p| IoSlice::new(p)).collect();
+        let offered: usize = slices.iter().map(|s| s.len()).sum();
+        let n = match writer.try_write_vectored(&slices) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock && written > 0 => return Ok(written),
+            Err(e) => return Err(e),
+        };
+        written += n;
+        consume(pieces, n);
+        if n < offered {
+            // The socket is full: another call now would only find it so.
+            break;
+        }
+    }
+    Ok(written)
+}
+
+/// Removes the first `n` bytes of `pieces`.
+fn consume(pieces: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let front = pieces.front_mut().expect("consumed past the pieces");
+        if front.len() <= n {
+            n -= front.len();
+            pieces.pop_front();
+        } else {
+            front.advance(n);
+            n = 0;
+        }
     }
 }
 
@@ -199,8 +229,9 @@ mod tests {
     }
 
     /// Everything sent arrives once and in order, whether written at once or through the
-    /// backlog (a reader that starts late fills the socket first); a new connection starts
-    /// empty; sends without a connection are dropped. Over TCP and over a unix socket.
+    /// backlog (a reader that starts late fills the socket first), in batches of one piece to
+    /// more than a write takes; a new connection starts empty; sends without a connection are
+    /// dropped. Over TCP and over a unix socket.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bytes_arrive_in_order_through_a_full_socket() {
         for unix in [false, true] {
@@ -210,7 +241,7 @@ mod tests {
 
     async fn in_order_through_a_full_socket(unix: bool) {
         let link = LinkWriter::new(64 << 20);
-        assert_eq!(link.send(Bytes::from_static(b"x")), Err(Dropped::NotConnected));
+        assert_eq!(link.send(vec![Bytes::from_static(b"x")]), Err(Dropped::NotConnected));
         let (client, server, _dir) = pair(unix).await;
         let (mut server, _w) = server.into_split();
         let (_r, w) = client.into_split();
@@ -230,8 +261,15 @@ mod tests {
                 let mut backlogged = false;
                 while at < total {
                     let n = size.min(total - at);
-                    let batch: Vec<u8> = (at..at + n).map(|i| (i % 251) as u8).collect();
-                    link.send(Bytes::from(batch)).unwrap();
+                    let batch = Bytes::from((at..at + n).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+                    // Cut into 1 to 300 pieces (more than one write takes), an empty one
+                    // among them.
+                    let count = 1 + size % 300;
+                    let step = n.div_ceil(count);
+                    let mut pieces: Vec<Bytes> =
+                        (0..n).step_by(step).map(|i| batch.slice(i..(i + step).min(n))).collect();
+                    pieces.insert(pieces.len() / 2, Bytes::new());
+                    link.send(pieces).unwrap();
                     backlogged |= link.backlog_bytes() > 0;
                     at += n;
                     size = size * 7 % 100_003 + 1;
@@ -241,7 +279,12 @@ mod tests {
         });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let mut got = vec![0u8; total];
-        server.read_exact(&mut got).await.unwrap();
+        // Lost bytes would leave the reader waiting forever: fail instead (a liveness bound,
+        // minutes above the ~0.1 s this takes).
+        tokio::time::timeout(std::time::Duration::from_secs(120), server.read_exact(&mut got))
+            .await
+            .unwrap_or_else(|_| panic!("bytes lost on the way (unix: {unix})"))
+            .unwrap();
         assert!(sender.join().unwrap(), "the socket never filled: the backlog path was not taken (unix: {unix})");
         for (i, b) in got.iter().enumerate() {
             assert_eq!(*b, (i % 251) as u8, "byte {i} out of order (unix: {unix})");
@@ -249,7 +292,7 @@ mod tests {
         // A new connection: the old task stops; nothing stale reaches the new stream.
         link.connect(None);
         drainer.await.unwrap();
-        assert_eq!(link.send(Bytes::from_static(b"y")), Err(Dropped::NotConnected));
+        assert_eq!(link.send(vec![Bytes::from_static(b"y")]), Err(Dropped::NotConnected));
         assert_eq!(link.backlog_bytes(), 0);
     }
 
@@ -263,7 +306,7 @@ mod tests {
         let batch = Bytes::from(vec![7u8; 256 << 10]);
         let mut dropped = 0;
         for _ in 0..256 {
-            if link.send(batch.clone()) == Err(Dropped::Full) {
+            if link.send(vec![batch.clone()]) == Err(Dropped::Full) {
                 dropped += 1;
             }
         }

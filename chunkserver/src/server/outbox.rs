@@ -11,11 +11,11 @@ use std::collections::HashMap;
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use parallelraft::ReplicaId;
 
 use super::link::{Dropped, LinkWriter};
-use crate::wire::{encode, Body, Frame};
+use crate::pieces::Pieces;
+use crate::wire::{encode_pieces, Body, Frame};
 
 pub type ConnId = u64;
 
@@ -29,22 +29,23 @@ const SNAPSHOT_ROOM_BYTES: usize = 4 << 20;
 
 struct Link {
     writer: Arc<LinkWriter>,
-    pending: BytesMut,
-    /// Bytes of the last batch: the next one reserves that much up front instead of growing
-    /// (and copying) from nothing frame by frame.
+    /// The batch being built: frames' bytes copied, their data shared (see [`Pieces`]).
+    pending: Pieces,
+    /// Head bytes of the last batch: the next one reserves that much up front instead of
+    /// growing (and copying) from nothing frame by frame.
     last_batch_bytes: usize,
 }
 
 impl Link {
     fn new(writer: Arc<LinkWriter>) -> Link {
-        Link { writer, pending: BytesMut::new(), last_batch_bytes: 0 }
+        Link { writer, pending: Pieces::default(), last_batch_bytes: 0 }
     }
 
     fn encode(&mut self, frame: &Frame) {
         if self.pending.is_empty() {
             self.pending.reserve(self.last_batch_bytes.clamp(MIN_RESERVE_BYTES, MAX_RESERVE_BYTES));
         }
-        encode(frame, &mut self.pending);
+        encode_pieces(frame, &mut self.pending);
     }
 }
 
@@ -109,8 +110,8 @@ impl Outbox {
             if link.pending.is_empty() {
                 continue;
             }
-            link.last_batch_bytes = link.pending.len();
-            let batch = link.pending.split().freeze();
+            link.last_batch_bytes = link.pending.head_len();
+            let batch = link.pending.take();
             // Without a connection the batch is simply lost, as on a broken link (not counted:
             // a dead peer would count every heartbeat).
             if link.writer.send(batch) == Err(Dropped::Full) {

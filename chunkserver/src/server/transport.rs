@@ -23,7 +23,7 @@ use super::link::LinkWriter;
 use super::outbox::{ConnId, FRONTEND_BACKLOG_BYTES};
 use crate::net::{Listener, ReadHalf, ServerAddr, Stream, WriteHalf};
 use crate::poll::Activity;
-use crate::wire::{encode, read_frame, Body, Frame, Role};
+use crate::wire::{encode, read_frame, read_frame_buffered, Body, Frame, Role};
 
 /// A connection, split: what `peer_link` runs a link on.
 pub type Halves = (ReadHalf, WriteHalf);
@@ -193,7 +193,7 @@ async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, reader: ReadHa
     let mut rng = parallelraft::rng::Rng::new(crate::process_entropy(conn));
     let jitter = shared.jitter;
     loop {
-        match read_frame(&mut reader).await {
+        match read_frame_buffered(&mut reader).await {
             Ok(Some(frame)) => {
                 if frame.cluster_id != shared.cluster_id || frame.sender != peer.0 {
                     warn!(peer = peer.0, "frame from a foreign cluster or sender; dropping the connection");
@@ -348,7 +348,7 @@ async fn frontend(shared: Shared, reader: ReadHalf, writer: WriteHalf) {
         async move { link.drain(epoch).await }
     });
     loop {
-        match read_frame(&mut reader).await {
+        match read_frame_buffered(&mut reader).await {
             Ok(Some(frame)) if frame.cluster_id == shared.cluster_id => {
                 if !matches!(frame.body, Body::Request { .. }) {
                     warn!("frontend sent a non-request frame; closing");

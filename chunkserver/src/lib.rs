@@ -21,6 +21,7 @@ pub mod outgoing;
 pub mod pieces;
 pub mod poll;
 pub mod profile;
+pub mod recv;
 pub mod server;
 pub mod storage;
 pub mod volume;

@@ -24,7 +24,7 @@ use crate::metrics::{Published, Stage, Stages, Totals};
 use crate::net::{ServerAddr, Stream};
 use crate::outgoing::{write_queued, Outgoing};
 use crate::poll::Activity;
-use crate::wire::{encode, encode_outgoing, read_frame_buffered, Body, Frame, Outcome, RequestOp, Role};
+use crate::wire::{encode, encode_outgoing, read_frame_shared, Body, Frame, Outcome, RequestOp, Role};
 
 /// Largest single request to a group: bounds entry and message sizes.
 pub const MAX_PIECE: u64 = 1 << 20;
@@ -644,8 +644,8 @@ async fn link_task(
         let reader_pending = pending.clone();
         let activity = activity.clone();
         let mut reader_task = tokio::spawn(async move {
-            let mut reader = tokio::io::BufReader::with_capacity(crate::server::transport::READ_BUFFER_BYTES, reader);
-            while let Ok(Some(frame)) = read_frame_buffered(&mut reader).await {
+            let mut reader = crate::recv::SharedReader::new(reader);
+            while let Ok(Some(frame)) = read_frame_shared(&mut reader).await {
                 activity.touch();
                 if let Body::Response { id, outcome } = frame.body {
                     let waiter = reader_pending.lock().unwrap().remove(&id.seq);
@@ -709,8 +709,8 @@ mod tests {
                 let log = log.clone();
                 tokio::spawn(async move {
                     let (reader, mut writer) = stream.into_split();
-                    let mut reader = tokio::io::BufReader::new(reader);
-                    while let Ok(Some(frame)) = read_frame_buffered(&mut reader).await {
+                    let mut reader = crate::recv::SharedReader::new(reader);
+                    while let Ok(Some(frame)) = read_frame_shared(&mut reader).await {
                         let Body::Request { id, op, .. } = frame.body else { continue };
                         log.lock().unwrap().push((frame.group, id.seq));
                         let outcome = match (script, op) {

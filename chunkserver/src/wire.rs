@@ -10,10 +10,11 @@
 use bytes::{Buf, Bytes, BytesMut};
 use parallelraft::codec::{decode_message_shared, encode_message, Sink};
 use parallelraft::{ClientId, Index, MembershipChange, MembershipError, Message, ReplicaId, RequestId, Term};
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::outgoing::Outgoing;
 use crate::pieces::Pieces;
+use crate::recv::SharedReader;
 
 /// Largest body accepted: a full Append batch of large writes fits comfortably.
 pub const MAX_FRAME_BYTES: usize = 96 << 20;
@@ -708,68 +709,43 @@ async fn read_rest<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut BytesMut, len
     Ok(())
 }
 
-/// Bodies at least this long are read past a [`BufReader`]'s buffer, straight into their own.
-/// Shorter ones come through the buffer, which takes many small frames in one `recv`.
-pub const DIRECT_READ_MIN_BYTES: usize = 32 << 10;
-
-/// As [`read_bytes`], from a buffered reader: a long body takes what the buffer holds and reads
-/// the rest from the socket directly. Through the buffer, a 128 KiB write's data was copied
-/// twice (socket to buffer, buffer to body): ~10% of a follower's samples and 16% of the
-/// frontend's at sequential writes.
-pub async fn read_bytes_buffered<R: AsyncRead + Unpin>(
-    reader: &mut BufReader<R>,
-    len: usize,
-) -> std::io::Result<BytesMut> {
-    if len < DIRECT_READ_MIN_BYTES {
-        return read_bytes(reader, len).await;
-    }
-    let mut buf = BytesMut::with_capacity(len);
-    let buffered = reader.buffer();
-    let n = buffered.len().min(len);
-    buf.extend_from_slice(&buffered[..n]);
-    std::pin::Pin::new(&mut *reader).consume(n);
-    if buf.len() < len {
-        // The buffer is empty now, so the socket's next bytes are the body's.
-        read_rest(reader.get_mut(), &mut buf, len).await?;
-    }
-    Ok(buf)
-}
-
 /// Reads one frame. `Ok(None)` at a clean end of stream.
 pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<Frame>, WireError> {
-    let Some((len, crc)) = read_head(reader).await? else { return Ok(None) };
-    let body = read_bytes(reader, len).await?;
-    check_body(body, crc).map(Some)
-}
-
-/// As [`read_frame`], reading a long body past the buffer (see [`read_bytes_buffered`]).
-pub async fn read_frame_buffered<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -> Result<Option<Frame>, WireError> {
-    let Some((len, crc)) = read_head(reader).await? else { return Ok(None) };
-    let body = read_bytes_buffered(reader, len).await?;
-    check_body(body, crc).map(Some)
-}
-
-/// A frame's length and checksum. `Ok(None)` at a clean end of stream.
-async fn read_head<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<(usize, u32)>, WireError> {
     let mut head = [0u8; 8];
     match reader.read_exact(&mut head).await {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
     }
+    let (len, crc) = parse_head(head)?;
+    let body = read_bytes(reader, len).await?.freeze();
+    check_body(body, crc).map(Some)
+}
+
+/// As [`read_frame`], the body shared with the receive buffer instead of copied out of it
+/// (see [`crate::recv`]): what every connection reads after its hello.
+pub async fn read_frame_shared<R: AsyncRead + Unpin>(reader: &mut SharedReader<R>) -> Result<Option<Frame>, WireError> {
+    let Some(head) = reader.read_array::<8>().await? else { return Ok(None) };
+    let (len, crc) = parse_head(head)?;
+    let body = reader.read_bytes(len).await?;
+    check_body(body, crc).map(Some)
+}
+
+/// A frame's length and checksum.
+fn parse_head(head: [u8; 8]) -> Result<(usize, u32), WireError> {
     let len = u32::from_le_bytes(head[..4].try_into().unwrap()) as usize;
     let crc = u32::from_le_bytes(head[4..].try_into().unwrap());
     if !(HEADER_BYTES..=MAX_FRAME_BYTES).contains(&len) {
         return Err(bad(format!("frame length {len}")));
     }
-    Ok(Some((len, crc)))
+    Ok((len, crc))
 }
 
-fn check_body(body: BytesMut, crc: u32) -> Result<Frame, WireError> {
+fn check_body(body: Bytes, crc: u32) -> Result<Frame, WireError> {
     if crc32fast::hash(&body) != crc {
         return Err(bad("checksum mismatch"));
     }
-    decode_body(body.freeze())
+    decode_body(body)
 }
 
 #[cfg(test)]
@@ -803,13 +779,13 @@ mod tests {
         assert_eq!(pieces.take().concat(), whole[..], "{:?}", frame.body);
     }
 
-    /// Frames of every size read back through a buffered reader, whether a long body is all in
-    /// the buffer, partly there, or not yet arrived: the stream arrives in uneven pieces.
+    /// Frames of every size read back through the shared receive buffer, whether a body is
+    /// all in the buffer, partly there, or not yet arrived: the stream arrives in uneven pieces.
     #[test]
-    fn long_bodies_read_past_the_buffer_keep_the_stream_in_order() {
+    fn frames_of_every_size_read_back_through_the_shared_buffer() {
         use tokio::io::AsyncWriteExt;
         let id = RequestId { client: ClientId(3), seq: 4 };
-        let sizes = [0, 100, DIRECT_READ_MIN_BYTES - 40, DIRECT_READ_MIN_BYTES, 131072, 1 << 20, 7, 200_000];
+        let sizes = [0, 100, 32 << 10, 131072, 1 << 20, 7, 200_000, 300_000, 5];
         let frames: Vec<Frame> = sizes
             .iter()
             .enumerate()
@@ -842,11 +818,11 @@ mod tests {
                     tokio::task::yield_now().await;
                 }
             });
-            let mut reader = BufReader::with_capacity(64 << 10, rx);
+            let mut reader = SharedReader::new(rx);
             for f in &frames {
-                assert_eq!(read_frame_buffered(&mut reader).await.unwrap().as_ref(), Some(f));
+                assert_eq!(read_frame_shared(&mut reader).await.unwrap().as_ref(), Some(f));
             }
-            assert_eq!(read_frame_buffered(&mut reader).await.unwrap(), None);
+            assert_eq!(read_frame_shared(&mut reader).await.unwrap(), None);
             writer.await.unwrap();
         });
     }

@@ -17,13 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::metrics::Stage;
 use crate::outgoing::{write_queued, Outgoing};
+use crate::recv::SharedReader;
 use crate::volume::{Volume, VolumeError, VolumeOp};
 use proto::*;
 
@@ -64,7 +65,7 @@ pub async fn serve(listener: TcpListener, export: Export) {
         let export = export.clone();
         tokio::spawn(async move {
             let (reader, writer) = stream.into_split();
-            if let Err(e) = connection(BufReader::with_capacity(256 << 10, reader), writer, &export, peer).await {
+            if let Err(e) = connection(SharedReader::new(reader), writer, &export, peer).await {
                 debug!(%peer, "nbd connection ended: {e}");
             }
             drop(permit);
@@ -98,7 +99,12 @@ struct Session {
     structured: bool,
 }
 
-async fn connection<R, W>(mut reader: BufReader<R>, mut writer: W, export: &Export, peer: SocketAddr) -> Result<(), End>
+async fn connection<R, W>(
+    mut reader: SharedReader<R>,
+    mut writer: W,
+    export: &Export,
+    peer: SocketAddr,
+) -> Result<(), End>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -259,7 +265,12 @@ type Reply = Outgoing;
 /// Replies coalesced into one write at most (past it, the next write takes the rest).
 const REPLY_BATCH_BYTES: usize = 1 << 20;
 
-async fn transmission<R, W>(mut reader: BufReader<R>, writer: W, export: &Export, session: Session) -> Result<(), End>
+async fn transmission<R, W>(
+    mut reader: SharedReader<R>,
+    writer: W,
+    export: &Export,
+    session: Session,
+) -> Result<(), End>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -270,12 +281,14 @@ where
     let byte_units = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES >> 12));
     let size = export.volume.size_bytes();
     let result = loop {
-        let mut header = [0u8; 28];
-        match reader.read_exact(&mut header).await {
-            Ok(_) => {}
+        // Read with the requests behind it in one recv; a write's payload is then shared with
+        // the receive buffer, not copied out of it (see `crate::recv`).
+        let header = match reader.read_array::<28>().await {
+            Ok(Some(h)) => h,
+            Ok(None) => break Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
             Err(e) => break Err(End::Io(e)),
-        }
+        };
         export.volume.touch();
         let req = match Request::parse(&header) {
             Ok(r) => r,
@@ -294,8 +307,8 @@ where
                     break Err(End::Protocol("stream ended inside a write payload".into()));
                 }
             } else {
-                match crate::wire::read_bytes_buffered(&mut reader, req.len as usize).await {
-                    Ok(buf) => payload = Some(buf.freeze()),
+                match reader.read_bytes(req.len as usize).await {
+                    Ok(buf) => payload = Some(buf),
                     Err(e) => break Err(End::Io(e)),
                 }
             }

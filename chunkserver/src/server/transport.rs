@@ -23,7 +23,8 @@ use super::link::LinkWriter;
 use super::outbox::{ConnId, FRONTEND_BACKLOG_BYTES};
 use crate::net::{Listener, ReadHalf, ServerAddr, Stream, WriteHalf};
 use crate::poll::Activity;
-use crate::wire::{encode, read_frame, read_frame_buffered, Body, Frame, Role};
+use crate::recv::SharedReader;
+use crate::wire::{encode, read_frame, read_frame_shared, Body, Frame, Role};
 
 /// A connection, split: what `peer_link` runs a link on.
 pub type Halves = (ReadHalf, WriteHalf);
@@ -55,11 +56,6 @@ pub enum Inbound {
     CheckpointDone(super::disk::CheckpointDone),
     Shutdown,
 }
-
-/// Read buffer of a connection after its hello: one recv takes every frame that has arrived
-/// (read unbuffered, each frame cost two: its header and its body). The hello itself is read
-/// unbuffered, since a peer's stream is handed on after it.
-pub const READ_BUFFER_BYTES: usize = 256 << 10;
 
 /// How long a new connection may take to say hello.
 const HELLO_LIMIT: Duration = Duration::from_secs(10);
@@ -189,11 +185,13 @@ impl Shared {
 
 /// Reads frames from a peer connection into the core thread until it fails.
 async fn read_peer(shared: Shared, conn: ConnId, peer: ReplicaId, reader: ReadHalf) {
-    let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, reader);
+    // One recv takes every frame that has arrived (unbuffered, each frame cost two: its header
+    // and its body). The hello was read unbuffered, since a peer's stream is handed on after it.
+    let mut reader = SharedReader::new(reader);
     let mut rng = parallelraft::rng::Rng::new(crate::process_entropy(conn));
     let jitter = shared.jitter;
     loop {
-        match read_frame_buffered(&mut reader).await {
+        match read_frame_shared(&mut reader).await {
             Ok(Some(frame)) => {
                 if frame.cluster_id != shared.cluster_id || frame.sender != peer.0 {
                     warn!(peer = peer.0, "frame from a foreign cluster or sender; dropping the connection");
@@ -336,7 +334,7 @@ pub async fn accept_loop(shared: Shared, listener: Listener, peer_streams: Accep
 }
 
 async fn frontend(shared: Shared, reader: ReadHalf, writer: WriteHalf) {
-    let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, reader);
+    let mut reader = SharedReader::new(reader);
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let link = LinkWriter::new(FRONTEND_BACKLOG_BYTES);
     let epoch = link.connect(Some(writer));
@@ -348,7 +346,7 @@ async fn frontend(shared: Shared, reader: ReadHalf, writer: WriteHalf) {
         async move { link.drain(epoch).await }
     });
     loop {
-        match read_frame_buffered(&mut reader).await {
+        match read_frame_shared(&mut reader).await {
             Ok(Some(frame)) if frame.cluster_id == shared.cluster_id => {
                 if !matches!(frame.body, Body::Request { .. }) {
                     warn!("frontend sent a non-request frame; closing");

@@ -96,6 +96,26 @@ impl<R: AsyncRead + Unpin> AsyncRead for SharedReader<R> {
     }
 }
 
+/// Test helper: a stream that delivers `bytes` in uneven pieces (1 B to ~70 KiB) through a
+/// 48 KiB pipe, as a socket does; the task ends when all is written. Call within a runtime.
+#[cfg(test)]
+pub(crate) fn uneven_stream(bytes: Vec<u8>) -> (tokio::task::JoinHandle<()>, tokio::io::DuplexStream) {
+    use tokio::io::AsyncWriteExt;
+    let (mut tx, rx) = tokio::io::duplex(48 << 10);
+    let writer = tokio::spawn(async move {
+        let mut at = 0;
+        let mut step = 1000;
+        while at < bytes.len() {
+            let n = step.min(bytes.len() - at);
+            tx.write_all(&bytes[at..at + n]).await.unwrap();
+            at += n;
+            step = step * 5 % 70_001 + 1;
+            tokio::task::yield_now().await;
+        }
+    });
+    (writer, rx)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,18 +133,7 @@ mod tests {
             stream.extend((0..n).map(|j| (i * 31 + j) as u8));
         }
         stream.extend_from_slice(b"tail");
-        let (mut tx, rx) = tokio::io::duplex(48 << 10);
-        let writer = tokio::spawn(async move {
-            let mut at = 0;
-            let mut step = 1000;
-            while at < stream.len() {
-                let n = step.min(stream.len() - at);
-                tx.write_all(&stream[at..at + n]).await.unwrap();
-                at += n;
-                step = step * 5 % 70_001 + 1;
-                tokio::task::yield_now().await;
-            }
-        });
+        let (writer, rx) = uneven_stream(stream);
         let mut reader = SharedReader::new(rx);
         let mut bodies = Vec::new();
         for (i, &n) in sizes.iter().enumerate() {

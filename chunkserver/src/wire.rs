@@ -783,7 +783,6 @@ mod tests {
     /// all in the buffer, partly there, or not yet arrived: the stream arrives in uneven pieces.
     #[test]
     fn frames_of_every_size_read_back_through_the_shared_buffer() {
-        use tokio::io::AsyncWriteExt;
         let id = RequestId { client: ClientId(3), seq: 4 };
         let sizes = [0, 100, 32 << 10, 131072, 1 << 20, 7, 200_000, 300_000, 5];
         let frames: Vec<Frame> = sizes
@@ -806,18 +805,7 @@ mod tests {
         }
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let (mut tx, rx) = tokio::io::duplex(48 << 10);
-            let writer = tokio::spawn(async move {
-                let mut at = 0;
-                let mut step = 1000;
-                while at < stream.len() {
-                    let n = step.min(stream.len() - at);
-                    tx.write_all(&stream[at..at + n]).await.unwrap();
-                    at += n;
-                    step = step * 5 % 70_001 + 1;
-                    tokio::task::yield_now().await;
-                }
-            });
+            let (writer, rx) = crate::recv::uneven_stream(stream.to_vec());
             let mut reader = SharedReader::new(rx);
             for f in &frames {
                 assert_eq!(read_frame_shared(&mut reader).await.unwrap().as_ref(), Some(f));

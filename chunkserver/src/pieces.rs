@@ -74,19 +74,18 @@ impl Pieces {
         Mark { head: self.head.len(), shared: self.shared.len() }
     }
 
-    /// The stream's bytes from `mark` on, `skip` head bytes after it left out, in order.
-    /// `skip` must not pass the first shared piece after `mark`.
-    pub fn since(&self, mark: Mark, skip: usize) -> impl Iterator<Item = &[u8]> {
+    /// Calls `f` with the stream's bytes from `mark` on, `skip` head bytes after it left out,
+    /// in order (no allocation: every frame is sealed this way). `skip` must not pass the
+    /// first shared piece after `mark`.
+    pub fn for_each_since(&self, mark: Mark, skip: usize, mut f: impl FnMut(&[u8])) {
         let mut at = mark.head + skip;
-        let mut parts = Vec::with_capacity(2 * (self.shared.len() - mark.shared) + 1);
         for (offset, data) in &self.shared[mark.shared..] {
             debug_assert!(*offset >= at, "skip passes a shared piece");
-            parts.push(&self.head[at..*offset]);
-            parts.push(&data[..]);
+            f(&self.head[at..*offset]);
+            f(data);
             at = *offset;
         }
-        parts.push(&self.head[at..]);
-        parts.into_iter().filter(|p| !p.is_empty())
+        f(&self.head[at..]);
     }
 
     /// The head bytes written since `mark`.
@@ -148,7 +147,8 @@ mod tests {
         p.check_invariants();
         assert_eq!(p.len(), expected.len());
         let mark = Mark { head: 0, shared: 0 };
-        let read_back: Vec<u8> = p.since(mark, 1).flatten().copied().collect();
+        let mut read_back = Vec::new();
+        p.for_each_since(mark, 1, |part| read_back.extend_from_slice(part));
         assert_eq!(read_back, expected[1..]);
         let pieces = p.take();
         // The first head byte; per round two shared pieces, then the copied small data (with

@@ -224,10 +224,10 @@ pub fn encode_pieces(frame: &Frame, out: &mut Pieces) {
     encode_unsealed(frame, out);
     let mut crc = crc32fast::Hasher::new();
     let mut body_len = 0;
-    for part in out.since(mark, 8) {
+    out.for_each_since(mark, 8, |part| {
         crc.update(part);
         body_len += part.len();
-    }
+    });
     let head = out.head_at(mark);
     head[..4].copy_from_slice(&(body_len as u32).to_le_bytes());
     head[4..8].copy_from_slice(&crc.finalize().to_le_bytes());

@@ -3,8 +3,8 @@
 //! shared, and the pieces interleave them in stream order.
 //!
 //! Why: a leader copied every write's data into the batch of each follower, and the link's
-//! task copied batches again to coalesce them: at 128 KiB sequential writes `memmove` was a
-//! quarter of the leader's samples, and the reallocations of the coalescing buffer 4% more.
+//! task copied batches again to coalesce them (growing its buffer by reallocation): at 128 KiB
+//! sequential writes these were half of the leader's `memmove`, ~12% of its samples.
 //! The kernel copies the bytes into the socket anyway; a `writev` of the pieces costs the same
 //! syscall.
 //!
@@ -68,8 +68,9 @@ impl Pieces {
         self.head.reserve(bytes);
     }
 
-    /// The current end: what is written after it can be read back with [`Pieces::since`] and
-    /// its head bytes patched with [`Pieces::head_at`] (a frame's length and checksum).
+    /// The current end: what is written after it can be read back with
+    /// [`Pieces::for_each_since`] and its head bytes patched with [`Pieces::head_at`] (a frame's
+    /// length and checksum).
     pub fn mark(&self) -> Mark {
         Mark { head: self.head.len(), shared: self.shared.len() }
     }

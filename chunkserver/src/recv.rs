@@ -2,13 +2,14 @@
 //! one `BytesMut`, and each frame body or write payload is split off it as shared [`Bytes`].
 //!
 //! Why: through a `BufReader`, every body was copied from the reader's buffer into a buffer of
-//! its own. At 128 KiB sequential writes that copy was 14% of the frontend's samples (the NBD
-//! write payloads) and 6-10% of each follower's (the leader's appends). Reading the rest of a
+//! its own. At 128 KiB sequential writes that copy was 16% of the frontend's samples (the NBD
+//! write payloads) and 9-10% of each follower's (the leader's appends). Reading the rest of a
 //! long body past the buffer did not avoid it: reading a frame's header fills the buffer with
 //! whatever the socket holds, usually most of the body.
 //!
-//! What it costs: a body keeps the whole allocation it lies in (up to [`RECV_BUFFER_BYTES`])
-//! alive until every body split from it is dropped; frames are consumed within milliseconds.
+//! What it costs: a body keeps the whole allocation it lies in ([`RECV_BUFFER_BYTES`], or its
+//! own length and more) alive until every body split from it is dropped; frames are consumed
+//! within milliseconds.
 //!
 //! Contract: bytes come out in stream order, whether through [`SharedReader::read_bytes`],
 //! [`SharedReader::read_array`] (which fill the buffer with one large read) or `AsyncRead`

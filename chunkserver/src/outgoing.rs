@@ -8,6 +8,7 @@
 //! (7% and 11% of its samples). The kernel copies the bytes into the socket anyway; a writev
 //! of the queued pieces costs the same syscall as the write of a batch.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 
 use bytes::{Buf, Bytes};
@@ -70,31 +71,35 @@ pub async fn write_queued<W: AsyncWrite + Unpin>(
 }
 
 /// Writes every piece in order. A write may take part of a piece: the rest goes next.
-async fn write_all_pieces<W: AsyncWrite + Unpin>(writer: &mut W, mut pieces: Vec<Bytes>) -> io::Result<()> {
+async fn write_all_pieces<W: AsyncWrite + Unpin>(writer: &mut W, pieces: Vec<Bytes>) -> io::Result<()> {
+    let mut pieces = VecDeque::from(pieces);
     pieces.retain(|p| !p.is_empty());
-    let mut at = 0;
-    while at < pieces.len() {
-        let mut written = {
-            let slices: Vec<IoSlice<'_>> = pieces[at..].iter().map(|p| IoSlice::new(p)).collect();
+    while !pieces.is_empty() {
+        let written = {
+            let slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
             writer.write_vectored(&slices).await?
         };
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        // Invariant: every piece before `at` is written whole; `pieces[at]` holds what is
-        // left of the next one.
-        while written > 0 {
-            let piece = &mut pieces[at];
-            if written >= piece.len() {
-                written -= piece.len();
-                at += 1;
-            } else {
-                piece.advance(written);
-                written = 0;
-            }
-        }
+        consume(&mut pieces, written);
     }
     Ok(())
+}
+
+/// Removes the first `n` bytes of `pieces` (what a vectored write took): pieces written whole
+/// go, a piece written in part keeps its rest at the front.
+pub fn consume(pieces: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let front = pieces.front_mut().expect("consumed past the pieces");
+        if front.len() <= n {
+            n -= front.len();
+            pieces.pop_front();
+        } else {
+            front.advance(n);
+            n = 0;
+        }
+    }
 }
 
 #[cfg(test)]

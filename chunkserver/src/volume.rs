@@ -279,11 +279,7 @@ impl Volume {
         let finish = move |me: &Volume, result: Result<Outcome, VolumeError>| {
             me.close_seq(seq);
             me.record(Stage::Route, start.elapsed());
-            done(result.map(|outcome| match outcome {
-                Outcome::Done => None,
-                Outcome::Data(data) => Some(data),
-                other => unreachable!("a data request ended with {other:?}"),
-            }))
+            done(result.map(data_of))
         };
         let me = self.clone();
         let frame_op = request.clone();
@@ -298,7 +294,7 @@ impl Volume {
                 });
             }
         };
-        let floor = *self.inner.outstanding.lock().unwrap().first().unwrap_or(&seq);
+        let floor = self.floor(seq);
         let id = RequestId { client: self.inner.client, seq };
         self.start_attempt(target, chunk, id, floor, frame_op, Answer::Call(Box::new(on_answer)));
     }
@@ -340,11 +336,7 @@ impl Volume {
         let start = Instant::now();
         let result = self.routed(chunk, op).await;
         self.record(Stage::Route, start.elapsed());
-        match result? {
-            Outcome::Done => Ok(None),
-            Outcome::Data(data) => Ok(Some(data)),
-            other => unreachable!("routed() returned {other:?} for a data request"),
-        }
+        result.map(data_of)
     }
 
     /// A membership change of `chunk`'s group, executed by its leader: `Ok(Err(_))` when the
@@ -391,6 +383,12 @@ impl Volume {
 
     fn close_seq(&self, seq: u64) {
         self.inner.outstanding.lock().unwrap().remove(&seq);
+    }
+
+    /// The floor an attempt of outstanding request `seq` carries: the lowest sequence number
+    /// still outstanding (the group forgets the answers of requests below it).
+    fn floor(&self, seq: u64) -> u64 {
+        *self.inner.outstanding.lock().unwrap().first().unwrap_or(&seq)
     }
 
     /// Records a frontend stage latency.
@@ -459,10 +457,7 @@ impl Volume {
         loop {
             let outcome = match first.take() {
                 Some((_, outcome)) => outcome,
-                None => {
-                    let floor = *inner.outstanding.lock().unwrap().first().unwrap_or(&seq);
-                    self.attempt(target, chunk, id, floor, op.clone()).await
-                }
+                None => self.attempt(target, chunk, id, self.floor(seq), op.clone()).await,
             };
             if ends(&op, &outcome) {
                 return Ok(self.served(chunk, target, outcome));
@@ -570,6 +565,16 @@ fn link_closed(link: &ServerLink, seq: u64) {
     let waiter = link.pending.lock().unwrap().remove(&seq);
     if let Some(waiter) = waiter {
         waiter.answer(Outcome::Failed("link closed".into()));
+    }
+}
+
+/// The result of a data request that ended with `outcome` (see [`ends`]): a read's data, or
+/// nothing for a write, trim or zeroes.
+fn data_of(outcome: Outcome) -> Option<Bytes> {
+    match outcome {
+        Outcome::Done => None,
+        Outcome::Data(data) => Some(data),
+        other => unreachable!("a data request ended with {other:?}"),
     }
 }
 

@@ -228,12 +228,17 @@ pub fn encode_pieces(frame: &Frame, out: &mut Pieces) {
         crc.update(part);
         body_len += part.len();
     });
-    let head = out.head_at(mark);
-    head[..4].copy_from_slice(&(body_len as u32).to_le_bytes());
-    head[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
+    put_head(out.head_at(mark), body_len, crc.finalize());
 }
 
-/// Appends `frame` with its length and checksum left zero (see [`frame_head`]).
+/// Writes a frame's length and checksum into its first 8 bytes, `frame`.
+fn put_head(frame: &mut [u8], body_len: usize, crc: u32) {
+    frame[..4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    frame[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Appends `frame` with its length and checksum left zero, for [`seal`] or [`encode_pieces`]
+/// to fill in.
 fn encode_unsealed(frame: &Frame, out: &mut impl Sink) {
     out.put_u32_le(0);
     out.put_u32_le(0);
@@ -386,8 +391,7 @@ fn seal(out: &mut BytesMut, start: usize, tail: &[u8]) {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&out[body..]);
     crc.update(tail);
-    out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
-    out[start + 4..body].copy_from_slice(&crc.finalize().to_le_bytes());
+    put_head(&mut out[start..], body_len, crc.finalize());
 }
 
 /// Room for a request frame without its data (a read, trim or zeroes request is ~70 bytes).
@@ -692,21 +696,15 @@ pub fn decode_body(mut buf: Bytes) -> Result<Frame, WireError> {
 /// entries is ~270 KiB; zeroing it was a measurable share of the network threads' time).
 pub async fn read_bytes<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> std::io::Result<BytesMut> {
     let mut buf = BytesMut::with_capacity(len);
-    read_rest(reader, &mut buf, len).await?;
-    Ok(buf)
-}
-
-/// Reads into `buf` until it holds `len` bytes.
-async fn read_rest<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut BytesMut, len: usize) -> std::io::Result<()> {
     // `take` bounds each read: the buffer may have room past `len`, and the bytes after it
     // belong to the next frame.
-    let mut limited = reader.take((len - buf.len()) as u64);
+    let mut limited = reader.take(len as u64);
     while buf.len() < len {
-        if limited.read_buf(buf).await? == 0 {
+        if limited.read_buf(&mut buf).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
     }
-    Ok(())
+    Ok(buf)
 }
 
 /// Reads one frame. `Ok(None)` at a clean end of stream.

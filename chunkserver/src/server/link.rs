@@ -21,11 +21,11 @@ use std::collections::VecDeque;
 use std::io::{ErrorKind, IoSlice};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::net::WriteHalf;
-use crate::outgoing::MAX_PIECES;
+use crate::outgoing::{consume, MAX_PIECES};
 
 /// Taken from the backlog for one write by the task, at most (or [`MAX_PIECES`] pieces).
 const DRAIN_WRITE_BYTES: usize = 1 << 20;
@@ -191,20 +191,6 @@ fn write_some(writer: &WriteHalf, pieces: &mut VecDeque<Bytes>) -> std::io::Resu
         }
     }
     Ok(written)
-}
-
-/// Removes the first `n` bytes of `pieces`.
-fn consume(pieces: &mut VecDeque<Bytes>, mut n: usize) {
-    while n > 0 {
-        let front = pieces.front_mut().expect("consumed past the pieces");
-        if front.len() <= n {
-            n -= front.len();
-            pieces.pop_front();
-        } else {
-            front.advance(n);
-            n = 0;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -50,8 +50,8 @@ fn main() -> ExitCode {
         }
     };
     println!(
-        "{:<12} {:>5} {:>22} {:>22} {:>8}",
-        "delays", "depth", "parallel iops p50/p99", "raft iops p50/p99", "ratio"
+        "{:<12} {:>5} {:>22} {:>22} {:>8} {:>9}",
+        "delays", "depth", "parallel iops p50/p99", "raft iops p50/p99", "ratio", "snapshots"
     );
     let shapes: [(&str, Shape); 3] =
         [("none", |m| m), ("jitter", PerfModel::with_jitter), ("stragglers", PerfModel::with_stragglers)];
@@ -61,14 +61,16 @@ fn main() -> ExitCode {
             let run = |mode| measure(mode, model, ops, seed);
             match (run(Mode::Parallel), run(Mode::Raft)) {
                 (Ok(p), Ok(r)) => println!(
-                    "{name:<12} {depth:>5} {:>9.0} {:>5}/{:<6} {:>9.0} {:>5}/{:<6} {:>7.2}x",
+                    "{name:<12} {depth:>5} {:>9.0} {:>5}/{:<6} {:>9.0} {:>5}/{:<6} {:>7.2}x {:>4}/{:<4}",
                     p.iops,
                     p.p50_us,
                     p.p99_us,
                     r.iops,
                     r.p50_us,
                     r.p99_us,
-                    p.iops / r.iops
+                    p.iops / r.iops,
+                    p.snapshots,
+                    r.snapshots
                 ),
                 (Err(e), _) | (_, Err(e)) => {
                     eprintln!("{name} depth {depth}: {e}");

@@ -208,6 +208,7 @@ impl Replica {
         }
         self.checkpoint_in_progress = None;
         if index > self.log.checkpoint() {
+            self.retain_before_prune(index);
             self.log.prune_through(index);
             self.out.push(Command::PruneLog { through: index });
         }

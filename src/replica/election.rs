@@ -232,6 +232,8 @@ impl Replica {
             unsent: Vec::new(),
             elected_tick: self.ticks,
             change: None,
+            payload: Default::default(),
+            retained: Default::default(),
         }));
         self.leader_hint = Some(self.cfg.id);
     }
@@ -322,5 +324,8 @@ impl Replica {
         if self.ticks.is_multiple_of(hb) {
             self.broadcast_heartbeat();
         }
+        // A follower may have stopped keeping up (see `flow`): what it held back goes.
+        self.trim_retained();
+        self.drain_queue();
     }
 }

@@ -10,6 +10,7 @@
 
 mod apply;
 mod election;
+mod flow;
 mod merge;
 mod reconfig;
 mod replicate;
@@ -59,6 +60,9 @@ struct Progress {
     sent_upto: Index,
     /// Tick at which `durable` last advanced, or the in-flight entries were last resent.
     stall_tick: u64,
+    /// Tick at which `durable` last advanced or stood at our last index, or the follower
+    /// became synced: whether it keeps up (see `flow`).
+    moved_tick: u64,
 }
 
 /// Bound of `LeaderState::rounds`. Rounds start with every heartbeat (every two ticks) and
@@ -113,6 +117,10 @@ struct LeaderState {
     elected_tick: u64,
     /// The one membership change accepted but not yet appended (see `reconfig`).
     change: Option<PendingChange>,
+    /// Payload bytes appended, as running totals: how far followers lag (see `flow`).
+    payload: flow::PayloadTotals,
+    /// Entries under the checkpoint that followers keeping up still lack (see `flow`).
+    retained: flow::Retained,
 }
 
 #[derive(Debug)]
@@ -177,6 +185,8 @@ pub struct Replica {
     applying: BTreeMap<Index, RangeSet>,
     executing_reads: BTreeMap<RequestId, RangeSet>,
     checkpoint_in_progress: Option<Index>,
+    /// See [`Replica::proposals_held_by_lag`].
+    proposals_held_by_lag: u64,
     out: Vec<Command>,
     /// Reads accepted as leader: served under the read lease (or alone in the group), and
     /// confirmed by a read-index round of their own. For metrics.
@@ -230,6 +240,7 @@ impl Replica {
             applying: BTreeMap::new(),
             executing_reads: BTreeMap::new(),
             checkpoint_in_progress: None,
+            proposals_held_by_lag: 0,
             out: Vec::new(),
             reads_leased: 0,
             reads_with_round: 0,
@@ -604,6 +615,7 @@ impl Replica {
             );
             assert!(l.rounds.back().is_none_or(|r| r.0 == l.read_seq && r.1 <= self.ticks), "stale read rounds");
             assert!(l.lease_until <= self.ticks + self.cfg.lease_ticks as u64, "read lease beyond lease_ticks");
+            self.check_flow_invariants();
             if l.serving {
                 assert!(self.committed >= l.merge_end, "serving leader has not committed its merge");
                 assert_eq!(self.hard.sync, self.hard.term, "serving leader not synced to its term");

@@ -39,7 +39,11 @@ impl Replica {
             return; // The queued copy will be answered.
         }
         let barrier = l.change.is_some() || self.log.config_index() > self.committed;
-        if self.log.last_index().0 >= self.committed.0 + self.cfg.window() || !l.queue.is_empty() || barrier {
+        let full = self.log.last_index().0 >= self.committed.0 + self.cfg.window();
+        let waits = full || !l.queue.is_empty() || barrier;
+        if waits || self.follower_lag_full() {
+            self.proposals_held_by_lag += u64::from(!waits);
+            let Role::Leader(l) = &mut self.role else { unreachable!() };
             if l.queue.len() >= self.cfg.max_queued_proposals {
                 self.reply(id, Err(ClientError::Busy));
             } else {
@@ -60,15 +64,14 @@ impl Replica {
             if self.log.last_index().0 >= self.committed.0 + self.cfg.window() {
                 return;
             }
-            let Role::Leader(l) = &mut self.role else {
+            let Role::Leader(l) = &self.role else {
                 return;
             };
-            if !l.serving {
+            if !l.serving || l.queue.is_empty() || self.follower_lag_full() {
                 return;
             }
-            let Some(request) = l.queue.pop_front() else {
-                return;
-            };
+            let Role::Leader(l) = &mut self.role else { unreachable!() };
+            let request = l.queue.pop_front().expect("queue checked non-empty");
             self.append(request);
         }
     }
@@ -92,6 +95,7 @@ impl Replica {
         self.persist_entries(vec![entry.clone()]);
         let Role::Leader(l) = &mut self.role else { unreachable!() };
         l.in_log.insert(request.id, index);
+        l.payload.push(index, crate::io::write_data(&entry.op).map_or(0, |d| d.len() as u64));
         let f = l.floors.entry(request.id.client).or_default();
         *f = (*f).max(request.floor);
         l.waiters.entry(index).or_default().push(request.id);
@@ -133,7 +137,8 @@ impl Replica {
     /// waiting for it and renews the read lease.
     pub(super) fn broadcast_heartbeat(&mut self) {
         let term = self.hard.term;
-        let checkpoint = self.log.checkpoint();
+        // Entries at or below it are neither in the log nor retained (see `flow`).
+        let floor = self.catch_up_floor();
         let last = self.log.last_index();
         let batch = self.cfg.max_batch_entries;
         let commit = self.commit_notice();
@@ -158,8 +163,8 @@ impl Replica {
                 plan.push((*peer, None));
                 continue;
             }
-            let from = p.durable.max(checkpoint);
-            if p.committed.is_some_and(|c| c < checkpoint) && p.durable < checkpoint {
+            let from = p.durable.max(floor);
+            if p.committed.is_some_and(|c| c < floor) && p.durable < floor {
                 plan.push((*peer, Some(Vec::new()))); // needs pruned entries: snapshot
                 continue;
             }
@@ -187,15 +192,15 @@ impl Replica {
                 Some(missing) => {
                     let needs_snapshot = {
                         let Role::Leader(l) = &self.role else { unreachable!() };
-                        let p = &l.progress[&peer];
-                        p.committed.is_some_and(|c| c < checkpoint) && p.durable < checkpoint
+                        self.needs_snapshot(&l.progress[&peer])
                     };
                     if needs_snapshot {
                         self.maybe_send_snapshot(peer);
                         continue;
                     }
                     if serving && !missing.is_empty() {
-                        let entries: Vec<Entry> = missing.iter().filter_map(|i| self.log.entry(*i).cloned()).collect();
+                        let entries: Vec<Entry> =
+                            missing.iter().filter_map(|i| self.sendable_entry(*i).cloned()).collect();
                         self.send(peer, Message::Append { term, entries, commit: commit.clone() });
                     }
                     self.send(peer, Message::Heartbeat { term, commit: commit.clone(), read_seq });
@@ -334,7 +339,7 @@ impl Replica {
             return;
         }
         let ticks = self.ticks;
-        let (parallel, watermark) = (self.cfg.mode == Mode::Parallel, self.committed);
+        let (parallel, watermark, last) = (self.cfg.mode == Mode::Parallel, self.committed, self.log.last_index());
         let Role::Leader(l) = &mut self.role else {
             return;
         };
@@ -356,6 +361,9 @@ impl Replica {
         if synced {
             if durable > p.durable {
                 p.stall_tick = ticks;
+            }
+            if durable > p.durable || durable >= last || !was_synced {
+                p.moved_tick = ticks;
             }
             let from_index = p.durable.max(watermark);
             if parallel && was_synced && durable.0.saturating_sub(from_index.0) <= MAX_PREFIX_CANDIDATES {
@@ -391,9 +399,9 @@ impl Replica {
             None => self.try_commit(),
         }
         self.try_reads();
-        if matches!(&self.role, Role::Leader(l) if l.change.is_some()) {
-            self.drain_queue(); // the echo may confirm a waiting membership change
-        }
+        // The echo may confirm a waiting membership change, and a follower's progress may open
+        // the flow control (see `flow`).
+        self.drain_queue();
     }
 
     /// Commits every index durable on a quorum. Parallel mode: each index on its own;

@@ -699,6 +699,21 @@ fn render_metrics(
                 per_chunk(&|g| g.replica().holes() as i64),
             ),
             (
+                "follower_lag",
+                "Leader: entries the furthest follower that keeps up lags behind the last index (flow control holds new writes at half a checkpoint)",
+                per_chunk(&|g| g.replica().follower_lag() as i64),
+            ),
+            (
+                "retained_entries",
+                "Leader: entries under the checkpoint kept for followers that lack them",
+                per_chunk(&|g| g.replica().retained_entries() as i64),
+            ),
+            (
+                "proposals_held_by_lag",
+                "Writes queued as leader only because a follower lagged (since start)",
+                per_chunk(&|g| g.replica().proposals_held_by_lag() as i64),
+            ),
+            (
                 "is_leader",
                 "1 where this replica leads",
                 per_chunk(&|g| (g.replica().role() == RoleKind::Leader) as i64),

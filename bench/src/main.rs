@@ -346,16 +346,22 @@ fn save_profile(running: &Running, out: &Path, tag: &str) {
     // The text is rendered every 500 ms: let it include the last job.
     std::thread::sleep(std::time::Duration::from_millis(600));
     let mut all = Vec::new();
+    // Whether the figures came from three replicas in step: a follower caught up from the block
+    // image (a rebuild) during the run left the group writing two copies meanwhile.
+    let (mut rebuilt, mut held) = (0.0, 0.0);
     for (k, addr) in running.metrics.iter().enumerate() {
         let who = if k == 0 { "frontend".to_string() } else { format!("server-{k}") };
         match chunkserver::profile::fetch(addr) {
             Ok(text) => {
                 let _ = std::fs::write(dir.join(format!("{tag}-{who}.metrics.txt")), &text);
+                rebuilt += chunkserver::metrics::sum_of(&text, "rebuild_sent_bytes_total");
+                held += chunkserver::metrics::sum_of(&text, "proposals_held_by_lag");
                 all.push((who, chunkserver::metrics::parse_stages(&text)));
             }
             Err(e) => eprintln!("  no metrics from {who}: {e}"),
         }
     }
+    eprintln!("  replicas: {rebuilt:.0} bytes sent as rebuilds, {held:.0} writes held for a lagging follower");
     if !all.is_empty() {
         let _ = std::fs::write(dir.join(format!("{tag}.txt")), chunkserver::profile::table(&all));
         let _ = std::fs::write(dir.join(format!("{tag}.svg")), chunkserver::profile::svg(&all));

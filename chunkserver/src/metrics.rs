@@ -296,6 +296,17 @@ pub fn parse_stages(text: &str) -> BTreeMap<String, (f64, f64, f64, u64)> {
     out
 }
 
+/// The sum of a metric over its label sets (`name` without the `parallelraft_` prefix): a
+/// per-chunk gauge over all chunks, or a counter (its `_total` name). 0 when absent.
+pub fn sum_of(text: &str, name: &str) -> f64 {
+    let full = format!("parallelraft_{name}");
+    text.lines()
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(head, _)| *head == full || head.strip_prefix(full.as_str()).is_some_and(|rest| rest.starts_with('{')))
+        .filter_map(|(_, value)| value.parse::<f64>().ok())
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,5 +340,9 @@ mod tests {
         assert!((249.0..=251.0).contains(&p50));
         assert_eq!(count, 6);
         assert_eq!(parsed["apply"].3, 1);
+        assert_eq!(sum_of(&text, "inflight"), 3.0, "summed over chunks");
+        assert_eq!(sum_of(&text, "writes_total"), 7.0);
+        assert_eq!(sum_of(&text, "writes"), 0.0, "a prefix of another name is not that name");
+        assert_eq!(sum_of(&text, "absent_total"), 0.0);
     }
 }

@@ -1,7 +1,7 @@
 //! Fault tests with real processes: SIGKILL the leader during a verifying fio run (servers
 //! linked by TCP), kill a follower for good, kill two servers (writes stall, then resume when
 //! one returns), freeze the leader with SIGSTOP (a hung server, which no connection error
-//! reveals) during a verifying fio run.
+//! reveals) during a verifying fio run, and freeze a follower the same way.
 
 mod support;
 
@@ -154,4 +154,38 @@ fn leader_frozen_during_verifying_fio_run() {
     assert_eq!(c.leader_of(0), Some(new_leader), "{}", c.log_tail());
     let out = run_ok(&mut qemu_io(&c.uri(), &["write -P 0x5a 0 64k", "read -P 0x5a 0 64k"]));
     assert!(!out.contains("verification failed"), "{out}");
+}
+
+/// A follower that hangs during a verifying fio run: the leader's flow control waits for a
+/// follower only while it keeps up (heard from, its durable prefix moving), so the run finishes
+/// on the two others while it is still frozen; a flow control that waited for it regardless
+/// would hold every write once it lagged half a checkpoint. Thawed, it catches up.
+#[test]
+fn follower_frozen_during_verifying_fio_run() {
+    let _g = serial();
+    require_tool("fio");
+    let c = LocalCluster::start("parallel", "128M");
+    let leader = c.leader_of(0).expect("chunk 0 has a leader");
+    let follower = (1..=3).find(|s| *s != leader).unwrap();
+    let pid = c.pid_of(follower).expect("follower pid");
+    // 2 x 32 MiB, far more than the 16 MiB a follower that keeps up may lag by.
+    let fio = fio_verify(&c.uri(), 16, 2, 32, 32).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    signal(pid, libc::SIGSTOP);
+    let thaw = Thaw(pid);
+    let Some(job) = fio_finished_within(fio, Duration::from_secs(90)) else {
+        panic!("fio did not finish while a follower was frozen:\n{}", c.log_tail());
+    };
+    assert_eq!(job["write"]["io_bytes"].as_u64(), Some(2 * (32 << 20)));
+    assert_eq!(job["read"]["io_bytes"].as_u64(), Some(2 * (32 << 20)), "every block verified");
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    assert!(state.split(") ").nth(1).is_some_and(|s| s.starts_with('T')), "the run waited for a thaw: {state}");
+    drop(thaw);
+    // Thawed, it catches up (from the log or the block image) to what the leader committed.
+    let target = c.chunk_status(leader).iter().find(|s| s.chunk == 0).map(|s| s.committed).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.chunk_status(follower).iter().find(|s| s.chunk == 0).is_none_or(|s| s.applied < target) {
+        assert!(Instant::now() < deadline, "server {follower} did not catch up to {target}:\n{}", c.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

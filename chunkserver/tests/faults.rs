@@ -99,6 +99,18 @@ fn signal(pid: i32, signal: i32) {
     assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill({pid}, {signal})");
 }
 
+/// Waits (up to 90 s) for `fio_verify`'s two 32 MiB jobs to finish while the server `pid`
+/// (`who`) is still stopped, every block written and verified.
+fn verified_while_frozen(c: &LocalCluster, fio: std::process::Child, pid: i32, who: &str) {
+    let Some(job) = fio_finished_within(fio, Duration::from_secs(90)) else {
+        panic!("fio did not finish while {who} was frozen:\n{}", c.log_tail());
+    };
+    assert_eq!(job["write"]["io_bytes"].as_u64(), Some(2 * (32 << 20)));
+    assert_eq!(job["read"]["io_bytes"].as_u64(), Some(2 * (32 << 20)), "every block verified");
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    assert!(state.split(") ").nth(1).is_some_and(|s| s.starts_with('T')), "the run waited for a thaw: {state}");
+}
+
 /// Continues a stopped server when dropped, so a failing test still lets the cluster stop.
 struct Thaw(i32);
 
@@ -130,13 +142,7 @@ fn leader_frozen_during_verifying_fio_run() {
     let new_leader = new_leader_of(&c, 0, leader, Duration::from_secs(30));
     // Bounded, so a frontend that waits on the frozen server forever fails the test rather
     // than hanging it.
-    let Some(job) = fio_finished_within(fio, Duration::from_secs(90)) else {
-        panic!("fio did not finish while the old leader was frozen:\n{}", c.log_tail());
-    };
-    assert_eq!(job["write"]["io_bytes"].as_u64(), Some(2 * (32 << 20)));
-    assert_eq!(job["read"]["io_bytes"].as_u64(), Some(2 * (32 << 20)), "every block verified");
-    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    assert!(state.split(") ").nth(1).is_some_and(|s| s.starts_with('T')), "the run waited for a thaw: {state}");
+    verified_while_frozen(&c, fio, pid, "the old leader");
     // The frontend went around the frozen server: answers it never got were tried again.
     let front = chunkserver::profile::fetch(&format!("127.0.0.1:{}", c.metrics_port())).unwrap();
     assert!(counter(&front, "parallelraft_frontend_retries_total").unwrap_or(0.0) > 0.0, "{front}");
@@ -173,13 +179,7 @@ fn follower_frozen_during_verifying_fio_run() {
     std::thread::sleep(Duration::from_millis(500));
     signal(pid, libc::SIGSTOP);
     let thaw = Thaw(pid);
-    let Some(job) = fio_finished_within(fio, Duration::from_secs(90)) else {
-        panic!("fio did not finish while a follower was frozen:\n{}", c.log_tail());
-    };
-    assert_eq!(job["write"]["io_bytes"].as_u64(), Some(2 * (32 << 20)));
-    assert_eq!(job["read"]["io_bytes"].as_u64(), Some(2 * (32 << 20)), "every block verified");
-    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    assert!(state.split(") ").nth(1).is_some_and(|s| s.starts_with('T')), "the run waited for a thaw: {state}");
+    verified_while_frozen(&c, fio, pid, "a follower");
     drop(thaw);
     // Thawed, it catches up (from the log or the block image) to what the leader committed.
     let target = c.chunk_status(leader).iter().find(|s| s.chunk == 0).map(|s| s.committed).unwrap();

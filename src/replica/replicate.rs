@@ -1,6 +1,6 @@
 //! Normal operation: proposals, out-of-order acknowledgement and commit, retransmission.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Replica, Role, MAX_ROUNDS_TRACKED};
 use crate::config::Mode;
@@ -136,6 +136,15 @@ impl Replica {
     /// its sequence confirms our leadership as of its sending, which both releases the reads
     /// waiting for it and renews the read lease.
     pub(super) fn broadcast_heartbeat(&mut self) {
+        /// What the round sends one follower.
+        enum Step {
+            /// Not synced yet: resend the decided log (or ask for its watermark).
+            Sync,
+            /// Needs entries we no longer hold: the block image.
+            Snapshot,
+            /// These entries (possibly none), then the heartbeat.
+            Send(Vec<Index>),
+        }
         let term = self.hard.term;
         // Entries at or below it are neither in the log nor retained (see `flow`).
         let floor = self.catch_up_floor();
@@ -143,9 +152,12 @@ impl Replica {
         let batch = self.cfg.max_batch_entries;
         let commit = self.commit_notice();
         let ticks = self.ticks;
-        let Role::Leader(l) = &mut self.role else {
+        let Role::Leader(l) = &self.role else {
             return;
         };
+        let snapshot: BTreeSet<ReplicaId> =
+            l.progress.iter().filter(|(_, p)| p.synced && self.needs_snapshot(p)).map(|(id, _)| *id).collect();
+        let Role::Leader(l) = &mut self.role else { unreachable!() };
         l.read_seq += 1;
         if l.rounds.len() == MAX_ROUNDS_TRACKED {
             l.rounds.pop_front();
@@ -160,14 +172,14 @@ impl Replica {
         let mut plan = Vec::new();
         for (peer, p) in l.progress.iter_mut() {
             if !p.synced {
-                plan.push((*peer, None));
+                plan.push((*peer, Step::Sync));
+                continue;
+            }
+            if snapshot.contains(peer) {
+                plan.push((*peer, Step::Snapshot));
                 continue;
             }
             let from = p.durable.max(floor);
-            if p.committed.is_some_and(|c| c < floor) && p.durable < floor {
-                plan.push((*peer, Some(Vec::new()))); // needs pruned entries: snapshot
-                continue;
-            }
             let stalled = ticks.saturating_sub(p.stall_tick) >= stall_ticks;
             let full = p.sent_upto.0.saturating_sub(from.0) >= 2 * batch as u64;
             let missing: Vec<Index> = (from.0 + 1..=last.0)
@@ -181,23 +193,13 @@ impl Replica {
                     p.stall_tick = ticks;
                 }
             }
-            plan.push((*peer, Some(missing)));
+            plan.push((*peer, Step::Send(missing)));
         }
-        for (peer, missing) in plan {
-            match missing {
-                None => {
-                    // Not synced yet: resend the decided log (or ask for its watermark).
-                    self.send_sync(peer);
-                }
-                Some(missing) => {
-                    let needs_snapshot = {
-                        let Role::Leader(l) = &self.role else { unreachable!() };
-                        self.needs_snapshot(&l.progress[&peer])
-                    };
-                    if needs_snapshot {
-                        self.maybe_send_snapshot(peer);
-                        continue;
-                    }
+        for (peer, step) in plan {
+            match step {
+                Step::Sync => self.send_sync(peer),
+                Step::Snapshot => self.maybe_send_snapshot(peer),
+                Step::Send(missing) => {
                     if serving && !missing.is_empty() {
                         let entries: Vec<Entry> =
                             missing.iter().filter_map(|i| self.sendable_entry(*i).cloned()).collect();

@@ -114,6 +114,11 @@ fn spare_test_log() -> (CrashEngine, &'static Path, std::path::PathBuf, Wal) {
     (engine, dir, spare, wal)
 }
 
+/// Where segment `number` of log `log_id` waits once pruned and kept as a spare.
+fn recycled(dir: &Path, log_id: u64, number: u64) -> std::path::PathBuf {
+    dir.join(format!("wal-{log_id:016x}-spare-{number:010}.tmp"))
+}
+
 /// Appends single entries from `*next` until the log rotates to a new segment; returns the
 /// syncs the rotating append issued.
 fn append_until_rotation(wal: &mut Wal, engine: &CrashEngine, next: &mut u64) -> u64 {
@@ -556,7 +561,7 @@ fn append_pairs_until_rotation(wal: &mut Wal, engine: &CrashEngine, next: &mut u
 
 #[test]
 fn pruned_segments_are_recycled_and_their_old_records_never_replay() {
-    let (engine, dir, spare, mut wal) = spare_test_log();
+    let (engine, dir, _spare, mut wal) = spare_test_log();
     // Single entries (8 KiB each with padding) at term 1, until four 64 KiB segments exist.
     let mut next = 1;
     while wal.segment_count() < 4 {
@@ -564,13 +569,16 @@ fn pruned_segments_are_recycled_and_their_old_records_never_replay() {
         next += 1;
     }
     let before = wal.segment_count();
-    // The first two segments hold entries 1..=16: the oldest becomes the spare, as it is.
+    // The first two segments hold entries 1..=16: both become spares, as they are, in order.
     assert_eq!(wal.prune(Index(16)).unwrap(), 2);
     assert_eq!(wal.segment_count(), before - 2);
-    assert!(engine.exists(&spare) && wal.spare_ready(), "the pruned segment was not kept as the spare");
-    // Rotating onto it writes no zeroes: one sync, the batch's.
+    let (first, second) = (recycled(dir, 1, 1), recycled(dir, 1, 2));
+    assert!(engine.exists(&first) && engine.exists(&second), "the pruned segments were not kept as spares");
+    assert!(wal.spare_ready() && wal.spare_count() == 2);
+    wal.check_invariants();
+    // Rotating onto the first writes no zeroes: one sync, the batch's.
     assert_eq!(append_until_rotation(&mut wal, &engine, &mut next), 1, "a recycled spare was zeroed");
-    assert!(!engine.exists(&spare));
+    assert!(!engine.exists(&first) && engine.exists(&second) && wal.spare_ready());
     let singles_end = next;
     // Then pairs at term 2: 12 KiB writes, the last ending at 44 KiB, inside an old 8 KiB
     // record: without the zeroed block after each write the scan would run into it.
@@ -622,6 +630,7 @@ fn crash_at_every_point_with_recycled_segments_keeps_every_acknowledged_batch() 
             if batch % 4 == 3 && next > 13 {
                 wal.prune(Index(next - 13)).unwrap();
             }
+            wal.check_invariants();
         }
         assert!(engine.trace_len() > 0);
         let total = engine.trace_len();
@@ -672,7 +681,6 @@ fn a_segment_with_untagged_records_is_deleted_not_recycled() {
     write_first_segment(&engine, small(), &image);
     let (mut wal, recovery) = Wal::open(Box::new(engine.clone()), dir, 5, small()).unwrap();
     assert_eq!(recovery.entries.len(), 3);
-    let spare = dir.join(format!("wal-{:016x}-spare.tmp", 5));
     let mut next = 4;
     while wal.segment_count() < 3 {
         wal.append(&[WalRecord::Entry(entry(next, 1))]).unwrap();
@@ -682,11 +690,12 @@ fn a_segment_with_untagged_records_is_deleted_not_recycled() {
     let first_of_third = next - 1;
     wal.prune(Index(first_of_third - 9)).unwrap();
     assert_eq!(wal.segment_count(), 2);
-    assert!(!engine.exists(&spare), "a segment holding untagged records was recycled");
+    assert!(!engine.exists(&recycled(dir, 5, 1)), "a segment holding untagged records was recycled");
+    assert_eq!(wal.spare_count(), 0);
     assert!(!engine.exists(Path::new("/wal/wal-0000000000000005-0000000001.log")));
     // The next one, written by this version, is.
     wal.prune(Index(first_of_third - 1)).unwrap();
-    assert!(engine.exists(&spare) && wal.spare_ready());
+    assert!(engine.exists(&recycled(dir, 5, 2)) && wal.spare_ready());
 }
 
 #[test]
@@ -780,7 +789,7 @@ fn a_spare_whose_old_tag_is_the_new_segments_is_not_recycled() {
     write_segment(&engine, small(), 1, 65_535, &log(4..=5, 1));
     let (mut wal, recovery) = Wal::open(Box::new(engine.clone()), dir, 1, small()).unwrap();
     assert_eq!(recovery.entries, (1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>());
-    let spare = dir.join(format!("wal-{:016x}-spare.tmp", 1));
+    let spare = recycled(dir, 1, 1);
     // Segment 1 is pruned and kept as the spare (its records are tagged: recyclable).
     wal.prune(Index(3)).unwrap();
     assert!(engine.exists(&spare) && wal.spare_ready());
@@ -800,4 +809,86 @@ fn a_spare_whose_old_tag_is_the_new_segments_is_not_recycled() {
             assert!(recovery.corruptions.is_empty(), "point {point} {policy:?}: {:?}", recovery.corruptions);
         }
     }
+}
+
+#[test]
+fn a_checkpoint_that_frees_several_segments_keeps_a_line_of_spares() {
+    // With one spare, a checkpoint that freed several segments deleted all but one (a discard
+    // each on a `discard` mount), and the rotations after the first zeroed fresh segments.
+    let (engine, dir, spare, mut wal) = spare_test_log();
+    let mut next = 1;
+    while wal.segment_count() < 7 {
+        wal.append(&[WalRecord::Entry(entry(next, 1))]).unwrap();
+        next += 1;
+    }
+    // Segments 1..=5 hold entries 1..=40 (eight 8 KiB records each): all five are freed.
+    assert_eq!(wal.prune(Index(40)).unwrap(), 5);
+    wal.check_invariants();
+    // 64 KiB segments: the line's bound is its count, four; the fifth is deleted.
+    assert_eq!(wal.spare_count(), 4);
+    for number in 1..=4 {
+        assert!(engine.exists(&recycled(dir, 1, number)), "segment {number} not kept");
+    }
+    assert!(!engine.exists(&recycled(dir, 1, 5)) && !engine.exists(&dir.join(format!("wal-{:016x}-{:010}.log", 1, 5))));
+    // Four rotations, in the order the segments were freed, none zeroing; then a fresh one.
+    for number in 1..=4 {
+        assert_eq!(append_until_rotation(&mut wal, &engine, &mut next), 1, "spare {number} was zeroed");
+        assert!(!engine.exists(&recycled(dir, 1, number)), "spare {number} not used in turn");
+        wal.check_invariants();
+    }
+    assert_eq!(wal.spare_count(), 0);
+    assert_eq!(append_until_rotation(&mut wal, &engine, &mut next), 2, "a rotation with no spare wrote no zeroes");
+    // Spares a crash leaves behind are removed at open, and nothing pruned comes back.
+    while wal.segment_count() < 11 {
+        wal.append(&[WalRecord::Entry(entry(next, 1))]).unwrap();
+        next += 1;
+    }
+    let covered = next - 20;
+    wal.prune(Index(covered)).unwrap();
+    assert!(wal.spare_count() >= 2);
+    drop(wal);
+    let crashed = engine.crash(CrashPolicy::DropUnsynced, &mut Rng::new(8));
+    let (wal, recovery) = Wal::open(Box::new(crashed.clone()), dir, 1, small()).unwrap();
+    assert_eq!(wal.spare_count(), 0);
+    let left: Vec<_> =
+        crashed.clone().list_dir(dir).unwrap().into_iter().filter(|p| p.to_string_lossy().contains("-spare")).collect();
+    assert!(left.is_empty() && !crashed.exists(&spare), "open left spares: {left:?}");
+    assert!(recovery.corruptions.is_empty() && !recovery.torn_tail, "{:?}", recovery.corruptions);
+    let held: Vec<u64> = recovery.entries.iter().map(|e| e.index.0).collect();
+    assert!(held.windows(2).all(|w| w[1] == w[0] + 1), "not contiguous: {held:?}");
+    assert!(held.first().is_some_and(|f| *f > 40) && held.last() == Some(&(next - 1)), "{held:?}");
+}
+
+#[test]
+fn a_pruned_segment_goes_ahead_of_a_fresh_spare_being_zeroed() {
+    // A checkpoint that frees a segment while a fresh spare is half zeroed: the freed one
+    // (ready as it is) is used first, not deleted, and the fresh one is finished for later.
+    let (engine, dir, spare, mut wal) = spare_test_log();
+    let mut next = 1;
+    append_until_rotation(&mut wal, &engine, &mut next);
+    // Segment 2 at 7/8 with segment 1 still live: a fresh spare starts (one step: the file).
+    while !wal.prepare_spare().unwrap() {
+        wal.append(&[WalRecord::Entry(entry(next, 1))]).unwrap();
+        next += 1;
+    }
+    assert!(engine.exists(&spare) && !wal.spare_ready());
+    wal.prune(Index(8)).unwrap();
+    wal.check_invariants();
+    assert_eq!(wal.spare_count(), 2);
+    assert!(wal.spare_ready() && engine.exists(&recycled(dir, 1, 1)) && engine.exists(&spare));
+    assert_eq!(append_until_rotation(&mut wal, &engine, &mut next), 1, "the freed segment was not used first");
+    assert!(!engine.exists(&recycled(dir, 1, 1)) && engine.exists(&spare));
+    // The fresh one is finished between group commits (once the new segment is half full)
+    // and used next, with no inline zeroing.
+    next = fill_until_spare_starts(&mut wal, next);
+    while wal.prepare_spare().unwrap() {}
+    assert!(wal.spare_ready());
+    wal.check_invariants();
+    assert_eq!(append_until_rotation(&mut wal, &engine, &mut next), 1, "the fresh spare was zeroed again");
+    assert!(!engine.exists(&spare) && wal.spare_count() == 0);
+    drop(wal);
+    let (_, recovery) =
+        Wal::open(Box::new(engine.crash(CrashPolicy::DropUnsynced, &mut Rng::new(9))), dir, 1, small()).unwrap();
+    assert!(recovery.corruptions.is_empty() && !recovery.torn_tail, "{:?}", recovery.corruptions);
+    assert_eq!(recovery.entries.iter().map(|e| e.index.0).collect::<Vec<_>>(), (9..next).collect::<Vec<_>>());
 }

@@ -34,9 +34,12 @@
 //! the next record at the next 4 KiB boundary, so a damaged record also hides the records
 //! packed after it in its write: their batch is incomplete, reported like any lost record.
 //!
-//! Recycling: a pruned segment becomes the next spare as it is (renamed, not deleted), so a
+//! Recycling: a pruned segment becomes a spare as it is (renamed, not deleted), so a
 //! segment is zeroed once in its life, not once per use, and deleting it sends the device no
-//! discard. Its old records stay in it; each record carries its segment's tag (a 16-bit
+//! discard. Up to [`MAX_SPARES`] spares (and at most [`SPARE_POOL_BYTES`]) wait in line: a
+//! checkpoint usually frees several segments at once, and with one spare the others were
+//! deleted and the next rotations zeroed fresh ones (128 KiB sequential writes: the disk
+//! wrote ~7 bytes and discarded ~1 per byte written, where six copies are the floor). Its old records stay in it; each record carries its segment's tag (a 16-bit
 //! digest of the segment's number; 0 in logs written before recycling, accepted as they are),
 //! and recovery reads a record whose checksum holds but whose tag is another segment's as the
 //! end of the segment, as it reads zeroes. A write into a recycled segment (or into one found
@@ -75,6 +78,11 @@ const ZERO_FILL_BYTES: usize = 1 << 20;
 /// large entries) is not kept after its batch.
 const SCRATCH_STEP_BYTES: usize = 256 << 10;
 const SCRATCH_KEEP_BYTES: usize = 16 << 20;
+/// Spares kept at most (the line of segments waiting to be written again), and the bytes they
+/// may hold together: an idle log keeps them, so the pool is small (four 32 MiB segments on
+/// the servers, two of the default 64 MiB), and always room for one.
+pub const MAX_SPARES: usize = 4;
+pub const SPARE_POOL_BYTES: u64 = 128 << 20;
 /// Bytes of the spare segment zeroed per [`Wal::prepare_spare`] step: small, so a group commit
 /// that arrives during a step waits little (a 256 KiB O_DIRECT write is ~0.1–0.2 ms here).
 const SPARE_STEP_BYTES: usize = 256 << 10;
@@ -206,7 +214,10 @@ pub struct Wal {
     tail: u64,
     next_seq: u64,
     next_batch: u64,
-    spare: Option<Spare>,
+    /// Spares in the order they become segments. Invariant: at most [`Wal::spare_limit`], and
+    /// at most one fresh one (zeroed here, `origin` none), last: one is started only when the
+    /// line is empty, and a pruned segment (ready as it is) goes ahead of it.
+    spares: VecDeque<Spare>,
     /// Preparing a spare failed since the last rotation: not retried until then (rotation
     /// then zeroes its segment inline and reports any error to the group commit).
     spare_failed: bool,
@@ -227,10 +238,27 @@ impl Wal {
         dir.join(format!("wal-{log_id:016x}-{number:010}.log"))
     }
 
-    /// Where the spare segment is prepared. Not a `.log` name: recovery never reads it, and
-    /// `open` removes one a crash left behind.
+    /// Where a fresh spare segment is prepared. Not a `.log` name: recovery never reads it,
+    /// and `open` removes one a crash left behind.
     fn spare_path(dir: &Path, log_id: u64) -> PathBuf {
         dir.join(format!("wal-{log_id:016x}-spare.tmp"))
+    }
+
+    /// Where a pruned segment waits as a spare (named after its old number, so the names in
+    /// the line differ); removed by `open` like a fresh one.
+    fn recycled_path(dir: &Path, log_id: u64, origin: u64) -> PathBuf {
+        dir.join(format!("wal-{log_id:016x}-spare-{origin:010}.tmp"))
+    }
+
+    fn is_spare_name(path: &Path, log_id: u64) -> bool {
+        path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            n.strip_prefix(&format!("wal-{log_id:016x}-spare")).is_some_and(|rest| rest.ends_with(".tmp"))
+        })
+    }
+
+    /// See [`MAX_SPARES`].
+    fn spare_limit(&self) -> usize {
+        ((SPARE_POOL_BYTES / self.options.segment_bytes) as usize).clamp(1, MAX_SPARES)
     }
 
     fn parse_segment_name(path: &Path, log_id: u64) -> Option<u64> {
@@ -259,10 +287,10 @@ impl Wal {
             )));
         }
         let listing = engine.list_dir(dir)?;
-        let spare_path = Wal::spare_path(dir, log_id);
-        if listing.contains(&spare_path) {
-            // A spare is never part of the log; a crash may have left it half zeroed.
-            engine.remove(&spare_path)?;
+        for spare in listing.iter().filter(|p| Wal::is_spare_name(p, log_id)) {
+            // A spare is never part of the log; a crash may have left it half zeroed, and a
+            // recycled one is not worth the bookkeeping of finding out which.
+            engine.remove(spare)?;
         }
         let mut numbers: Vec<u64> = listing.iter().filter_map(|p| Wal::parse_segment_name(p, log_id)).collect();
         numbers.sort_unstable();
@@ -300,7 +328,7 @@ impl Wal {
             tail: 0,
             next_seq: 1,
             next_batch: 1,
-            spare: None,
+            spares: VecDeque::new(),
             spare_failed: false,
             scratch: None,
         };
@@ -317,12 +345,15 @@ impl Wal {
         let number = self.segments.back().map_or(1, |s| s.number + 1);
         let path = Wal::segment_path(&self.dir, self.log_id, number);
         self.spare_failed = false;
-        if let Some(spare) = self.spare.take_if(|s| s.origin.is_some_and(|o| segment_tag(o) == segment_tag(number))) {
+        while let Some(at) =
+            self.spares.iter().position(|s| s.origin.is_some_and(|o| segment_tag(o) == segment_tag(number)))
+        {
             // Its old records would read as this segment's.
+            let spare = self.spares.remove(at).expect("position found above");
             self.discard(spare)?;
         }
-        let recycled = self.spare.as_ref().is_some_and(|s| s.origin.is_some());
-        let (tmp, file) = match self.spare.take() {
+        let recycled = self.spares.front().is_some_and(|s| s.origin.is_some());
+        let (tmp, file) = match self.spares.pop_front() {
             // Usually prepared while the WAL thread was idle; finish whatever is left.
             Some(spare) => {
                 if !spare.synced {
@@ -368,13 +399,14 @@ impl Wal {
         if self.spare_failed || self.tail < self.options.segment_bytes / 2 {
             return Ok(false);
         }
-        if self.spare.is_none() && self.segments.len() > 1 && self.tail < self.options.segment_bytes / 8 * 7 {
+        if self.spares.is_empty() && self.segments.len() > 1 && self.tail < self.options.segment_bytes / 8 * 7 {
             return Ok(false);
         }
         let result = self.prepare_spare_step();
         if result.is_err() {
             self.spare_failed = true;
-            if let Some(spare) = self.spare.take() {
+            // Only a fresh spare is prepared, and it is the last (see `spares`).
+            if let Some(spare) = self.spares.pop_back_if(|s| s.origin.is_none()) {
                 let _ = self.discard(spare);
             }
         }
@@ -390,10 +422,10 @@ impl Wal {
 
     fn prepare_spare_step(&mut self) -> Result<bool> {
         let segment_bytes = self.options.segment_bytes;
-        let Some(spare) = &self.spare else {
+        let Some(spare) = self.spares.back() else {
             let path = Wal::spare_path(&self.dir, self.log_id);
             let file = self.engine.open(&path, OpenMode { create: true, direct: self.options.direct })?;
-            self.spare = Some(Spare { path, file, zeroed: 0, synced: false, origin: None });
+            self.spares.push_back(Spare { path, file, zeroed: 0, synced: false, origin: None });
             self.engine.allocate(file, segment_bytes)?;
             return Ok(true);
         };
@@ -404,10 +436,10 @@ impl Wal {
         if zeroed < segment_bytes {
             let to = segment_bytes.min(zeroed + SPARE_STEP_BYTES as u64);
             self.write_zeroes(file, zeroed, to)?;
-            self.spare.as_mut().expect("spare checked above").zeroed = to;
+            self.spares.back_mut().expect("spare checked above").zeroed = to;
         } else {
             self.sync(file)?;
-            self.spare.as_mut().expect("spare checked above").synced = true;
+            self.spares.back_mut().expect("spare checked above").synced = true;
         }
         Ok(true)
     }
@@ -663,9 +695,9 @@ impl Wal {
     }
 
     /// Deletes the oldest segments in which every chunk's entries are covered by its
-    /// checkpoint; the first of them becomes the spare instead when there is none and it is
-    /// recyclable (see the module docs and `Segment::recyclable`). The segment being written
-    /// is kept.
+    /// checkpoint; each joins the spares instead while they have room and it is recyclable
+    /// (see the module docs and `Segment::recyclable`), ahead of a fresh spare still being
+    /// zeroed. The segment being written is kept.
     pub fn prune_covered(&mut self) -> Result<usize> {
         let mut removed = 0;
         if self.poisoned.is_some() {
@@ -674,15 +706,16 @@ impl Wal {
         while self.segments.len() > 1 && self.segments[0].live.iter().all(|(c, max)| self.is_covered(*c, *max)) {
             let s = self.segments.pop_front().unwrap();
             removed += 1;
-            if s.recyclable && self.spare.is_none() {
-                let path = Wal::spare_path(&self.dir, self.log_id);
+            if s.recyclable && self.spares.len() < self.spare_limit() {
+                let path = Wal::recycled_path(&self.dir, self.log_id, s.number);
                 if let Err(e) = self.engine.rename_durable(&s.path, &path) {
                     self.engine.close(s.file);
                     return Err(e.into());
                 }
                 let segment_bytes = self.options.segment_bytes;
-                self.spare =
-                    Some(Spare { path, file: s.file, zeroed: segment_bytes, synced: true, origin: Some(s.number) });
+                let spare = Spare { path, file: s.file, zeroed: segment_bytes, synced: true, origin: Some(s.number) };
+                let at = self.spares.len() - usize::from(self.spares.back().is_some_and(|b| b.origin.is_none()));
+                self.spares.insert(at, spare);
                 continue;
             }
             self.engine.close(s.file);
@@ -702,7 +735,7 @@ impl Wal {
 
     /// Deletes every segment (a chunk's log of an earlier version, once moved; see [`super::migrate`]).
     pub fn destroy(mut self) -> Result<()> {
-        if let Some(spare) = self.spare.take() {
+        while let Some(spare) = self.spares.pop_front() {
             self.discard(spare)?;
         }
         while let Some(s) = self.segments.pop_front() {
@@ -715,7 +748,24 @@ impl Wal {
     /// A spare segment is ready (zeroed and synced, or recycled), so the next rotation writes
     /// no zeroes.
     pub fn spare_ready(&self) -> bool {
-        self.spare.as_ref().is_some_and(|s| s.synced)
+        self.spares.front().is_some_and(|s| s.synced)
+    }
+
+    /// Spares waiting to become segments (ready or not).
+    pub fn spare_count(&self) -> usize {
+        self.spares.len()
+    }
+
+    /// Panics unless the spares hold their invariant (see `spares`): at most the limit, a
+    /// fresh one only last, recycled ones ready and none the number of a live segment.
+    pub fn check_invariants(&self) {
+        assert!(self.spares.len() <= self.spare_limit(), "{} spares, limit {}", self.spares.len(), self.spare_limit());
+        let fresh: Vec<usize> = (0..self.spares.len()).filter(|i| self.spares[*i].origin.is_none()).collect();
+        assert!(fresh.is_empty() || fresh == [self.spares.len() - 1], "fresh spares at {fresh:?}");
+        for spare in self.spares.iter().filter(|s| s.origin.is_some()) {
+            assert!(spare.synced && spare.zeroed == self.options.segment_bytes, "a recycled spare not ready");
+            assert!(self.segments.iter().all(|seg| Some(seg.number) != spare.origin), "a spare still a segment");
+        }
     }
 
     pub fn segment_count(&self) -> usize {

@@ -205,7 +205,7 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
     {
         let _guard = runtime.enter();
         let listener = std_listener.into_tokio().map_err(|e| e.to_string())?;
-        crate::poll::spawn_runtime_poller(activity, opts.poll);
+        crate::poll::spawn_runtime_poller(activity.clone(), opts.poll);
         runtime.spawn(transport::accept_loop(shared.clone(), listener, peers.accept_from.clone()));
         let shared_for_stop = shared.clone();
         runtime.spawn(async move {
@@ -226,7 +226,7 @@ pub fn run(opts: ServerOptions, stop: Option<tokio::sync::oneshot::Receiver<()>>
     // The core runs as a task, not as the `block_on` future: waking a task from this same
     // thread only queues it, while waking the `block_on` future writes the driver's eventfd.
     let core = runtime.spawn(async move {
-        core_loop(&opts, &disk, &mut groups, &mut outbox, &mut peers, inbox, &ready, &published).await
+        core_loop(&opts, &disk, &mut groups, &mut outbox, &mut peers, inbox, &ready, &activity, &published).await
     });
     let _ = runtime.block_on(core);
     info!(server = me.0, "chunk server stopping");
@@ -309,6 +309,7 @@ async fn core_loop(
     peers: &mut Peers,
     inbox: Receiver<Inbound>,
     ready: &Notify,
+    activity: &Activity,
     published: &Published,
 ) {
     let mut stages = Stages::default();
@@ -354,9 +355,15 @@ async fn core_loop(
         held.release_due(now, &mut batch);
         if batch.is_empty() {
             match held.idle(now) {
-                // A held frame is due sooner than tokio's timer could wake us: look again.
+                // A held frame is due sooner than tokio's timer could wake us: look again. The
+                // vCPU is offered to other threads once per runtime round: by the runtime's
+                // poller while it spins (a second offer here doubled the `sched_yield`s and
+                // context switches of the jitter benchmarks, CPU the engine's own work lacked),
+                // else here.
                 delay::Idle::Spin if now < next_tick => {
-                    crate::poll::yield_cpu();
+                    if !activity.recent(opts.poll) {
+                        crate::poll::yield_cpu();
+                    }
                     tokio::task::yield_now().await;
                     continue;
                 }

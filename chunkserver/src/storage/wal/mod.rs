@@ -36,10 +36,11 @@
 //!
 //! Recycling: a pruned segment becomes a spare as it is (renamed, not deleted), so a
 //! segment is zeroed once in its life, not once per use, and deleting it sends the device no
-//! discard. Up to [`MAX_SPARES`] spares (and at most [`SPARE_POOL_BYTES`]) wait in line: a
-//! checkpoint usually frees several segments at once, and with one spare the others were
-//! deleted and the next rotations zeroed fresh ones (128 KiB sequential writes: the disk
-//! wrote ~7 bytes and discarded ~1 per byte written, where six copies are the floor). Its old records stay in it; each record carries its segment's tag (a 16-bit
+//! discard. Up to [`MAX_SPARES`] spares (at most [`SPARE_POOL_BYTES`]) wait in line, since a
+//! checkpoint often frees several segments at once: with one spare the others were deleted
+//! and the next rotations zeroed fresh ones (128 KiB sequential writes: the disk wrote ~6.6
+//! bytes and discarded ~0.5 per byte written, against ~6.1 and none with the line). A
+//! recycled segment's old records stay in it; each record carries its segment's tag (a 16-bit
 //! digest of the segment's number; 0 in logs written before recycling, accepted as they are),
 //! and recovery reads a record whose checksum holds but whose tag is another segment's as the
 //! end of the segment, as it reads zeroes. A write into a recycled segment (or into one found
@@ -721,6 +722,8 @@ impl Wal {
             self.engine.close(s.file);
             self.engine.remove(&s.path)?;
         }
+        #[cfg(debug_assertions)]
+        self.check_invariants();
         Ok(removed)
     }
 

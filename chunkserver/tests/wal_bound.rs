@@ -103,10 +103,21 @@ fn an_idle_chunk_checkpoints_what_it_applied() {
     loop {
         let figures: Vec<(u64, u64)> =
             (1..=3).map(|s| (status_figure(&c, 0, s, "applied"), status_figure(&c, 0, s, "checkpoint"))).collect();
-        if figures.iter().all(|(applied, checkpoint)| *applied >= 8 && checkpoint == applied) {
+        // Each server's `status` file says so too (rewritten every 200 ms).
+        let files: Vec<(u64, u64)> = (1..=3)
+            .filter_map(|s| c.chunk_status(s).into_iter().find(|r| r.chunk == 0))
+            .map(|r| (r.applied, r.checkpoint))
+            .collect();
+        let done = |v: &[(u64, u64)]| {
+            v.len() == 3 && v.iter().all(|(applied, checkpoint)| *applied >= 8 && checkpoint == applied)
+        };
+        if done(&figures) && done(&files) {
             break;
         }
-        assert!(Instant::now() < deadline, "chunk 0 (applied, checkpoint) per server: {figures:?}");
+        assert!(
+            Instant::now() < deadline,
+            "chunk 0 (applied, checkpoint) per server: {figures:?}; in the status files: {files:?}"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
     restart_and_read_back(&mut c, 0x60);

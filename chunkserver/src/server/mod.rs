@@ -791,7 +791,7 @@ fn write_status(dir: &std::path::Path, groups: &BTreeMap<u32, Group>) {
         };
         let m = r.membership();
         text.push_str(&format!(
-            "{} {} {} {} {} {} {} {} {}\n",
+            "{} {} {} {} {} {} {} {} {} {}\n",
             g.chunk,
             role,
             r.term().0,
@@ -800,7 +800,8 @@ fn write_status(dir: &std::path::Path, groups: &BTreeMap<u32, Group>) {
             bad,
             repaired,
             list(&m.voters),
-            list(&m.learners)
+            list(&m.learners),
+            r.checkpoint_index().0
         ));
     }
     let tmp = dir.join("status.tmp");

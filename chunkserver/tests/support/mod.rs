@@ -25,6 +25,8 @@ pub struct ChunkStatus {
     pub repaired: u64,
     pub voters: Vec<u32>,
     pub learners: Vec<u32>,
+    /// The index the replica's last durable checkpoint covers.
+    pub checkpoint: u64,
 }
 
 pub fn serial() -> MutexGuard<'static, ()> {
@@ -183,6 +185,7 @@ impl LocalCluster {
                     repaired: num(6)?,
                     voters: ids(f.get(7).copied()),
                     learners: ids(f.get(8).copied()),
+                    checkpoint: num(9)?,
                 })
             })
             .collect()

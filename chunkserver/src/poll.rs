@@ -109,6 +109,17 @@ pub fn spawn_runtime_poller(activity: Arc<Activity>, window: Duration) {
     });
 }
 
+/// Offers the vCPU to other runnable threads once for this round of a polling runtime: the
+/// runtime's poller (see [`spawn_runtime_poller`]) does it while it spins, so this does it
+/// only when that poller does not (a second offer per round doubles the `sched_yield`s and
+/// context switches). For a task that goes round without sleeping; it still yields to tokio.
+pub async fn yield_round(activity: &Activity, window: Duration) {
+    if !activity.recent(window) {
+        yield_cpu();
+    }
+    tokio::task::yield_now().await;
+}
+
 /// Tasks a polling current-thread runtime runs between looks at its sockets and timers
 /// (tokio's default, 61, would leave a frame waiting behind 61 spin rounds).
 pub const EVENT_INTERVAL: u32 = 8;

@@ -119,6 +119,14 @@ fn recycled(dir: &Path, log_id: u64, number: u64) -> std::path::PathBuf {
     dir.join(format!("wal-{log_id:016x}-spare-{number:010}.tmp"))
 }
 
+/// Appends single entries of term 1 from `*next` until the log holds `segments` segments.
+fn append_until_segments(wal: &mut Wal, segments: usize, next: &mut u64) {
+    while wal.segment_count() < segments {
+        wal.append(&[WalRecord::Entry(entry(*next, 1))]).unwrap();
+        *next += 1;
+    }
+}
+
 /// Appends single entries from `*next` until the log rotates to a new segment; returns the
 /// syncs the rotating append issued.
 fn append_until_rotation(wal: &mut Wal, engine: &CrashEngine, next: &mut u64) -> u64 {
@@ -564,10 +572,7 @@ fn pruned_segments_are_recycled_and_their_old_records_never_replay() {
     let (engine, dir, _spare, mut wal) = spare_test_log();
     // Single entries (8 KiB each with padding) at term 1, until four 64 KiB segments exist.
     let mut next = 1;
-    while wal.segment_count() < 4 {
-        wal.append(&[WalRecord::Entry(entry(next, 1))]).unwrap();
-        next += 1;
-    }
+    append_until_segments(&mut wal, 4, &mut next);
     let before = wal.segment_count();
     // The first two segments hold entries 1..=16: both become spares, as they are, in order.
     assert_eq!(wal.prune(Index(16)).unwrap(), 2);
@@ -682,10 +687,7 @@ fn a_segment_with_untagged_records_is_deleted_not_recycled() {
     let (mut wal, recovery) = Wal::open(Box::new(engine.clone()), dir, 5, small()).unwrap();
     assert_eq!(recovery.entries.len(), 3);
     let mut next = 4;
-    while wal.segment_count() < 3 {
-        wal.append(&[WalRecord::Entry(entry(next, 1))]).unwrap();
-        next += 1;
-    }
+    append_until_segments(&mut wal, 3, &mut next);
     // Segment 1 (untagged records, then tagged ones) goes; segment 2 (tagged only) is kept.
     let first_of_third = next - 1;
     wal.prune(Index(first_of_third - 9)).unwrap();
@@ -739,9 +741,7 @@ fn after_a_restart_writes_end_with_a_zeroed_block_only_over_old_records() {
 
     // A recycled segment: past its records lie the old ones, so after a restart each write
     // still ends with a zeroed block.
-    while wal.segment_count() < 4 {
-        bytes_of_one_append(&mut wal, &engine, &mut next);
-    }
+    append_until_segments(&mut wal, 4, &mut next);
     let covered = next - 12;
     wal.prune(Index(covered)).unwrap();
     assert!(wal.spare_ready(), "no recycled spare");
@@ -817,10 +817,7 @@ fn a_checkpoint_that_frees_several_segments_keeps_a_line_of_spares() {
     // each on a `discard` mount), and the rotations after the first zeroed fresh segments.
     let (engine, dir, spare, mut wal) = spare_test_log();
     let mut next = 1;
-    while wal.segment_count() < 7 {
-        wal.append(&[WalRecord::Entry(entry(next, 1))]).unwrap();
-        next += 1;
-    }
+    append_until_segments(&mut wal, 7, &mut next);
     // Segments 1..=5 hold entries 1..=40 (eight 8 KiB records each): all five are freed.
     assert_eq!(wal.prune(Index(40)).unwrap(), 5);
     wal.check_invariants();
@@ -839,10 +836,7 @@ fn a_checkpoint_that_frees_several_segments_keeps_a_line_of_spares() {
     assert_eq!(wal.spare_count(), 0);
     assert_eq!(append_until_rotation(&mut wal, &engine, &mut next), 2, "a rotation with no spare wrote no zeroes");
     // Spares a crash leaves behind are removed at open, and nothing pruned comes back.
-    while wal.segment_count() < 11 {
-        wal.append(&[WalRecord::Entry(entry(next, 1))]).unwrap();
-        next += 1;
-    }
+    append_until_segments(&mut wal, 11, &mut next);
     let covered = next - 20;
     wal.prune(Index(covered)).unwrap();
     assert!(wal.spare_count() >= 2);

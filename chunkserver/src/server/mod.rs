@@ -355,16 +355,9 @@ async fn core_loop(
         held.release_due(now, &mut batch);
         if batch.is_empty() {
             match held.idle(now) {
-                // A held frame is due sooner than tokio's timer could wake us: look again. The
-                // vCPU is offered to other threads once per runtime round: by the runtime's
-                // poller while it spins (a second offer here doubled the `sched_yield`s and
-                // context switches of the jitter benchmarks, CPU the engine's own work lacked),
-                // else here.
+                // A held frame is due sooner than tokio's timer could wake us: look again.
                 delay::Idle::Spin if now < next_tick => {
-                    if !activity.recent(opts.poll) {
-                        crate::poll::yield_cpu();
-                    }
-                    tokio::task::yield_now().await;
+                    crate::poll::yield_round(activity, opts.poll).await;
                     continue;
                 }
                 delay::Idle::Spin => wait = Duration::ZERO, // this round runs the tick

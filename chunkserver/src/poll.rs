@@ -40,7 +40,7 @@ pub struct Activity {
     /// Touches so far.
     touches: AtomicU64,
     wake: Notify,
-    /// Spin rounds so far (all pollers of this activity).
+    /// Spin rounds that offered the vCPU so far (all pollers of this activity).
     spins: AtomicU64,
 }
 
@@ -76,7 +76,7 @@ impl Activity {
         self.touches.load(Ordering::Relaxed)
     }
 
-    /// Spin rounds so far.
+    /// Spin rounds that offered the vCPU so far.
     pub fn spins(&self) -> u64 {
         self.spins.load(Ordering::Relaxed)
     }

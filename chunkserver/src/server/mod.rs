@@ -326,6 +326,11 @@ async fn core_loop(
     let mut batch = Vec::new();
     // Frames the benchmark jitter holds back (empty unless it is on).
     let mut held = delay::DelayLine::default();
+    // One timer for the loop's waits, moved only when their deadline changes (it is the next
+    // tick in most rounds). A new `Sleep` per wait registered a timer each time, and a timer
+    // registered earlier than the time driver's next wake-up writes the driver's eventfd: a
+    // system call per wait, and another when the driver reads it back.
+    let mut timer = Box::pin(tokio::time::sleep_until(next_tick.into()));
     loop {
         if Instant::now() >= next_status {
             next_status = Instant::now() + STATUS_INTERVAL;
@@ -363,10 +368,14 @@ async fn core_loop(
                 delay::Idle::Spin => wait = Duration::ZERO, // this round runs the tick
                 delay::Idle::Sleep(until_due) => wait = wait.min(until_due.unwrap_or(wait)),
             }
+            let deadline = tokio::time::Instant::from_std(now + wait);
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
             // A send after the take above left a permit: this returns at once then.
             tokio::select! {
                 _ = ready.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
+                _ = &mut timer => {}
             }
             if !take(&inbox, &mut batch) {
                 return;

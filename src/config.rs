@@ -59,6 +59,14 @@ pub struct Config {
     pub mode: Mode,
     /// Look-behind span N: each entry describes the ranges of its N predecessors.
     pub lbb_span: usize,
+    /// Leader in-flight window in entries past the committed watermark; `None`: N + 1, the
+    /// paper's bound, with which no hole above the committed watermark exceeds the span. A
+    /// wider window keeps writes committing past an entry that lacks a majority for longer (a
+    /// message held up on both followers' paths): with N + 1 the pipeline stops N + 1 entries
+    /// after it. The price is paid on followers only: a hole wider than the span has unknown
+    /// ranges, which conflict with everything, so a follower applies nothing past it until it
+    /// is filled (its acknowledgements do not wait; they mean durable only).
+    pub in_flight_window: Option<u64>,
     /// Election timeouts are drawn from `[min, 2 * min)` ticks.
     pub election_timeout_min_ticks: u32,
     pub heartbeat_interval_ticks: u32,
@@ -109,6 +117,7 @@ impl Config {
             voters,
             mode,
             lbb_span: lbb::DEFAULT_SPAN,
+            in_flight_window: None,
             election_timeout_min_ticks: 10,
             heartbeat_interval_ticks: 2,
             lease_ticks: 10 - LEASE_MARGIN_TICKS,
@@ -124,10 +133,10 @@ impl Config {
         }
     }
 
-    /// Leader in-flight window: new entries stay within `committed watermark + window`, so no
-    /// hole above the committed prefix exceeds the look-behind span.
+    /// Leader in-flight window: new entries stay within `committed watermark + window` (see
+    /// `in_flight_window`).
     pub fn window(&self) -> u64 {
-        self.lbb_span as u64 + 1
+        self.in_flight_window.unwrap_or(self.lbb_span as u64 + 1)
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -136,6 +145,9 @@ impl Config {
         }
         if self.lbb_span == 0 {
             return Err("lbb_span must be at least 1".into());
+        }
+        if self.in_flight_window == Some(0) {
+            return Err("in_flight_window must be at least 1".into());
         }
         if self.election_timeout_min_ticks <= 2 * self.heartbeat_interval_ticks {
             return Err("election timeout must exceed two heartbeat intervals".into());

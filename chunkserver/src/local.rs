@@ -31,6 +31,7 @@ pub struct LocalOptions {
     pub unix_sockets: bool,
     pub peer_base_port: u16,
     pub lbb_span: usize,
+    pub window: u64,
     pub jitter: Jitter,
     pub rebuild_rate: u64,
     pub checkpoint_interval: u64,
@@ -141,6 +142,8 @@ fn spawn_server(opts: &LocalOptions, id: u32) -> Result<Child, String> {
         .arg(&opts.io_engine)
         .arg("--lbb-span")
         .arg(opts.lbb_span.to_string())
+        .arg("--window")
+        .arg(opts.window.to_string())
         .args(opts.jitter.args())
         .arg("--rebuild-rate")
         .arg(opts.rebuild_rate.to_string())

@@ -14,6 +14,7 @@ use chunkserver::server::group::StorageOptions;
 use chunkserver::server::transport::Jitter;
 use chunkserver::server::{
     self, ServerOptions, DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_LBB_SPAN, DEFAULT_MAX_SYNC_BYTES, DEFAULT_REBUILD_RATE,
+    DEFAULT_WINDOW,
 };
 use chunkserver::storage::io::EngineKind;
 use chunkserver::volume::Volume;
@@ -28,10 +29,14 @@ struct Cli {
 /// Protocol and benchmark settings of the chunk servers (`serve`, and `local` passes them on).
 #[derive(clap::Args)]
 struct Tuning {
-    /// Look-behind span N: each entry carries the ranges of its N predecessors, and a chunk
-    /// has up to N + 1 writes in flight past its committed watermark.
+    /// Look-behind span N: each entry carries the ranges of its N predecessors.
     #[arg(long, default_value_t = DEFAULT_LBB_SPAN)]
     lbb_span: usize,
+    /// Entries a chunk's leader keeps in flight past its committed watermark (at least 1).
+    /// Above N + 1 a follower's hole can be wider than the span: it then applies nothing past
+    /// the hole until it is filled, while the leader keeps committing around it.
+    #[arg(long, default_value_t = DEFAULT_WINDOW)]
+    window: u64,
     /// Benchmarks only: delay every message between chunk servers by a random 0..=N µs, which
     /// reorders them. The receiving server holds each one until it is due (it polls while one
     /// is due within 2 ms, so the delay is what was drawn, not rounded up to a timer's 1 ms).
@@ -325,7 +330,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let max_sync_bytes = tuning.max_sync_bytes()?;
             let jitter = tuning.jitter()?;
             let poll = poll_window(tuning.poll_us)?;
-            let Tuning { lbb_span, checkpoint_interval, .. } = tuning;
+            let Tuning { lbb_span, window, checkpoint_interval, .. } = tuning;
             if checkpoint_interval == 0 {
                 return Err("--checkpoint-interval must be positive".into());
             }
@@ -335,8 +340,8 @@ fn run(cli: Cli) -> Result<(), String> {
             if let Some(m) = &mode {
                 m.parse::<parallelraft::Mode>()?;
             }
-            if lbb_span == 0 {
-                return Err("--lbb-span must be positive".into());
+            if lbb_span == 0 || window == 0 {
+                return Err("--lbb-span and --window must be positive".into());
             }
             local::run(LocalOptions {
                 data_dir,
@@ -349,6 +354,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 unix_sockets,
                 peer_base_port,
                 lbb_span,
+                window,
                 jitter,
                 rebuild_rate,
                 checkpoint_interval,
@@ -363,14 +369,14 @@ fn run(cli: Cli) -> Result<(), String> {
             let max_sync_bytes = tuning.max_sync_bytes()?;
             let jitter = tuning.jitter()?;
             let poll = poll_window(tuning.poll_us)?;
-            let Tuning { lbb_span, checkpoint_interval, .. } = tuning;
+            let Tuning { lbb_span, window, checkpoint_interval, .. } = tuning;
             let cluster = Cluster::load(&config)?;
             let config_path = Some(config);
             if !data_dir.is_dir() {
                 return Err(format!("data directory {} does not exist", data_dir.display()));
             }
-            if lbb_span == 0 || tick_ms == 0 || checkpoint_interval == 0 {
-                return Err("--lbb-span, --tick-ms and --checkpoint-interval must be positive".into());
+            if lbb_span == 0 || window == 0 || tick_ms == 0 || checkpoint_interval == 0 {
+                return Err("--lbb-span, --window, --tick-ms and --checkpoint-interval must be positive".into());
             }
             let storage = StorageOptions {
                 engine: engine(&io_engine)?,
@@ -386,6 +392,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     storage,
                     tick: Duration::from_millis(tick_ms),
                     lbb_span,
+                    window,
                     jitter,
                     metrics,
                     listen: None,

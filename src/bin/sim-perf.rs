@@ -2,7 +2,8 @@
 //! `parallelraft::sim::perf`): the protocol alone, without CPU, as the client's depth grows,
 //! with no delays beyond a fixed hop, with uniform jitter between replicas and with stragglers.
 //!
-//! `sim-perf [--ops N] [--seed S] [--depths 1,8,16,32]`
+//! `sim-perf [--ops N] [--seed S] [--depths 1,8,16,32] [--window N]` (`--window`: the leader's
+//! in-flight window in entries; the chunk servers' by default)
 
 use std::process::ExitCode;
 
@@ -12,10 +13,18 @@ use parallelraft::Mode;
 /// How a delay shape turns the plain model into its own.
 type Shape = fn(PerfModel) -> PerfModel;
 
-const USAGE: &str = "usage: sim-perf [--ops N] [--seed S] [--depths 1,8,16,32]";
+const USAGE: &str = "usage: sim-perf [--ops N] [--seed S] [--depths 1,8,16,32] [--window N]";
 
-fn parse() -> Result<(u64, u64, Vec<usize>), String> {
+struct Args {
+    ops: u64,
+    seed: u64,
+    depths: Vec<usize>,
+    window: u64,
+}
+
+fn parse() -> Result<Args, String> {
     let (mut ops, mut seed, mut depths) = (4000u64, 1u64, vec![1usize, 8, 16, 32]);
+    let mut window = parallelraft::sim::perf::SERVER_WINDOW;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
@@ -28,6 +37,7 @@ fn parse() -> Result<(u64, u64, Vec<usize>), String> {
                     .map(|d| d.parse::<usize>().map_err(|e| format!("--depths: {e}")))
                     .collect::<Result<_, _>>()?
             }
+            "--window" => window = value("--window")?.parse().map_err(|e| format!("--window: {e}"))?,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
@@ -38,11 +48,14 @@ fn parse() -> Result<(u64, u64, Vec<usize>), String> {
     if depths.is_empty() || depths.iter().any(|d| !(1..=256).contains(d)) {
         return Err("--depths must be between 1 and 256".into());
     }
-    Ok((ops, seed, depths))
+    if window == 0 {
+        return Err("--window must be positive".into());
+    }
+    Ok(Args { ops, seed, depths, window })
 }
 
 fn main() -> ExitCode {
-    let (ops, seed, depths) = match parse() {
+    let Args { ops, seed, depths, window } = match parse() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("{e}");
@@ -57,7 +70,7 @@ fn main() -> ExitCode {
         [("none", |m| m), ("jitter", PerfModel::with_jitter), ("stragglers", PerfModel::with_stragglers)];
     for (name, shape) in shapes {
         for &depth in &depths {
-            let model = shape(PerfModel::new(depth));
+            let model = shape(PerfModel::new(depth).with_window(window));
             let run = |mode| measure(mode, model, ops, seed);
             match (run(Mode::Parallel), run(Mode::Raft)) {
                 (Ok(p), Ok(r)) => println!(

@@ -1,7 +1,11 @@
 //! Runs the deterministic simulator over many seeds.
 //!
 //! `sim --seeds N [--seed-start S] [--replicas 3|5] [--mode parallel|raft] [--soak]
-//!      [--naive paper-merge|raft-truncation|unsafe-reads|lease-ignores-pauses] [--no-faults] [--membership] [--max-sync-bytes N] [--verbose]`
+//!      [--naive paper-merge|raft-truncation|unsafe-reads|lease-ignores-pauses] [--no-faults] [--membership] [--max-sync-bytes N] [--window N] [--verbose]`
+//!
+//! `--window N` gives every replica an in-flight window of N entries instead of the span's
+//! N + 1 (the default span is 2): clients keep up to 4 writes each outstanding, so with a wider
+//! window followers see holes wider than the span.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -19,12 +23,13 @@ struct Args {
     faults: bool,
     membership: bool,
     max_sync_bytes: Option<u64>,
+    window: Option<u64>,
     verbose: bool,
 }
 
 const USAGE: &str = "usage: sim --seeds N [--seed-start S] [--replicas 3|5] [--mode parallel|raft] [--soak] \
 [--naive paper-merge|raft-truncation|unsafe-reads|lease-ignores-pauses] [--no-faults] [--membership] \
-[--max-sync-bytes N] [--verbose]";
+[--max-sync-bytes N] [--window N] [--verbose]";
 
 fn parse() -> Result<Args, String> {
     let mut args = Args {
@@ -37,6 +42,7 @@ fn parse() -> Result<Args, String> {
         faults: true,
         membership: false,
         max_sync_bytes: None,
+        window: None,
         verbose: false,
     };
     let mut it = std::env::args().skip(1);
@@ -63,6 +69,13 @@ fn parse() -> Result<Args, String> {
                     return Err("--max-sync-bytes must be positive".into());
                 }
                 args.max_sync_bytes = Some(bytes);
+            }
+            "--window" => {
+                let entries: u64 = value("--window")?.parse().map_err(|e| format!("--window: {e}"))?;
+                if entries == 0 {
+                    return Err("--window must be positive".into());
+                }
+                args.window = Some(entries);
             }
             "--verbose" => args.verbose = true,
             "--naive" => match value("--naive")?.as_str() {
@@ -103,6 +116,7 @@ fn main() -> ExitCode {
         if let Some(bytes) = args.max_sync_bytes {
             cfg.max_sync_bytes = bytes;
         }
+        cfg.in_flight_window = args.window;
         if args.soak {
             cfg = cfg.soak();
         }
@@ -158,6 +172,9 @@ fn main() -> ExitCode {
             }
             if let Some(bytes) = args.max_sync_bytes {
                 replay.push_str(&format!(" --max-sync-bytes {bytes}"));
+            }
+            if let Some(entries) = args.window {
+                replay.push_str(&format!(" --window {entries}"));
             }
             println!("  replay: {replay}");
         }

@@ -99,7 +99,7 @@ impl Replica {
             } else {
                 self.gate.remove(e.index.0);
             }
-            self.log.put(e.clone(), false);
+            self.put_entry(e.clone(), false);
             if !committed {
                 self.gate_insert(e);
             }

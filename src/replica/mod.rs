@@ -163,6 +163,12 @@ pub struct Replica {
     committed: Index,
     /// Indices above W known committed (out-of-order commit).
     committed_above: BTreeSet<Index>,
+    /// Every index in `(committed, notice_scanned]` this replica holds is committed, so a commit
+    /// notice need not look at them again. Why: a follower lacking one entry keeps W below it
+    /// while the leader commits past it, and each notice rescanned everything held up to the
+    /// leader's watermark (~4% of a server's CPU with stragglers and a wide in-flight window).
+    /// Only [`Replica::put_entry`] adds entries, and it lowers this below the one it adds.
+    notice_scanned: Index,
     gate: ApplyGate,
     /// Client table folded over entries up to `folded` (== the applied watermark).
     table: ClientTable,
@@ -221,6 +227,7 @@ impl Replica {
             log: Log::new(checkpoint.index, base),
             committed: checkpoint.index,
             committed_above: BTreeSet::new(),
+            notice_scanned: checkpoint.index,
             table: checkpoint.table,
             folded: checkpoint.index,
             folded_bytes_since_checkpoint: 0,
@@ -251,7 +258,7 @@ impl Replica {
         for entry in entries {
             if entry.index > checkpoint.index {
                 replica.gate_insert(&entry);
-                replica.log.put(entry, true);
+                replica.put_entry(entry, true);
             }
         }
         replica.reset_election_deadline();
@@ -324,6 +331,24 @@ impl Replica {
     pub fn holes(&self) -> u64 {
         let span = self.log.last_index().0 - self.log.checkpoint().0;
         span.saturating_sub(self.log.len() as u64)
+    }
+
+    /// How far below the last index lies the lowest index above the committed watermark that
+    /// this replica lacks (0: none). Beyond the look-behind span no held entry describes that
+    /// hole, so nothing past it applies until it is filled.
+    pub fn hole_depth(&self) -> u64 {
+        if self.holes() == 0 {
+            return 0;
+        }
+        let last = self.log.last_index();
+        let mut lowest_missing = self.committed.next();
+        for i in self.log.indices_in(lowest_missing, last) {
+            if i != lowest_missing {
+                break;
+            }
+            lowest_missing = i.next();
+        }
+        last.0.saturating_sub(lowest_missing.0)
     }
 
     pub fn pending_list_len(&self) -> usize {
@@ -526,6 +551,12 @@ impl Replica {
     }
 
     /// Marks `index` committed and advances the contiguous watermark.
+    /// Puts `entry` into the log (replacing any copy at its index), keeping `notice_scanned`.
+    fn put_entry(&mut self, entry: Entry, durable: bool) {
+        self.notice_scanned = self.notice_scanned.min(Index(entry.index.0 - 1));
+        self.log.put(entry, durable);
+    }
+
     fn mark_committed(&mut self, index: Index) {
         if self.is_committed(index) {
             return;
@@ -590,6 +621,9 @@ impl Replica {
         }
         for i in self.applying.keys() {
             assert!(self.is_committed(*i), "applying an uncommitted entry");
+        }
+        for i in self.log.indices_in(self.committed.next(), self.notice_scanned) {
+            assert!(self.is_committed(i), "held index {i:?} below the scanned notice floor not committed");
         }
         if let Some(p) = self.sync_pending.as_ref().filter(|p| p.term == self.hard.term) {
             // The decided log is in place as far as the chunks reached: every index held, at

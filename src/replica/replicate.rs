@@ -90,7 +90,7 @@ impl Replica {
             look_behind,
         };
         let is_config = matches!(entry.op, Op::Config(_));
-        self.log.put(entry.clone(), false);
+        self.put_entry(entry.clone(), false);
         self.gate_insert(&entry);
         self.persist_entries(vec![entry.clone()]);
         let Role::Leader(l) = &mut self.role else { unreachable!() };
@@ -244,7 +244,7 @@ impl Replica {
                 _ => {
                     self.gate.remove(e.index.0);
                     self.gate_insert(&e);
-                    self.log.put(e.clone(), false);
+                    self.put_entry(e.clone(), false);
                     to_persist.push(e);
                 }
             }
@@ -268,14 +268,18 @@ impl Replica {
     }
 
     fn apply_commit_notice(&mut self, commit: &CommitNotice) {
-        // Only what can be new: held indices above our watermark up to the notice's, and the
-        // notice's out-of-order ones (a scan of the whole log per message was costly).
+        // Only what can be new: held indices above our watermark and the scanned floor up to
+        // the notice's watermark, and the notice's out-of-order ones (a scan of the whole log
+        // per message was costly).
+        let from = self.committed.max(self.notice_scanned).next();
         let mut held: Vec<Index> =
-            self.log.indices_in(self.committed.next(), commit.watermark).filter(|i| !self.is_committed(*i)).collect();
+            self.log.indices_in(from, commit.watermark).filter(|i| !self.is_committed(*i)).collect();
         held.extend(commit.above.iter().copied().filter(|i| self.log.contains(*i) && !self.is_committed(*i)));
         for i in held {
             self.mark_committed(i);
         }
+        // Every held index up to the notice's watermark is committed now.
+        self.notice_scanned = self.notice_scanned.max(commit.watermark);
         self.try_apply();
     }
 

@@ -74,6 +74,9 @@ impl Sim {
         let replica = sim_replica.replica.as_mut().expect("step of a down replica");
         replica.step(event);
         replica.check_invariants();
+        if replica.hole_depth() > replica.config().lbb_span as u64 {
+            self.stats.wide_holes += 1;
+        }
         let commands = replica.take_commands();
         let (role, term, id) = (replica.role(), replica.term(), replica.id());
         if matches!(role, RoleKind::Leader | RoleKind::LeaderMerging) {

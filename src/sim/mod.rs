@@ -53,6 +53,9 @@ pub struct SimConfig {
     pub mode: Mode,
     pub naive: NaiveFlags,
     pub lbb_span: usize,
+    /// `Config::in_flight_window` of every replica (`None`, the span's N + 1, by default, so
+    /// the recorded regression seeds keep their schedules).
+    pub in_flight_window: Option<u64>,
     pub checkpoint_interval: u64,
     /// `Config::checkpoint_idle_ticks` of every replica (0 by default, so the recorded
     /// regression seeds keep their schedules).
@@ -91,6 +94,7 @@ impl SimConfig {
             mode,
             naive: NaiveFlags::default(),
             lbb_span: lbb::DEFAULT_SPAN,
+            in_flight_window: None,
             checkpoint_interval: 24,
             checkpoint_idle_ticks: 0,
             max_sync_bytes: defaults.max_sync_bytes,
@@ -132,6 +136,9 @@ pub struct SimStats {
     pub partial_syncs: u64,
     /// Checkpoints the replicas started.
     pub checkpoints: u64,
+    /// Replica steps after which the replica lacked an entry more than the look-behind span
+    /// below its last (possible only with an in-flight window wider than N + 1).
+    pub wide_holes: u64,
     pub end_time: u64,
     /// Perf model only: each acknowledged write's (invocation, reply) times, in reply order.
     pub writes: Vec<(u64, u64)>,
@@ -346,6 +353,7 @@ impl Sim {
             self.cfg.seed.wrapping_mul(31).wrapping_add(r as u64 * 7919 + self.replicas[r].incarnation * 104_729);
         let mut c = Config::new(ReplicaId(r as u32), voters, self.cfg.mode, seed);
         c.lbb_span = self.cfg.lbb_span;
+        c.in_flight_window = self.cfg.in_flight_window;
         c.checkpoint_interval = self.cfg.checkpoint_interval;
         c.checkpoint_idle_ticks = self.cfg.checkpoint_idle_ticks;
         c.max_sync_bytes = self.cfg.max_sync_bytes;

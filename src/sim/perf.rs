@@ -32,13 +32,33 @@ pub struct PerfModel {
     pub disk: u64,
     /// Time of applying one entry (a buffered write into the block file), in units.
     pub apply: u64,
+    /// The leader's in-flight window in entries (`Config::in_flight_window`).
+    pub window: u64,
 }
+
+/// The chunk servers' in-flight window (their `DEFAULT_WINDOW`, which a test there checks
+/// against this).
+pub const SERVER_WINDOW: u64 = 512;
 
 impl PerfModel {
     /// Delays like the engine's on this machine (stage profile, iodepth 1): a 30 µs hop, a
-    /// 180 µs durable WAL append, a 10 µs apply; jitter and stragglers off.
+    /// 180 µs durable WAL append, a 10 µs apply; jitter and stragglers off; the servers' window.
     pub fn new(iodepth: usize) -> PerfModel {
-        PerfModel { iodepth, net: 3, jitter: 0, straggler: 0, straggler_per_mille: 0, disk: 18, apply: 1 }
+        PerfModel {
+            iodepth,
+            net: 3,
+            jitter: 0,
+            straggler: 0,
+            straggler_per_mille: 0,
+            disk: 18,
+            apply: 1,
+            window: SERVER_WINDOW,
+        }
+    }
+
+    /// The same with an in-flight window of `entries`.
+    pub fn with_window(self, entries: u64) -> PerfModel {
+        PerfModel { window: entries, ..self }
     }
 
     /// The bench harness's `-jitter` targets: 0-2 ms between chunk servers.
@@ -56,6 +76,7 @@ impl PerfModel {
         // (a straggler is 20 ms), so no election interrupts the measurement.
         c.election_timeout_min_ticks = 500;
         c.heartbeat_interval_ticks = 10;
+        c.in_flight_window = Some(self.window);
     }
 
     pub(super) fn message_delay(&self, between_replicas: bool, rng: &mut Rng) -> u64 {
@@ -100,8 +121,8 @@ pub fn measure(mode: Mode, model: PerfModel, ops: u64, seed: u64) -> Result<Perf
     cfg.clients = 1;
     cfg.ops_per_client = ops;
     cfg.volume_blocks = 1 << 16;
-    // As the servers run: each entry describes its 32 predecessors, and the leader keeps up to
-    // 33 entries in flight past its committed watermark.
+    // As the servers run: each entry describes its 32 predecessors (the leader's window is the
+    // model's).
     cfg.lbb_span = 32;
     cfg.checkpoint_interval = 4096;
     cfg.fault_time = 0;

@@ -70,10 +70,10 @@ const METRICS_INTERVAL: Duration = Duration::from_millis(500);
 /// Items the core thread's inbox holds before connection tasks wait.
 const INBOX_CAPACITY: usize = 8192;
 
-/// Look-behind span N of a chunk server unless told otherwise (`--lbb-span`). A chunk has at
-/// most N + 1 entries in flight past its committed watermark, so the paper's N = 2 caps a
-/// chunk's pipeline at 3 writes. Measured (`bench compare --quick --targets parallel
-/// --lbb-span 2|16`, interleaved, 2 runs each): 4 KiB random writes at iodepth 32 went from
+/// Look-behind span N of a chunk server unless told otherwise (`--lbb-span`). Measured while
+/// the in-flight window was N + 1, so that the paper's N = 2 capped a chunk's pipeline at 3
+/// writes (`bench compare --quick --targets parallel --lbb-span 2|16`, interleaved, 2 runs
+/// each): 4 KiB random writes at iodepth 32 went from
 /// 1.2k to 1.6–2.4k IOPS, iodepth 1 unchanged. N = 32 lets a client at iodepth 32 (fio's
 /// usual depth) keep every write in flight, which matters when messages are delayed: with 2 ms
 /// of jitter, iodepth 32 went from 3,274 to 5,361 IOPS (3,289 to 5,170 in Raft mode); without
@@ -81,6 +81,22 @@ const INBOX_CAPACITY: usize = 8192;
 /// lower, 8,443 / 8,241). Each entry carries N range sets (≈ 19 bytes each), inside the 4 KiB
 /// alignment of its WAL record.
 pub const DEFAULT_LBB_SPAN: usize = 32;
+
+/// In-flight window of a chunk's leader unless told otherwise (`--window`), in entries past
+/// its committed watermark (`Config::in_flight_window`). With the span's N + 1 = 33, a write
+/// whose messages are held up on the way to both followers (the bench harness's stragglers:
+/// one message in 50 held 20 ms, so about one write in 600) stopped the chunk's other writes
+/// 33 entries after it for the rest of its delay. 512 entries carry a 20 ms stall at 25k
+/// writes a second. The bytes in flight stay bounded by the flow control's lag limit (half a
+/// checkpoint, 16 MiB), as before. Measured (`chunkserver local --straggler-us 20000
+/// --straggler-per-mille 20 --window 33|512`, fresh clusters, 256 MiB filled, 10 s of 4 KiB
+/// random writes at iodepth 32, three interleaved pairs): 8,691 / 9,174 / 8,418 against
+/// 10,253 / 10,022 / 9,137 IOPS, p99 20.1 / 20.1 / 20.3 against 8.7 / 9.6 / 9.0 ms. Without
+/// delays, with 0-2 ms of uniform jitter and in Raft mode with stragglers the two measured
+/// alike (three, two and two pairs).
+pub const DEFAULT_WINDOW: u64 = 512;
+// The simulator's perf model runs the servers' window.
+const _: () = assert!(DEFAULT_WINDOW == parallelraft::sim::perf::SERVER_WINDOW);
 
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
@@ -91,6 +107,8 @@ pub struct ServerOptions {
     pub storage: StorageOptions,
     pub tick: Duration,
     pub lbb_span: usize,
+    /// Leader in-flight window of every chunk (`Config::in_flight_window`), in entries.
+    pub window: u64,
     /// Benchmark option: random delays of frames between servers.
     pub jitter: transport::Jitter,
     /// Where `/metrics` is served, if anywhere.
@@ -139,6 +157,7 @@ pub const DEFAULT_REBUILD_RATE: &str = "64M";
 pub(crate) fn group_config(opts: &ServerOptions, voters: Vec<ReplicaId>, chunk: u32) -> Config {
     let mut cfg = Config::new(opts.id, voters, opts.cluster.mode, seed(chunk));
     cfg.lbb_span = opts.lbb_span;
+    cfg.in_flight_window = Some(opts.window);
     cfg.election_timeout_min_ticks = 10;
     cfg.heartbeat_interval_ticks = 2;
     // Reads skip the read-index round for 6 ticks after a confirmed heartbeat; the core loop

@@ -166,7 +166,7 @@ pub struct Replica {
     /// Every index in `(committed, notice_scanned]` this replica holds is committed, so a commit
     /// notice need not look at them again. Why: a follower lacking one entry keeps W below it
     /// while the leader commits past it, and each notice rescanned everything held up to the
-    /// leader's watermark (~4% of a server's CPU with stragglers and a wide in-flight window).
+    /// leader's watermark (3% of the machine's CPU samples with stragglers and a wide window).
     /// Only [`Replica::put_entry`] adds entries, and it lowers this below the one it adds.
     notice_scanned: Index,
     gate: ApplyGate,
@@ -550,13 +550,13 @@ impl Replica {
         }
     }
 
-    /// Marks `index` committed and advances the contiguous watermark.
     /// Puts `entry` into the log (replacing any copy at its index), keeping `notice_scanned`.
     fn put_entry(&mut self, entry: Entry, durable: bool) {
         self.notice_scanned = self.notice_scanned.min(Index(entry.index.0 - 1));
         self.log.put(entry, durable);
     }
 
+    /// Marks `index` committed and advances the contiguous watermark.
     fn mark_committed(&mut self, index: Index) {
         if self.is_committed(index) {
             return;

@@ -62,6 +62,10 @@ enum Cmd {
         /// Look-behind span N of the engine targets.
         #[arg(long, default_value_t = chunkserver::server::DEFAULT_LBB_SPAN)]
         lbb_span: usize,
+        /// In-flight window of the engine targets' chunk leaders, entries (`chunkserver
+        /// --window`).
+        #[arg(long, default_value_t = chunkserver::server::DEFAULT_WINDOW)]
+        window: u64,
         /// Only these targets (comma-separated): parallel, raft, parallel-jitter, raft-jitter,
         /// parallel-straggler, raft-straggler, nbdkit-memory, nbdkit-file, local-disk.
         #[arg(long, value_delimiter = ',')]
@@ -113,10 +117,10 @@ struct Delays {
     straggler: Jitter,
 }
 
-fn all_targets(delays: Delays, lbb_span: usize) -> Vec<Target> {
+fn all_targets(delays: Delays, lbb_span: usize, window: u64) -> Vec<Target> {
     let engine = |name: &str, mode: &str, jitter: Jitter| Target {
         name: name.into(),
-        kind: Kind::Engine { mode: mode.into(), jitter, lbb_span },
+        kind: Kind::Engine { mode: mode.into(), jitter, lbb_span, window },
     };
     vec![
         engine("parallel", "parallel", Jitter::default()),
@@ -215,6 +219,7 @@ fn run(cli: Cli) -> Result<(), String> {
         straggler_us,
         straggler_per_mille,
         lbb_span,
+        window,
         targets,
         jobs: wanted_jobs,
         work,
@@ -231,7 +236,10 @@ fn run(cli: Cli) -> Result<(), String> {
         size: if quick { "128m".into() } else { "512m".into() },
         iodepth,
     };
-    let mut chosen = all_targets(delays, lbb_span);
+    if window == 0 {
+        return Err("--window must be positive".into());
+    }
+    let mut chosen = all_targets(delays, lbb_span, window);
     if !targets.is_empty() {
         for t in &targets {
             if !chosen.iter().any(|c| &c.name == t) {
@@ -378,7 +386,7 @@ mod tests {
             jitter: Jitter { uniform_us: 2000, ..Jitter::default() },
             straggler: Jitter { uniform_us: 0, straggler_us: 20_000, straggler_per_mille: 20 },
         };
-        let targets = all_targets(delays, 2);
+        let targets = all_targets(delays, 2, 3);
         let names = |t: &Target, quick| plan(t, quick).into_iter().map(|j| j.name).collect::<Vec<_>>();
         let parallel = names(&targets[0], true);
         assert_eq!(
@@ -405,7 +413,7 @@ mod tests {
 
     #[test]
     fn a_job_filter_narrows_plans_and_refuses_unknown_names() {
-        let targets = all_targets(Delays { jitter: Jitter::default(), straggler: Jitter::default() }, 2);
+        let targets = all_targets(Delays { jitter: Jitter::default(), straggler: Jitter::default() }, 2, 3);
         let wanted = vec!["randread-4k-qd32".to_string()];
         let names = |t: &Target| select(t, false, &wanted).into_iter().map(|j| j.name).collect::<Vec<_>>();
         assert_eq!(names(&targets[0]), ["randread-4k-qd32"]);

@@ -18,6 +18,7 @@ pub enum Kind {
         mode: String,
         jitter: Jitter,
         lbb_span: usize,
+        window: u64,
     },
     NbdkitMemory,
     NbdkitFile,
@@ -87,7 +88,7 @@ impl Running {
         let port = free_port()?;
         let uri = |name: &str| format!("nbd://127.0.0.1:{port}/{name}");
         let (mut child, endpoint) = match &target.kind {
-            Kind::Engine { mode, jitter, lbb_span } => {
+            Kind::Engine { mode, jitter, lbb_span, window } => {
                 let child = Command::new(chunkserver)
                     .arg("local")
                     .arg("--data-dir")
@@ -96,6 +97,7 @@ impl Running {
                     .args(["--size", VOLUME, "--mode", mode])
                     .args(jitter.args())
                     .args(["--lbb-span", &lbb_span.to_string()])
+                    .args(["--window", &window.to_string()])
                     .args(["--metrics-port", &(port + 4).to_string()])
                     .env("RUST_LOG", "warn")
                     .stdout(Stdio::null())

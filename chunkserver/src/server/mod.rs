@@ -93,7 +93,12 @@ pub const DEFAULT_LBB_SPAN: usize = 32;
 /// random writes at iodepth 32, three interleaved pairs): 8,691 / 9,174 / 8,418 against
 /// 10,253 / 10,022 / 9,137 IOPS, p99 20.1 / 20.1 / 20.3 against 8.7 / 9.6 / 9.0 ms. Without
 /// delays, with 0-2 ms of uniform jitter and in Raft mode with stragglers the two measured
-/// alike (three, two and two pairs).
+/// alike (three, two and two pairs). Over the bench harness's two chunks (`bench compare
+/// --targets parallel-straggler,raft-straggler --jobs randwrite-4k-qd32 --runs 1 --window
+/// 33|512`, three interleaved pairs) the rate gained less, 9,062 / 8,686 / 10,165 against
+/// 8,962 / 10,528 / 9,648 IOPS, the tail as much: p99 15.1 / 14.9 / 15.3 against 9.4 / 8.0 /
+/// 9.4 ms. Four connections × iodepth 16 into one chunk: 12,474 / 11,870 against 14,608 /
+/// 13,942 IOPS (two pairs): more entries per group commit.
 pub const DEFAULT_WINDOW: u64 = 512;
 // The simulator's perf model runs the servers' window.
 const _: () = assert!(DEFAULT_WINDOW == parallelraft::sim::perf::SERVER_WINDOW);

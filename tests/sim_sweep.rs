@@ -65,6 +65,26 @@ fn sweep_tuned(
     (failures, totals)
 }
 
+/// Every seed passes with `tune`: `seeds` of them from `starts[0]` in Parallel mode and from
+/// `starts[1]` in Raft mode, and `membership_seeds` from `starts[2]` in Parallel mode with an
+/// operator changing the membership.
+fn assert_tuned_sweeps_pass(
+    tune: impl Fn(&mut SimConfig) + Copy + Send + 'static,
+    starts: [u64; 3],
+    seeds: u64,
+    membership_seeds: u64,
+) {
+    for (start, mode) in [(starts[0], Mode::Parallel), (starts[1], Mode::Raft)] {
+        let (failures, _) = sweep_tuned(start, seeds, 3, mode, tune);
+        assert!(failures.is_empty(), "{mode:?}: {failures:#?}");
+    }
+    let (failures, _) = sweep_tuned(starts[2], membership_seeds, 3, Mode::Parallel, move |cfg| {
+        tune(cfg);
+        cfg.membership = true;
+    });
+    assert!(failures.is_empty(), "membership: {failures:#?}");
+}
+
 #[test]
 fn parallel_mode_three_replicas() {
     let failures = sweep(1_000_000, 600, 3, Mode::Parallel);
@@ -142,15 +162,7 @@ fn windows_wider_than_the_span_keep_every_invariant() {
         with >= 2 * without.max(100),
         "steps with a hole wider than the span: {with} with window 16, {without} without"
     );
-    for (start, mode) in [(13_000_000, Mode::Parallel), (14_000_000, Mode::Raft)] {
-        let (failures, _) = sweep_tuned(start, 600, 3, mode, wide);
-        assert!(failures.is_empty(), "{failures:#?}");
-    }
-    let (failures, _) = sweep_tuned(15_000_000, 300, 3, Mode::Parallel, move |cfg| {
-        wide(cfg);
-        cfg.membership = true;
-    });
-    assert!(failures.is_empty(), "{failures:#?}");
+    assert_tuned_sweeps_pass(wide, [13_000_000, 14_000_000, 15_000_000], 600, 300);
 }
 
 /// Replicas that checkpoint whenever applying pauses for a few ticks (the chunk servers' idle
@@ -170,15 +182,7 @@ fn idle_checkpoints_keep_every_invariant() {
     let (without, with) = (checkpoints(10_000_000, 0), checkpoints(10_000_000, 3));
     assert!(with > without, "the idle trigger added no checkpoints ({with} against {without})");
     let idle = |cfg: &mut SimConfig| cfg.checkpoint_idle_ticks = 3;
-    for (start, mode) in [(10_000_000, Mode::Parallel), (11_000_000, Mode::Raft)] {
-        let (failures, _) = sweep_tuned(start, 1_000, 3, mode, idle);
-        assert!(failures.is_empty(), "{failures:#?}");
-    }
-    let (failures, _) = sweep_tuned(12_000_000, 500, 3, Mode::Parallel, move |cfg| {
-        idle(cfg);
-        cfg.membership = true;
-    });
-    assert!(failures.is_empty(), "{failures:#?}");
+    assert_tuned_sweeps_pass(idle, [10_000_000, 11_000_000, 12_000_000], 1_000, 500);
 }
 
 #[test]

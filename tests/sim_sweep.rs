@@ -25,6 +25,13 @@ struct Totals {
     wide_holes: u64,
 }
 
+impl Totals {
+    fn add(&mut self, other: Totals) {
+        self.partial_syncs += other.partial_syncs;
+        self.wide_holes += other.wide_holes;
+    }
+}
+
 /// Runs `seeds` seeds, each configuration adjusted by `tune`: the failures, and counts summed
 /// over the runs.
 fn sweep_tuned(
@@ -45,8 +52,8 @@ fn sweep_tuned(
                     let mut cfg = SimConfig::new(seed, replicas, mode);
                     tune(&mut cfg);
                     let report = sim::run(&cfg);
-                    totals.partial_syncs += report.stats.partial_syncs;
-                    totals.wide_holes += report.stats.wide_holes;
+                    let stats = &report.stats;
+                    totals.add(Totals { partial_syncs: stats.partial_syncs, wide_holes: stats.wide_holes });
                     if !report.passed() {
                         failures.push(format!("seed {seed}: {:?}", report.violations));
                     }
@@ -59,8 +66,7 @@ fn sweep_tuned(
     for h in handles {
         let (f, t) = h.join().expect("sweep thread panicked");
         failures.extend(f);
-        totals.partial_syncs += t.partial_syncs;
-        totals.wide_holes += t.wide_holes;
+        totals.add(t);
     }
     (failures, totals)
 }

@@ -5,7 +5,7 @@
 //!
 //! `--window N` gives every replica an in-flight window of N entries instead of the span's
 //! N + 1 (the default span is 2): clients keep up to 4 writes each outstanding, so with a wider
-//! window followers see holes wider than the span.
+//! window followers also lack uncommitted entries more than the span below their last.
 
 use std::process::ExitCode;
 use std::time::Instant;

@@ -137,7 +137,8 @@ pub struct SimStats {
     /// Checkpoints the replicas started.
     pub checkpoints: u64,
     /// Replica steps after which the replica lacked an entry more than the look-behind span
-    /// below its last (possible only with an in-flight window wider than N + 1).
+    /// below its last: with any window on a follower that lacks entries the others committed,
+    /// and with an in-flight window wider than N + 1 also above the leader's watermark.
     pub wide_holes: u64,
     pub end_time: u64,
     /// Perf model only: each acknowledged write's (invocation, reply) times, in reply order.

@@ -298,8 +298,9 @@ fn put_entries(entries: &[Entry], out: &mut (impl Sink + ?Sized)) {
 fn put_commit(commit: &CommitNotice, out: &mut (impl Sink + ?Sized)) {
     out.put_u64_le(commit.watermark.0);
     out.put_u32_le(commit.above.len() as u32);
-    for i in &commit.above {
-        out.put_u64_le(i.0);
+    for (first, last) in &commit.above {
+        out.put_u64_le(first.0);
+        out.put_u64_le(last.0);
     }
 }
 
@@ -417,7 +418,14 @@ impl Reader<'_> {
         (0..n).map(|_| self.index()).collect()
     }
     fn commit(&mut self) -> Result<CommitNotice, DecodeError> {
-        Ok(CommitNotice { watermark: self.index()?, above: self.indices()? })
+        let watermark = self.index()?;
+        let n = self.count(16)?;
+        let above = (0..n).map(|_| Ok((self.index()?, self.index()?))).collect::<Result<_, _>>()?;
+        let commit = CommitNotice { watermark, above };
+        if !commit.is_well_formed() {
+            return Err(DecodeError("commit notice runs out of order"));
+        }
+        Ok(commit)
     }
     fn ids(&mut self) -> Result<BTreeSet<ReplicaId>, DecodeError> {
         let n = self.u16()? as usize;
@@ -521,7 +529,8 @@ mod tests {
             floor: 0,
             look_behind: LookBehind::unknown(2),
         };
-        let commit = CommitNotice { watermark: Index(3), above: vec![Index(5)] };
+        let commit = CommitNotice::new(Index(3), [5, 6, 7, 9].map(Index));
+        assert_eq!(commit.above, vec![(Index(5), Index(7)), (Index(9), Index(9))]);
         let candidate =
             Candidacy { sync: Term(2), sync_end: Index(3), committed: Index(4), durable: Index(5), config: Index(2) };
         let config = Membership {
@@ -607,6 +616,38 @@ mod tests {
             for cut in [0, 1, shared.len() - 1] {
                 assert!(decode_message_shared(&shared.slice(..cut)).is_err(), "{m:?} cut at {cut}");
             }
+        }
+    }
+
+    /// A notice's runs name exactly the indices it was built from, and the decoder refuses
+    /// runs that break their contract (not above the watermark's next index, out of order,
+    /// overlapping, touching, or reversed) instead of letting a follower act on them.
+    #[test]
+    fn commit_notices_are_runs_and_malformed_ones_are_refused() {
+        let committed: Vec<Index> = [5, 6, 7, 9, 12, 13].map(Index).to_vec();
+        let notice = CommitNotice::new(Index(3), committed.iter().copied());
+        assert_eq!(notice.above.len(), 3);
+        assert!(notice.is_well_formed());
+        assert_eq!(notice.above_indices().collect::<Vec<_>>(), committed);
+        let heartbeat = |commit: CommitNotice| {
+            let mut buf = BytesMut::new();
+            encode_message(&Message::Heartbeat { term: Term(2), commit, read_seq: 1 }, &mut buf);
+            decode_message(&buf)
+        };
+        assert!(heartbeat(notice.clone()).is_ok());
+        let run = |a: u64, b: u64| (Index(a), Index(b));
+        for above in [
+            vec![run(4, 6)],            // the watermark's next index cannot be committed above it
+            vec![run(3, 3)],            // at the watermark
+            vec![run(7, 6)],            // reversed
+            vec![run(5, 7), run(8, 9)], // touching: one run
+            vec![run(5, 7), run(6, 9)], // overlapping
+            vec![run(9, 9), run(5, 6)], // out of order
+            vec![run(5, u64::MAX), run(u64::MAX, u64::MAX)], // nothing can follow the last index
+        ] {
+            let bad = CommitNotice { watermark: Index(3), above: above.clone() };
+            assert!(!bad.is_well_formed(), "{above:?}");
+            assert!(heartbeat(bad).is_err(), "{above:?} decoded");
         }
     }
 

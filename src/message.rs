@@ -10,7 +10,42 @@ use crate::types::{Index, Term};
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CommitNotice {
     pub watermark: Index,
-    pub above: Vec<Index>,
+    /// Inclusive runs `(first, last)`: ascending, each above `watermark + 1` (which is not
+    /// committed, or it would be the watermark), and apart by at least one index (the decoder
+    /// refuses anything else). Runs, not indices: behind a write that waits for stragglers
+    /// nearly every index of the in-flight window is committed above the watermark, hundreds
+    /// of indices in one or a few runs, sent with every append.
+    pub above: Vec<(Index, Index)>,
+}
+
+impl CommitNotice {
+    /// The notice for `watermark` and the ascending indices committed above it.
+    pub fn new(watermark: Index, above: impl IntoIterator<Item = Index>) -> CommitNotice {
+        let mut runs: Vec<(Index, Index)> = Vec::new();
+        for i in above {
+            match runs.last_mut() {
+                Some((_, last)) if last.next() == i => *last = i,
+                _ => runs.push((i, i)),
+            }
+        }
+        CommitNotice { watermark, above: runs }
+    }
+
+    /// Whether the notice keeps the contract of [`CommitNotice::above`].
+    pub fn is_well_formed(&self) -> bool {
+        // The least index the next run may start at; `None` past the end of the index space.
+        let mut least = self.watermark.0.checked_add(2);
+        self.above.iter().all(|&(first, last)| {
+            let ok = least.is_some_and(|l| first.0 >= l) && first <= last;
+            least = last.0.checked_add(2);
+            ok
+        })
+    }
+
+    /// Every index `above` names, ascending.
+    pub fn above_indices(&self) -> impl Iterator<Item = Index> + '_ {
+        self.above.iter().flat_map(|&(first, last)| (first.0..=last.0).map(Index))
+    }
 }
 
 /// What a candidate says about its log when it asks for a (pre-)vote.

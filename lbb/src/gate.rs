@@ -107,18 +107,24 @@ impl ApplyGate {
             slot.ranges = Some(ranges);
             slot.held = true;
         });
-        for distance in 1..=look_behind.span() {
-            let Some(prev) = index.checked_sub(distance as u64) else {
-                break;
-            };
-            if prev <= self.applied_watermark {
-                break;
+        // The predecessors it describes, above the watermark: one ordered walk over the slots
+        // present (most are, as held entries) rather than a map descent per distance (32 on
+        // the servers; ~1.2% of all samples under 4 KiB random writes with stragglers, whose
+        // pending slots pile up behind a late write). Only the absent ones are added after.
+        let lowest = index.saturating_sub(look_behind.span() as u64).max(self.applied_watermark + 1);
+        let mut absent = Vec::new();
+        let mut next_absent = lowest; // the least predecessor not yet seen
+        for (&prev, s) in self.slots.range_mut(lowest..index) {
+            absent.extend(next_absent..prev);
+            next_absent = prev + 1;
+            if !s.held && s.ranges.is_none() {
+                s.ranges = look_behind.at_distance((index - prev) as usize).cloned();
             }
-            if let Some(r) = look_behind.at_distance(distance) {
-                let s = self.slots.entry(prev).or_default();
-                if !s.held && s.ranges.is_none() {
-                    s.ranges = Some(r.clone());
-                }
+        }
+        absent.extend(next_absent..index);
+        for prev in absent {
+            if let Some(r) = look_behind.at_distance((index - prev) as usize) {
+                self.slots.insert(prev, Slot { ranges: Some(r.clone()), ..Slot::default() });
             }
         }
         Ok(())

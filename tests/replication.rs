@@ -5,7 +5,10 @@
 mod harness;
 
 use harness::*;
-use parallelraft::{ClientId, Event, Index, MembershipChange, Message, NaiveFlags, ReplicaId, RequestId};
+use parallelraft::sim::write_op;
+use parallelraft::{
+    ClientId, ClientRequest, Command, Event, Index, MembershipChange, Message, NaiveFlags, ReplicaId, RequestId,
+};
 
 /// Found by the simulator (seed 1031500 of an earlier fault schedule): a follower that learned
 /// an entry was committed acknowledged a duplicate append of it before its own copy was
@@ -322,4 +325,44 @@ fn followers_learn_commits_above_the_watermark_from_the_notice() {
         assert_eq!(h.replicas[A].is_committed(i), i != missed, "A at {i:?}");
     }
     assert!(!h.replicas[A].is_committed(stuck) && !h.replicas[B].is_committed(stuck));
+}
+
+/// A driver may step several events before it drains the commands (the servers do, per
+/// round): the entries a leader appended meanwhile go to each follower in one append, once,
+/// even when a heartbeat round (which sends what a follower has not been sent) falls between.
+#[test]
+fn writes_stepped_before_a_drain_go_to_each_follower_in_one_append() {
+    let mut h = Harness::new(NaiveFlags::default());
+    h.elect(C);
+    // A write first: the followers' durable prefixes just moved (not stalled, so the heartbeat
+    // round below resends nothing in flight).
+    h.write_acknowledged(C, 1..=1, |_| Y);
+    let first = h.replicas[C].last_index();
+    for seq in 2..=4 {
+        let id = RequestId { client: ClientId(1), seq };
+        let request = ClientRequest { id, floor: 0, op: write_op(id, seq, 1) };
+        h.replicas[C].step(Event::Propose(request));
+        h.replicas[C].check_invariants();
+    }
+    // Enough ticks for a heartbeat round.
+    for _ in 0..h.replicas[C].config().heartbeat_interval_ticks {
+        h.replicas[C].step(Event::Tick);
+        h.replicas[C].check_invariants();
+    }
+    let commands = h.replicas[C].take_commands();
+    let heartbeats = commands.iter().filter(|c| matches!(c, Command::Send { message: Message::Heartbeat { .. }, .. }));
+    assert_eq!(heartbeats.count(), 2, "no heartbeat round fell between the writes and the drain");
+    for follower in [A, B] {
+        let sent: Vec<Vec<Index>> = commands
+            .iter()
+            .filter_map(|c| match c {
+                Command::Send { to, message: Message::Append { entries, .. } } if to.0 as usize == follower => {
+                    Some(entries.iter().map(|e| e.index).collect())
+                }
+                _ => None,
+            })
+            .collect();
+        let expected: Vec<Index> = (first.0 + 1..=first.0 + 3).map(Index).collect();
+        assert_eq!(sent, vec![expected], "appends to replica {follower}");
+    }
 }

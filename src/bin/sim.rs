@@ -1,11 +1,15 @@
 //! Runs the deterministic simulator over many seeds.
 //!
 //! `sim --seeds N [--seed-start S] [--replicas 3|5] [--mode parallel|raft] [--soak]
-//!      [--naive paper-merge|raft-truncation|unsafe-reads|lease-ignores-pauses] [--no-faults] [--membership] [--max-sync-bytes N] [--window N] [--verbose]`
+//!      [--naive paper-merge|raft-truncation|unsafe-reads|lease-ignores-pauses] [--no-faults] [--membership] [--max-sync-bytes N] [--window N] [--batch] [--verbose]`
 //!
 //! `--window N` gives every replica an in-flight window of N entries instead of the span's
 //! N + 1 (the default span is 2): clients keep up to 4 writes each outstanding, so with a wider
 //! window followers also lack uncommitted entries more than the span below their last.
+//!
+//! `--batch` steps writes and acknowledgements as the servers do, leaving their commands for
+//! the end of a short round (`SimConfig::batch_rounds`): one append then carries the round's
+//! writes, and a heartbeat or any other event may fall inside a round.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -24,12 +28,13 @@ struct Args {
     membership: bool,
     max_sync_bytes: Option<u64>,
     window: Option<u64>,
+    batch: bool,
     verbose: bool,
 }
 
 const USAGE: &str = "usage: sim --seeds N [--seed-start S] [--replicas 3|5] [--mode parallel|raft] [--soak] \
 [--naive paper-merge|raft-truncation|unsafe-reads|lease-ignores-pauses] [--no-faults] [--membership] \
-[--max-sync-bytes N] [--window N] [--verbose]";
+[--max-sync-bytes N] [--window N] [--batch] [--verbose]";
 
 fn parse() -> Result<Args, String> {
     let mut args = Args {
@@ -43,6 +48,7 @@ fn parse() -> Result<Args, String> {
         membership: false,
         max_sync_bytes: None,
         window: None,
+        batch: false,
         verbose: false,
     };
     let mut it = std::env::args().skip(1);
@@ -63,6 +69,7 @@ fn parse() -> Result<Args, String> {
             "--soak" => args.soak = true,
             "--no-faults" => args.faults = false,
             "--membership" => args.membership = true,
+            "--batch" => args.batch = true,
             "--max-sync-bytes" => {
                 let bytes: u64 = value("--max-sync-bytes")?.parse().map_err(|e| format!("--max-sync-bytes: {e}"))?;
                 if bytes == 0 {
@@ -117,6 +124,7 @@ fn main() -> ExitCode {
             cfg.max_sync_bytes = bytes;
         }
         cfg.in_flight_window = args.window;
+        cfg.batch_rounds = args.batch;
         if args.soak {
             cfg = cfg.soak();
         }
@@ -175,6 +183,9 @@ fn main() -> ExitCode {
             }
             if let Some(entries) = args.window {
                 replay.push_str(&format!(" --window {entries}"));
+            }
+            if args.batch {
+                replay.push_str(" --batch");
             }
             println!("  replay: {replay}");
         }

@@ -1,7 +1,8 @@
 //! One replica of one ParallelRaft group: a pure state machine.
 //!
 //! The driver calls [`Replica::step`] with an [`Event`] and then drains [`Replica::take_commands`],
-//! executing the commands in order. Nothing here performs IO, reads a clock or spawns threads;
+//! executing the commands in order. It may step several events before it drains: the entries a
+//! leader appends in between go to each follower in one append message. Nothing here performs IO, reads a clock or spawns threads;
 //! randomness comes from the seed in [`Config`].
 //!
 //! Roles: follower → pre-candidate (pre-vote, no state change) → candidate (vote = merge phase 1)
@@ -382,8 +383,10 @@ impl Replica {
         }
     }
 
-    /// Drains the commands produced so far; execute them in order.
+    /// Drains the commands produced so far; execute them in order. First sends the entries
+    /// appended since the last drain to every synced follower, in one message each.
     pub fn take_commands(&mut self) -> Vec<Command> {
+        self.flush_appends();
         std::mem::take(&mut self.out)
     }
 
@@ -401,7 +404,6 @@ impl Replica {
             Event::ReadDone { id } => self.on_read_done(id),
             Event::CheckpointDone { index } => self.on_checkpoint_done(index),
         }
-        self.flush_appends();
     }
 
     fn on_tick(&mut self) {

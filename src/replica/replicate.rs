@@ -105,7 +105,8 @@ impl Replica {
         }
     }
 
-    /// Sends the entries appended during this step to every synced follower, in one message.
+    /// Sends the entries appended since the last call to every synced follower, in one
+    /// message each (see [`Replica::take_commands`]).
     pub(super) fn flush_appends(&mut self) {
         let Role::Leader(l) = &mut self.role else {
             return;
@@ -136,6 +137,8 @@ impl Replica {
     /// its sequence confirms our leadership as of its sending, which both releases the reads
     /// waiting for it and renews the read lease.
     pub(super) fn broadcast_heartbeat(&mut self) {
+        // Entries appended since the last drain go first, or the round would send them too.
+        self.flush_appends();
         /// What the round sends one follower.
         enum Step {
             /// Not synced yet: resend the decided log (or ask for its watermark).

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use super::{Ev, Net, Node, Sim, CLIENT_RETRY};
 use crate::entry::Entry;
 use crate::io::{Command, Event};
+use crate::message::Message;
 use crate::replica::RoleKind;
 use crate::types::ReplicaId;
 
@@ -68,8 +69,11 @@ impl Sim {
         }
     }
 
-    /// Steps replica `r` and executes the commands it produced.
+    /// Steps replica `r` and executes the commands it produced (with `batch_rounds`, a write
+    /// or an acknowledgement leaves them for the round's end, as the servers do).
     pub(super) fn step(&mut self, r: usize, event: Event) {
+        let defer = self.cfg.batch_rounds
+            && matches!(&event, Event::Propose(_) | Event::Receive { message: Message::Ack { .. }, .. });
         let sim_replica = &mut self.replicas[r];
         let replica = sim_replica.replica.as_mut().expect("step of a down replica");
         replica.step(event);
@@ -77,7 +81,6 @@ impl Sim {
         if replica.hole_depth() > replica.config().lbb_span as u64 {
             self.stats.wide_holes += 1;
         }
-        let commands = replica.take_commands();
         let (role, term, id) = (replica.role(), replica.term(), replica.id());
         if matches!(role, RoleKind::Leader | RoleKind::LeaderMerging) {
             let prev = *self.leaders.entry(term).or_insert(id);
@@ -85,6 +88,33 @@ impl Sim {
                 self.violations.push(format!("election safety: term {} has leaders {:?} and {:?}", term.0, prev, id));
             }
         }
+        let sim_replica = &mut self.replicas[r];
+        sim_replica.deferred += 1;
+        if defer {
+            self.stats.deferred_steps += 1;
+            if sim_replica.deferred == 1 {
+                // A round lasts a moment: what arrives meanwhile joins it.
+                let incarnation = sim_replica.incarnation;
+                let round = self.rng.range(0, 3);
+                self.schedule(round, Ev::Flush { r, incarnation });
+            }
+            return;
+        }
+        self.drain(r);
+    }
+
+    /// Executes the commands replica `r` produced since its last drain.
+    pub(super) fn drain(&mut self, r: usize) {
+        let sim_replica = &mut self.replicas[r];
+        let steps = std::mem::take(&mut sim_replica.deferred);
+        if steps == 0 {
+            return;
+        }
+        if steps >= 2 {
+            self.stats.batched_drains += 1;
+        }
+        let replica = sim_replica.replica.as_mut().expect("drain of a down replica");
+        let commands = replica.take_commands();
         let incarnation = self.replicas[r].incarnation;
         for command in commands {
             self.execute(r, incarnation, command);

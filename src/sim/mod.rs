@@ -74,6 +74,11 @@ pub struct SimConfig {
     pub liveness_time: u64,
     /// Turn off every fault (a baseline that must always pass).
     pub faults: bool,
+    /// Step writes and acknowledgements as the servers do: their commands wait until the end
+    /// of the round (here: the replica's next other step, or a flush 0-2 time units later),
+    /// so one append carries every write of the round. Off by default,
+    /// so the recorded regression seeds keep their schedules.
+    pub batch_rounds: bool,
     /// An operator changes the membership during the fault phase, with `SPARES` extra servers
     /// (off by default, so the recorded regression seeds keep their schedules).
     pub membership: bool,
@@ -105,6 +110,7 @@ impl SimConfig {
             fault_time: 4_000,
             liveness_time: 30_000,
             faults: true,
+            batch_rounds: false,
             membership: false,
             perf: None,
         }
@@ -140,6 +146,10 @@ pub struct SimStats {
     /// below its last: with any window on a follower that lacks entries the others committed,
     /// and with an in-flight window wider than N + 1 also above the leader's watermark.
     pub wide_holes: u64,
+    /// With `batch_rounds`: steps whose commands waited for a later step or flush, and
+    /// drains that ran the commands of two or more such steps together.
+    pub deferred_steps: u64,
+    pub batched_drains: u64,
     pub end_time: u64,
     /// Perf model only: each acknowledged write's (invocation, reply) times, in reply order.
     pub writes: Vec<(u64, u64)>,
@@ -207,6 +217,11 @@ enum Ev {
         incarnation: u64,
         state: CheckpointState,
     },
+    /// The end of a round of `r` (see `SimConfig::batch_rounds`).
+    Flush {
+        r: usize,
+        incarnation: u64,
+    },
     ClientWake(usize),
     Fault,
     Restart(usize),
@@ -222,6 +237,8 @@ struct SimReplica {
     incarnation: u64,
     /// One of the bootstrap voters (a wiped server joins as a new replica instead).
     bootstrap: bool,
+    /// Steps since the last drain of its commands (see `SimConfig::batch_rounds`).
+    deferred: u32,
 }
 
 struct Sim {
@@ -273,7 +290,13 @@ impl Sim {
         let mut rng = Rng::new(cfg.seed);
         let nodes = cfg.replicas + if cfg.membership { SPARES } else { 0 };
         let replicas = (0..nodes)
-            .map(|r| SimReplica { replica: None, disk: Disk::default(), incarnation: 0, bootstrap: r < cfg.replicas })
+            .map(|r| SimReplica {
+                replica: None,
+                disk: Disk::default(),
+                incarnation: 0,
+                bootstrap: r < cfg.replicas,
+                deferred: 0,
+            })
             .collect();
         let clients = (0..cfg.clients)
             .map(|c| Client {
@@ -369,6 +392,7 @@ impl Sim {
 
     fn start_replica(&mut self, r: usize) {
         self.replicas[r].incarnation += 1;
+        self.replicas[r].deferred = 0;
         let recovered = self.replicas[r].disk.recover();
         self.stats.torn_records += recovered.torn_records as u64;
         let cfg = self.replica_config(r);
@@ -616,6 +640,11 @@ impl Sim {
                     let index = state.index;
                     self.replicas[r].disk.checkpoint(state);
                     self.step(r, Event::CheckpointDone { index });
+                }
+            }
+            Ev::Flush { r, incarnation } => {
+                if self.live(r, incarnation) {
+                    self.drain(r);
                 }
             }
             Ev::ClientWake(c) => {

@@ -473,6 +473,7 @@ async fn core_loop(
         // Send what the steps produced, then start the group commits on the WAL thread; their
         // completions come back through the inbox and produce acks and replies.
         for g in groups.values_mut() {
+            g.flush(outbox);
             g.pump_snapshots(outbox, &mut limiter);
         }
         outbox.flush();

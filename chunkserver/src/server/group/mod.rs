@@ -254,9 +254,19 @@ impl Group {
         self.drain(out);
     }
 
-    /// Steps the queued events and runs the commands they lead to.
+    /// Runs the commands of the events stepped so far, then steps the queued events and runs
+    /// the commands they lead to.
     fn drain(&mut self, out: &mut Outbox) {
-        while let Some(event) = self.events.pop_front() {
+        loop {
+            for command in self.replica.take_commands() {
+                if self.failed.is_some() {
+                    return;
+                }
+                self.execute(command, out);
+            }
+            let Some(event) = self.events.pop_front() else {
+                return;
+            };
             if self.failed.is_some() {
                 return;
             }
@@ -266,12 +276,15 @@ impl Group {
                 self.replica.check_invariants();
                 self.repairs.check_invariants();
             }
-            for command in self.replica.take_commands() {
-                if self.failed.is_some() {
-                    return;
-                }
-                self.execute(command, out);
-            }
+        }
+    }
+
+    /// Runs what the writes and acknowledgements of this round led to (see
+    /// [`Group::step_deferred`]): each follower gets the round's writes in one append. Call once
+    /// per round, before the outbox is flushed.
+    pub fn flush(&mut self, out: &mut Outbox) {
+        if self.failed.is_none() {
+            self.drain(out);
         }
     }
 
@@ -317,7 +330,29 @@ impl Group {
                 unreachable!("answered above")
             }
         };
-        self.step(event, out);
+        if write {
+            self.step_deferred(event);
+        } else {
+            self.step(event, out);
+        }
+    }
+
+    /// Steps `event`, but its commands wait for the round's end ([`Group::flush`]) or the
+    /// group's next [`Group::step`]: the writes of one round then reach each follower in one
+    /// append, not one message (and one WAL record list, one acknowledgement, one frame check)
+    /// each. Nothing is lost by the wait: the round sends its messages and starts its WAL
+    /// writes only after every frame of it is stepped. For events whose commands need nothing
+    /// of the group's state around them (unlike a snapshot's end, say).
+    fn step_deferred(&mut self, event: Event) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.replica.step(event);
+        #[cfg(debug_assertions)]
+        {
+            self.replica.check_invariants();
+            self.repairs.check_invariants();
+        }
     }
 
     /// This replica's view of its group.
@@ -711,6 +746,12 @@ impl Group {
             }
             _ => {}
         }
-        self.step(Event::Receive { from, message }, out);
+        if matches!(message, Message::Ack { .. }) {
+            // Like a write (see `request`): what it leads to (commits, applies, replies) runs at
+            // the round's end, so an acknowledgement does not cut the round's append short.
+            self.step_deferred(Event::Receive { from, message });
+        } else {
+            self.step(Event::Receive { from, message }, out);
+        }
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! The driver calls [`Replica::step`] with an [`Event`] and then drains [`Replica::take_commands`],
 //! executing the commands in order. It may step several events before it drains: the entries a
-//! leader appends in between go to each follower in one append message. Nothing here performs IO, reads a clock or spawns threads;
-//! randomness comes from the seed in [`Config`].
+//! leader appends in between go to each follower in one append message. Nothing here performs
+//! IO, reads a clock or spawns threads; randomness comes from the seed in [`Config`].
 //!
 //! Roles: follower → pre-candidate (pre-vote, no state change) → candidate (vote = merge phase 1)
 //! → leader, which first merges and syncs the decided log to a quorum (merge phase 2) and only

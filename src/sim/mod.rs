@@ -76,8 +76,8 @@ pub struct SimConfig {
     pub faults: bool,
     /// Step writes and acknowledgements as the servers do: their commands wait until the end
     /// of the round (here: the replica's next other step, or a flush 0-2 time units later),
-    /// so one append carries every write of the round. Off by default,
-    /// so the recorded regression seeds keep their schedules.
+    /// so one append carries every write of the round. Off by default, so the recorded
+    /// regression seeds keep their schedules.
     pub batch_rounds: bool,
     /// An operator changes the membership during the fault phase, with `SPARES` extra servers
     /// (off by default, so the recorded regression seeds keep their schedules).

@@ -109,11 +109,9 @@ fn a_replica_that_stops_applying_checkpoints_once_idle() {
     assert_eq!(ticks_until_checkpoint(0), None, "0 turns the idle trigger off");
 }
 
-/// An acknowledgement commits what it completes a quorum for, even when nothing else happens
-/// after it: here the leader's own disk is parked, so no completion of its own (which looks at
-/// every index) follows, and only the acknowledgements' own look (their indices) can commit.
-#[test]
-fn an_acknowledgement_alone_commits_the_index_it_completes() {
+/// A write through leader C that only A receives while C's own disk completion is parked:
+/// durable on A alone, one copy of three. Returns it and its index.
+fn one_copy_short() -> (Harness, RequestId, Index) {
     let mut h = Harness::new(NaiveFlags::default());
     h.elect(C);
     h.slow_disk.insert(C);
@@ -121,8 +119,24 @@ fn an_acknowledgement_alone_commits_the_index_it_completes() {
     let id = h.propose(C, 1, X);
     h.run();
     let index = h.replicas[C].last_index();
-    // Durable on A only (C's copy is parked): one copy of three.
-    assert!(!h.replicas[C].is_committed(index), "committed on one durable copy");
+    assert!(!h.replicas[C].is_committed(index), "committed on one durable copy (A's)");
+    assert!(!h.parked.is_empty(), "C's own write was not parked");
+    (h, id, index)
+}
+
+/// The commit notice of the next tick lets C acknowledge `id`.
+fn assert_acknowledged_after_a_tick(h: &mut Harness, id: RequestId) {
+    h.step(C, Event::Tick);
+    h.run();
+    assert!(h.acknowledged.contains(&id), "{id:?} not acknowledged");
+}
+
+/// An acknowledgement commits what it completes a quorum for, even when nothing else happens
+/// after it: here the leader's own disk is parked, so no completion of its own follows, and
+/// only the acknowledgements' own look (their indices) can commit.
+#[test]
+fn an_acknowledgement_alone_commits_the_index_it_completes() {
+    let (mut h, id, index) = one_copy_short();
     h.cut.remove(&(C, B));
     for _ in 0..4 {
         h.step(C, Event::Tick);
@@ -133,9 +147,7 @@ fn an_acknowledgement_alone_commits_the_index_it_completes() {
     }
     assert!(h.replicas[C].is_committed(index), "A's and B's acknowledgements did not commit it");
     assert!(h.parked.iter().all(|(r, _)| *r == C) && !h.parked.is_empty(), "C's own write completed");
-    h.step(C, Event::Tick);
-    h.run();
-    assert!(h.acknowledged.contains(&id));
+    assert_acknowledged_after_a_tick(&mut h, id);
 }
 
 /// The leader's own durable write commits what it completes a quorum for: here only A
@@ -144,23 +156,13 @@ fn an_acknowledgement_alone_commits_the_index_it_completes() {
 /// uncommitted configuration entry, not at the whole in-flight window.)
 #[test]
 fn the_leaders_own_durable_write_commits_the_index_it_completes() {
-    let mut h = Harness::new(NaiveFlags::default());
-    h.elect(C);
-    h.slow_disk.insert(C);
-    h.cut.insert((C, B));
-    let id = h.propose(C, 1, X);
-    h.run();
-    let index = h.replicas[C].last_index();
-    assert!(!h.replicas[C].is_committed(index), "committed on one durable copy (A's)");
-    assert!(!h.parked.is_empty(), "C's own write was not parked");
+    let (mut h, id, index) = one_copy_short();
     for (r, event) in std::mem::take(&mut h.parked) {
         h.step(r, event);
     }
     h.run();
     assert!(h.replicas[C].is_committed(index), "C's own durable write did not commit it");
-    h.step(C, Event::Tick);
-    h.run();
-    assert!(h.acknowledged.contains(&id));
+    assert_acknowledged_after_a_tick(&mut h, id);
 }
 
 /// A configuration entry counts the leader's copy only once its whole log prefix is durable

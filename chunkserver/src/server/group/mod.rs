@@ -267,15 +267,8 @@ impl Group {
             let Some(event) = self.events.pop_front() else {
                 return;
             };
-            if self.failed.is_some() {
-                return;
-            }
-            self.replica.step(event);
-            #[cfg(debug_assertions)]
-            {
-                self.replica.check_invariants();
-                self.repairs.check_invariants();
-            }
+            // Its commands run at the top of the next turn.
+            self.step_deferred(event);
         }
     }
 
@@ -337,8 +330,8 @@ impl Group {
         }
     }
 
-    /// Steps `event`, but its commands wait for the round's end ([`Group::flush`]) or the
-    /// group's next [`Group::step`]: the writes of one round then reach each follower in one
+    /// Steps `event` (nothing once the group failed), but its commands wait for the round's
+    /// end ([`Group::flush`]) or the group's next [`Group::step`]: the writes of one round then reach each follower in one
     /// append, not one message (and one WAL record list, one acknowledgement, one frame check)
     /// each. Nothing is lost by the wait: the round sends its messages and starts its WAL
     /// writes only after every frame of it is stepped. For events whose commands need nothing

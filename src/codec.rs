@@ -628,7 +628,8 @@ mod tests {
         let notice = CommitNotice::new(Index(3), committed.iter().copied());
         assert_eq!(notice.above.len(), 3);
         assert!(notice.is_well_formed());
-        assert_eq!(notice.above_indices().collect::<Vec<_>>(), committed);
+        let named: Vec<Index> = notice.above.iter().flat_map(|&(first, last)| (first.0..=last.0).map(Index)).collect();
+        assert_eq!(named, committed);
         let heartbeat = |commit: CommitNotice| {
             let mut buf = BytesMut::new();
             encode_message(&Message::Heartbeat { term: Term(2), commit, read_seq: 1 }, &mut buf);

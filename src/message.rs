@@ -41,11 +41,6 @@ impl CommitNotice {
             ok
         })
     }
-
-    /// Every index `above` names, ascending.
-    pub fn above_indices(&self) -> impl Iterator<Item = Index> + '_ {
-        self.above.iter().flat_map(|&(first, last)| (first.0..=last.0).map(Index))
-    }
 }
 
 /// What a candidate says about its log when it asks for a (pre-)vote.

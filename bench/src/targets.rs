@@ -1,7 +1,6 @@
 //! The systems under test: the engine (a local three-replica cluster, `chunkserver local`) in
 //! either mode, and the single-copy anchors.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -50,16 +49,9 @@ pub struct Running {
     _dir: tempfile::TempDir,
 }
 
+/// A run of 8 free ports (engine: NBD, 3 peers, 4 metrics endpoints).
 fn free_port() -> Result<u16, String> {
-    // Bind 0, then a run of 8 consecutive ports from it must be free too (engine: NBD, 3 peers,
-    // 4 metrics endpoints).
-    for _ in 0..50 {
-        let p = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?.local_addr().unwrap().port();
-        if p < 60000 && (1..8).all(|k| TcpListener::bind(("127.0.0.1", p + k)).is_ok()) {
-            return Ok(p);
-        }
-    }
-    Err("no free ports".into())
+    chunkserver::net::free_port_run(8)
 }
 
 /// Waits until `nbdinfo` can read the export's size.

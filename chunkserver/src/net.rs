@@ -266,6 +266,42 @@ impl Listener {
     }
 }
 
+/// A base port `b` with `b..b + n` all free on 127.0.0.1 when checked, for test clusters and
+/// benchmark targets that need ports no one configured.
+///
+/// Chosen *below* the kernel's ephemeral range (`ip_local_port_range`), at a random place:
+/// outgoing connections (peer links, fio, `nbdinfo`) take their local ports from that range,
+/// so a port chosen inside it can be taken by some `connect` between this check and the
+/// server's own `bind`. A CI run lost a chunk server that way (`Address already in use` on a
+/// port that `bind(0)` had offered a moment before). Outside the range only an explicit `bind`
+/// can take it, and the random start keeps parallel callers apart.
+pub fn free_port_run(n: u16) -> Result<u16, String> {
+    const LOWEST: u32 = 10_000;
+    let (eph_low, eph_high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut f = t.split_whitespace().map(|v| v.parse::<u32>().ok());
+            Some((f.next()??, f.next()??))
+        })
+        .unwrap_or((32_768, 60_999));
+    let n = u32::from(n.max(1));
+    // Candidate intervals of base ports: below the range, else above it.
+    let below = (LOWEST, eph_low.saturating_sub(n));
+    let above = (eph_high + 1, 65_536u32.saturating_sub(n));
+    let span = [below, above].into_iter().find(|(lo, hi)| hi > lo);
+    let Some((lo, hi)) = span else {
+        return Err(format!("no room for {n} ports outside the ephemeral range {eph_low}-{eph_high}"));
+    };
+    for attempt in 0..500u64 {
+        let base = lo + (crate::process_entropy(attempt) % u64::from(hi - lo)) as u32;
+        let all_free = (base..base + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p as u16)).is_ok());
+        if all_free {
+            return Ok(base as u16);
+        }
+    }
+    Err(format!("no {n} consecutive free ports in {lo}-{hi}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,5 +373,19 @@ mod tests {
         let name = ServerAddr::UnixAbstract(format!("parallelraft-busy-{}", std::process::id()));
         let _held = StdListener::bind(&name).unwrap();
         assert!(StdListener::bind(&name).is_err(), "an abstract name is held while its socket lives");
+    }
+
+    #[test]
+    fn free_port_runs_lie_outside_the_ephemeral_range_and_bind() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let mut f = range.split_whitespace().map(|v| v.parse::<u16>().unwrap());
+        let (low, high) = (f.next().unwrap(), f.next().unwrap());
+        for _ in 0..20 {
+            let base = free_port_run(8).unwrap();
+            assert!(base + 7 < low || base > high, "{base} within {low}-{high}");
+            let held: Vec<_> =
+                (base..base + 8).map(|p| std::net::TcpListener::bind(("127.0.0.1", p)).unwrap()).collect();
+            assert_eq!(held.len(), 8);
+        }
     }
 }

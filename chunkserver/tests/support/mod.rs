@@ -2,7 +2,6 @@
 //! ports, with helpers to find chunk leaders and to kill and restart chunk servers.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
@@ -33,18 +32,10 @@ pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A base port with `n` consecutive free ports.
+/// A base port with `n` consecutive free ports, outside the ephemeral range (see
+/// [`chunkserver::net::free_port_run`]).
 pub fn free_ports(n: u16) -> u16 {
-    for _ in 0..200 {
-        let base = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if base > 60000 {
-            continue;
-        }
-        if (0..n).all(|k| TcpListener::bind(("127.0.0.1", base + k)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free ports");
+    chunkserver::net::free_port_run(n).unwrap()
 }
 
 /// `qemu-io -f raw -c CMD ... URI`.
@@ -138,6 +129,10 @@ impl LocalCluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         let chunks = self.chunk_count();
         loop {
+            // A server that died at start (a port taken, say) would leave a two-server
+            // cluster that the test then mistakes for a full one.
+            let log = self.log_text();
+            assert!(!log.contains("chunk server exited"), "a chunk server exited at start; log:\n{}", self.log_tail());
             let led = (0..chunks).all(|c| self.leader_of(c).is_some());
             if led && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;

@@ -7,7 +7,8 @@ mod harness;
 use harness::*;
 use parallelraft::sim::write_op;
 use parallelraft::{
-    ClientId, ClientRequest, Command, Event, Index, MembershipChange, Message, NaiveFlags, ReplicaId, RequestId,
+    ClientId, ClientRequest, Command, Event, Index, MembershipChange, Message, Mode, NaiveFlags, ReplicaId, RequestId,
+    RoleKind,
 };
 
 /// Found by the simulator (seed 1031500 of an earlier fault schedule): a follower that learned
@@ -138,7 +139,8 @@ fn assert_acknowledged_after_a_tick(h: &mut Harness, id: RequestId) {
 fn an_acknowledgement_alone_commits_the_index_it_completes() {
     let (mut h, id, index) = one_copy_short();
     h.cut.remove(&(C, B));
-    for _ in 0..4 {
+    // B lost the append: it is resent once B's stall clock (started by that append) runs out.
+    for _ in 0..h.replicas[C].config().election_timeout_min_ticks {
         h.step(C, Event::Tick);
         h.run();
         if h.replicas[C].is_committed(index) {
@@ -366,5 +368,51 @@ fn writes_stepped_before_a_drain_go_to_each_follower_in_one_append() {
             .collect();
         let expected: Vec<Index> = (first.0 + 1..=first.0 + 3).map(Index).collect();
         assert_eq!(sent, vec![expected], "appends to replica {follower}");
+    }
+}
+
+/// A follower that was idle and caught up is not "stalled": the first heartbeat round after a
+/// new write sends it only a heartbeat, not the write a second time. The stall clock (which
+/// decides when entries in flight are resent) used to start only when the follower's durable
+/// prefix last moved, so after any idle spell longer than the stall threshold the round right
+/// after a write resent it to every follower, in both modes.
+#[test]
+fn a_write_after_an_idle_spell_is_not_resent_by_the_next_heartbeat_round() {
+    for mode in [Mode::Parallel, Mode::Raft] {
+        let mut h = Harness::configured(|cfg| cfg.mode = mode);
+        h.elect(C);
+        h.write_acknowledged(C, 1..=1, |_| Y);
+        // Idle (heartbeats delivered and answered) for longer than the stall threshold.
+        let cfg = h.replicas[C].config().clone();
+        for _ in 0..cfg.election_timeout_min_ticks * 2 {
+            h.step(C, Event::Tick);
+            h.run();
+        }
+        assert_eq!(h.replicas[C].role(), RoleKind::Leader, "{mode:?}: C lost its leadership while idle");
+        let id = RequestId { client: ClientId(1), seq: 2 };
+        h.replicas[C].step(Event::Propose(ClientRequest { id, floor: 0, op: write_op(id, 2, 1) }));
+        let written = h.replicas[C].last_index();
+        let mut commands = h.replicas[C].take_commands();
+        // One heartbeat round before the followers' acknowledgements come back.
+        for _ in 0..cfg.heartbeat_interval_ticks {
+            h.replicas[C].step(Event::Tick);
+            h.replicas[C].check_invariants();
+            commands.extend(h.replicas[C].take_commands());
+        }
+        let heartbeats =
+            commands.iter().filter(|c| matches!(c, Command::Send { message: Message::Heartbeat { .. }, .. }));
+        assert_eq!(heartbeats.count(), 2, "{mode:?}: no heartbeat round fell before the acknowledgements");
+        for follower in [A, B] {
+            let sends = commands
+                .iter()
+                .filter(|c| match c {
+                    Command::Send { to, message: Message::Append { entries, .. } } => {
+                        to.0 as usize == follower && entries.iter().any(|e| e.index == written)
+                    }
+                    _ => false,
+                })
+                .count();
+            assert_eq!(sends, 1, "{mode:?}: appends carrying the write to replica {follower}");
+        }
     }
 }

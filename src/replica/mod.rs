@@ -59,7 +59,8 @@ struct Progress {
     /// Highest index sent to the follower in an Append since it was last synced: entries up to
     /// here are in flight (or lost) and are resent only when the follower stalls.
     sent_upto: Index,
-    /// Tick at which `durable` last advanced, or the in-flight entries were last resent.
+    /// Tick at which `durable` last advanced, the in-flight entries were last resent, or new
+    /// entries were sent with none in flight before them.
     stall_tick: u64,
     /// Tick at which `durable` last advanced or stood at our last index, or the follower
     /// became synced: whether it keeps up (see `flow`).

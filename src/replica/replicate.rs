@@ -116,8 +116,16 @@ impl Replica {
         }
         let entries = std::mem::take(&mut l.unsent);
         let upto = entries.last().expect("unsent entries").index;
+        let first = entries.first().expect("unsent entries").index;
+        let ticks = self.ticks;
         let mut targets = Vec::new();
         for (id, p) in l.progress.iter_mut().filter(|(_, p)| p.synced) {
+            // A follower with nothing in flight (durable up to just below these entries) has
+            // not stalled, however long ago its prefix last moved: its stall clock starts now,
+            // or the next heartbeat round would resend what this append carries.
+            if p.durable.next() >= first {
+                p.stall_tick = ticks;
+            }
             p.sent_upto = p.sent_upto.max(upto);
             targets.push(*id);
         }

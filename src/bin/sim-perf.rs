@@ -2,8 +2,9 @@
 //! `parallelraft::sim::perf`): the protocol alone, without CPU, as the client's depth grows,
 //! with no delays beyond a fixed hop, with uniform jitter between replicas and with stragglers.
 //!
-//! `sim-perf [--ops N] [--seed S] [--depths 1,8,16,32] [--window N]` (`--window`: the leader's
-//! in-flight window in entries; the chunk servers' by default)
+//! `sim-perf [--ops N] [--seed S] [--depths 1,8,16,32] [--window N] [--batch]` (`--window`: the
+//! leader's in-flight window in entries, the chunk servers' by default; `--batch`: rounds as the
+//! servers run them, a round's writes in one append per follower)
 
 use std::process::ExitCode;
 
@@ -13,18 +14,20 @@ use parallelraft::Mode;
 /// How a delay shape turns the plain model into its own.
 type Shape = fn(PerfModel) -> PerfModel;
 
-const USAGE: &str = "usage: sim-perf [--ops N] [--seed S] [--depths 1,8,16,32] [--window N]";
+const USAGE: &str = "usage: sim-perf [--ops N] [--seed S] [--depths 1,8,16,32] [--window N] [--batch]";
 
 struct Args {
     ops: u64,
     seed: u64,
     depths: Vec<usize>,
     window: u64,
+    batch: bool,
 }
 
 fn parse() -> Result<Args, String> {
     let (mut ops, mut seed, mut depths) = (4000u64, 1u64, vec![1usize, 8, 16, 32]);
     let mut window = parallelraft::sim::perf::SERVER_WINDOW;
+    let mut batch = false;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
@@ -38,6 +41,7 @@ fn parse() -> Result<Args, String> {
                     .collect::<Result<_, _>>()?
             }
             "--window" => window = value("--window")?.parse().map_err(|e| format!("--window: {e}"))?,
+            "--batch" => batch = true,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
@@ -51,11 +55,11 @@ fn parse() -> Result<Args, String> {
     if window == 0 {
         return Err("--window must be positive".into());
     }
-    Ok(Args { ops, seed, depths, window })
+    Ok(Args { ops, seed, depths, window, batch })
 }
 
 fn main() -> ExitCode {
-    let Args { ops, seed, depths, window } = match parse() {
+    let Args { ops, seed, depths, window, batch } = match parse() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("{e}");
@@ -70,7 +74,8 @@ fn main() -> ExitCode {
         [("none", |m| m), ("jitter", PerfModel::with_jitter), ("stragglers", PerfModel::with_stragglers)];
     for (name, shape) in shapes {
         for &depth in &depths {
-            let model = shape(PerfModel::new(depth).with_window(window));
+            let plain = PerfModel::new(depth).with_window(window);
+            let model = shape(if batch { plain.with_batching() } else { plain });
             let run = |mode| measure(mode, model, ops, seed);
             match (run(Mode::Parallel), run(Mode::Raft)) {
                 (Ok(p), Ok(r)) => println!(

@@ -34,6 +34,10 @@ pub struct PerfModel {
     pub apply: u64,
     /// The leader's in-flight window in entries (`Config::in_flight_window`).
     pub window: u64,
+    /// Rounds as the servers run them (`SimConfig::batch_rounds`): the writes and
+    /// acknowledgements a replica receives within a round (0-2 units, up to 20 µs) go out as
+    /// one append per follower, so one straggling message holds all of them.
+    pub batch: bool,
 }
 
 /// The chunk servers' in-flight window (their `DEFAULT_WINDOW`, which a test there checks
@@ -53,7 +57,13 @@ impl PerfModel {
             disk: 18,
             apply: 1,
             window: SERVER_WINDOW,
+            batch: false,
         }
+    }
+
+    /// The same with the servers' rounds (see [`PerfModel::batch`]).
+    pub fn with_batching(self) -> PerfModel {
+        PerfModel { batch: true, ..self }
     }
 
     /// The same with an in-flight window of `entries`.
@@ -118,6 +128,7 @@ pub fn measure(mode: Mode, model: PerfModel, ops: u64, seed: u64) -> Result<Perf
     let mut cfg = SimConfig::new(seed, 3, mode);
     cfg.faults = false;
     cfg.perf = Some(model);
+    cfg.batch_rounds = model.batch;
     cfg.clients = 1;
     cfg.ops_per_client = ops;
     cfg.volume_blocks = 1 << 16;

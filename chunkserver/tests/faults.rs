@@ -93,12 +93,6 @@ fn new_leader_of(c: &LocalCluster, chunk: u32, old: u32, limit: Duration) -> u32
     }
 }
 
-/// Sends `signal` to a process.
-fn signal(pid: i32, signal: i32) {
-    // SAFETY: kill(2) only delivers a signal to the named process.
-    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill({pid}, {signal})");
-}
-
 /// Waits (up to 90 s) for `fio_verify`'s two 32 MiB jobs to finish while the server `pid`
 /// (`who`) is still stopped, every block written and verified.
 fn verified_while_frozen(c: &LocalCluster, fio: std::process::Child, pid: i32, who: &str) {
@@ -109,15 +103,6 @@ fn verified_while_frozen(c: &LocalCluster, fio: std::process::Child, pid: i32, w
     assert_eq!(job["read"]["io_bytes"].as_u64(), Some(2 * (32 << 20)), "every block verified");
     let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     assert!(state.split(") ").nth(1).is_some_and(|s| s.starts_with('T')), "the run waited for a thaw: {state}");
-}
-
-/// Continues a stopped server when dropped, so a failing test still lets the cluster stop.
-struct Thaw(i32);
-
-impl Drop for Thaw {
-    fn drop(&mut self) {
-        signal(self.0, libc::SIGCONT);
-    }
 }
 
 /// A leader that hangs instead of dying (SIGSTOP: its connections stay open, nothing is

@@ -422,3 +422,18 @@ pub fn status_figure(c: &LocalCluster, chunk: u32, server: u32, word: &str) -> u
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no {word} figure for server {server} in:\n{status}"))
 }
+
+/// Sends `signal` to a process.
+pub fn signal(pid: i32, signal: i32) {
+    // SAFETY: kill(2) only delivers a signal to the named process.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill({pid}, {signal})");
+}
+
+/// Continues a stopped server when dropped, so a failing test still lets the cluster stop.
+pub struct Thaw(pub i32);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        signal(self.0, libc::SIGCONT);
+    }
+}

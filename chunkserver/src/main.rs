@@ -1,5 +1,6 @@
 //! `chunkserver`: run a chunk server, an NBD frontend, or a whole local cluster.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -293,6 +294,9 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log redirected to a file (as `local`'s usually is, and
+        // its servers write into the same stderr) stays plain text for grep and editors.
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("chunkserver: {e}");

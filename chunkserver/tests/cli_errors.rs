@@ -1,4 +1,5 @@
-//! The CLI's start-up errors are one clear line and a non-zero exit, not a panic.
+//! The CLI's start-up errors are one clear line and a non-zero exit, not a panic; its logs
+//! are plain text where they go to a file.
 
 mod support;
 
@@ -205,4 +206,45 @@ fn a_data_directory_of_a_newer_format_is_refused_before_anything_starts() {
         &format!("data format {}", FORMAT_VERSION + 1),
     );
     assert!(!local.join("server-1").exists(), "a server was started");
+}
+
+/// A log that goes to a file, not a terminal, is plain text: no colour escapes, even with
+/// NO_COLOR unset (tracing colours by default, terminal or not).
+#[test]
+fn a_log_written_to_a_file_has_no_colour_escapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_ports(3);
+    let servers: String =
+        (0..3).map(|k| format!("[[server]]\nid = {}\naddr = \"127.0.0.1:{}\"\n", k + 1, base + k)).collect();
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(
+        &config,
+        format!("cluster_id = 1\n[volume]\nname = \"v\"\nsize = \"64M\"\nchunk_size = \"64M\"\n{servers}"),
+    )
+    .unwrap();
+    let data = dir.path().join("server-1");
+    std::fs::create_dir(&data).unwrap();
+    let log = dir.path().join("log");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--id", "1", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .env_remove("NO_COLOR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("chunk server up") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(text.contains("INFO") && text.contains("chunk server up"), "{text:?}");
+    assert!(!text.contains('\x1b'), "colour escapes in a log file: {text:?}");
 }

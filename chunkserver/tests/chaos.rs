@@ -34,19 +34,11 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 /// One round: two jobs of [`JOB_MIB`] from `offset_mib`, random writes of `bs` at iodepth 16,
-/// then every block read back and checked against its crc32c.
+/// then every block read back and checked against its crc32c ([`fio_verify`]'s job; fio takes
+/// the last of a repeated option, so `bs` replaces its 4 KiB).
 fn fio_round(uri: &str, bs: &str, offset_mib: u64) -> Command {
-    let mut cmd = Command::new("fio");
-    cmd.args(["--name=chaos", "--ioengine=nbd", "--rw=randwrite", "--iodepth=16", "--numjobs=2"])
-        .arg(format!("--bs={bs}"))
-        .arg(format!("--size={JOB_MIB}m"))
-        .arg(format!("--offset={offset_mib}m"))
-        .arg(format!("--offset_increment={JOB_MIB}m"))
-        .args(["--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0"])
-        .args(["--group_reporting", "--output-format=json"])
-        .arg(format!("--uri={uri}"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut cmd = fio_verify(uri, 16, 2, JOB_MIB, JOB_MIB);
+    cmd.arg(format!("--bs={bs}")).arg(format!("--offset={offset_mib}m")).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
 }
 

@@ -1,11 +1,13 @@
-//! Real processes under compound faults. For a minute, one chunk server at a time is SIGKILLed
-//! (and started again 1-4 s later) or frozen with SIGSTOP (for 2-3 s), every 4-9 s, while fio
-//! rounds write random 32 MiB ranges of the volume with 4-64 KiB blocks and read every block
-//! back. The faults come faster than a restarted server catches up, so a fault often lands on a
-//! cluster with one up-to-date copy besides the faulted server's, and writes wait for the
-//! laggard (a write commits on two durable copies). Nothing may be lost: every round must
-//! verify every block it wrote, and afterwards every chunk's three replicas must hold the same
-//! blocks (`admin scrub`).
+//! Real processes under compound faults. For a minute, every 4-9 s, one chunk server is
+//! SIGKILLed (and started again 1-4 s later) or frozen with SIGSTOP (for 2-3 s), or, one time in
+//! six, all three are killed at once (and started again 1-3 s later), while fio rounds write
+//! random 32 MiB ranges of the volume with 4-64 KiB blocks and read every block back. The faults
+//! come faster than a restarted server catches up, so a fault often lands on a cluster with one
+//! up-to-date copy besides the faulted server's, and writes wait for the laggard (a write
+//! commits on two durable copies). Nothing may be lost: every round must verify every block it
+//! wrote, and afterwards every chunk's three replicas must hold the same blocks (`admin scrub`).
+//! With the WAL's disk writes switched off (a temporary patch), two of four seeds hung a round
+//! after killing all three; the real build passed 8-minute runs of 53 faults per mode.
 //!
 //! The schedule (which server, which fault, every pause, each round's block size and range)
 //! comes from one seed, printed first; `CHAOS_SEED=N` replays it, though not the servers' own

@@ -78,14 +78,7 @@ fn wait_caught_up(c: &LocalCluster, limit: Duration) {
             std::thread::sleep(Duration::from_millis(50));
         };
         for server in 1..=3 {
-            while c.chunk_status(server).iter().find(|s| s.chunk == chunk).is_none_or(|s| s.applied < committed) {
-                assert!(
-                    Instant::now() < deadline,
-                    "server {server} did not apply chunk {chunk} up to {committed}:\n{}",
-                    c.log_tail()
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            c.wait_applied(server, chunk, committed, deadline);
         }
     }
 }

@@ -168,9 +168,5 @@ fn follower_frozen_during_verifying_fio_run() {
     drop(thaw);
     // Thawed, it catches up (from the log or the block image) to what the leader committed.
     let target = c.chunk_status(leader).iter().find(|s| s.chunk == 0).map(|s| s.committed).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while c.chunk_status(follower).iter().find(|s| s.chunk == 0).is_none_or(|s| s.applied < target) {
-        assert!(Instant::now() < deadline, "server {follower} did not catch up to {target}:\n{}", c.log_tail());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_applied(follower, 0, target, Instant::now() + Duration::from_secs(60));
 }

@@ -197,6 +197,19 @@ impl LocalCluster {
             .map(|(_, s)| s)
     }
 
+    /// Waits until `server` has applied `chunk` up to `target` (a leader's commit index);
+    /// fails the test at `deadline`.
+    pub fn wait_applied(&self, server: u32, chunk: u32, target: u64, deadline: Instant) {
+        while self.chunk_status(server).iter().find(|s| s.chunk == chunk).is_none_or(|s| s.applied < target) {
+            assert!(
+                Instant::now() < deadline,
+                "server {server} did not apply chunk {chunk} up to {target}:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn pid_of(&self, server: u32) -> Option<i32> {
         if let Some((_, child)) = self.restarted.iter().find(|(s, _)| *s == server) {
             return Some(child.id() as i32);

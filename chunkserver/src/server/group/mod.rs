@@ -333,9 +333,10 @@ impl Group {
     /// Steps `event` (nothing once the group failed), but its commands wait for the round's
     /// end ([`Group::flush`]) or the group's next [`Group::step`]: the writes of one round then
     /// reach each follower in one append, not one message (and one WAL record list, one
-    /// acknowledgement, one frame check) each. Nothing is lost by the wait: the round sends its messages and starts its WAL
-    /// writes only after every frame of it is stepped. For events whose commands need nothing
-    /// of the group's state around them (unlike a snapshot's end, say).
+    /// acknowledgement, one frame check) each. Nothing is lost by the wait: the round sends its
+    /// messages and starts its WAL writes only after every frame of it is stepped. For events
+    /// whose commands need nothing of the group's state around them (unlike a snapshot's end,
+    /// say).
     fn step_deferred(&mut self, event: Event) {
         if self.failed.is_some() {
             return;
